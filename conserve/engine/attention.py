@@ -1,0 +1,144 @@
+"""Attention over the paged KV cache for one step of mixed prefill and decode.
+
+The runner orders a step's tokens as: all single-token chunks (decodes) first, then the
+multi-token chunks (prefills), each contiguous. Decodes are attended in one batched call over
+their gathered blocks; each prefill chunk is attended on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from conserve.kv.cache import KVTensors
+
+
+@dataclass(frozen=True)
+class PrefillSegment:
+    row_start: int  # first row of the chunk in the step's token order
+    num_tokens: int
+    context_len: int  # tokens attended by the chunk's last query (start + num_tokens)
+    block_ids: torch.Tensor  # [blocks covering context_len] long
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [N] long: where each token's K/V is written
+    num_decodes: int
+    decode_block_ids: torch.Tensor | None  # [num_decodes * max_blocks] long (padded, flat)
+    decode_max_blocks: int
+    decode_bias: torch.Tensor | None  # [num_decodes, max_blocks * block_size] f32, -inf pads
+    prefills: tuple[PrefillSegment, ...]
+
+    @staticmethod
+    def build(
+        decode_tables: list[list[int]],
+        decode_lens: list[int],
+        prefills: list[tuple[int, int, int, list[int]]],
+        slot_mapping: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        n_dec = len(decode_tables)
+        dec_ids = dec_bias = None
+        max_blocks = 0
+        if n_dec:
+            max_blocks = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
+            dec_ids = torch.tensor(padded, dtype=torch.long).view(-1).to(device)
+            lens = torch.tensor(decode_lens)
+            cols = torch.arange(max_blocks * block_size)
+            dec_bias = torch.zeros(n_dec, max_blocks * block_size)
+            dec_bias.masked_fill_(cols[None, :] >= lens[:, None], float("-inf"))
+            dec_bias = dec_bias.to(device)
+        segments = tuple(
+            PrefillSegment(row, n, ctx, torch.tensor(blocks, dtype=torch.long, device=device))
+            for row, n, ctx, blocks in prefills
+        )
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            num_decodes=n_dec,
+            decode_block_ids=dec_ids,
+            decode_max_blocks=max_blocks,
+            decode_bias=dec_bias,
+            prefills=segments,
+        )
+
+
+class PagedAttention:
+    """The attention callable handed to the model for one step."""
+
+    def __init__(self, kv: KVTensors, meta: AttentionMetadata, scale: float) -> None:
+        self.kv = kv
+        self.meta = meta
+        self.scale = scale
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        # q: [N, Hq, D]; k, v: [N, Hkv, D] -> [N, Hq * D]
+        n, hq, d = q.shape
+        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]  # [Hkv, NB, BS, D]
+        hkv = k_cache.shape[0]
+        flat_k = k_cache.view(hkv, -1, d)
+        flat_v = v_cache.view(hkv, -1, d)
+        flat_k.index_copy_(1, self.meta.slot_mapping, k.transpose(0, 1))
+        flat_v.index_copy_(1, self.meta.slot_mapping, v.transpose(0, 1))
+        out = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
+        nd = self.meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache)
+        for seg in self.meta.prefills:
+            rows = slice(seg.row_start, seg.row_start + seg.num_tokens)
+            out[rows] = self._prefill(seg, q[rows], k[rows], v[rows], k_cache, v_cache)
+        return out.view(n, hq * d)
+
+    def _gather(self, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        # cache: [Hkv, NB, BS, D] -> [Hkv, len(block_ids) * BS, D]
+        hkv, _, bs, d = cache.shape
+        picked = cache.view(hkv, -1, bs * d).index_select(1, block_ids)
+        return picked.view(hkv, -1, d)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        # q: [B, Hq, D] -> [B, Hq, D]; one query per request, grouped per KV head
+        b, hq, d = q.shape
+        hkv = k_cache.shape[0]
+        g = hq // hkv
+        keys = self._gather(k_cache, self.meta.decode_block_ids).view(hkv, b, -1, d)
+        values = self._gather(v_cache, self.meta.decode_block_ids).view(hkv, b, -1, d)
+        qg = (q * self.scale).view(b, hkv, g, d).transpose(0, 1)  # [Hkv, B, G, D]
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [Hkv, B, G, L]
+        scores += self.meta.decode_bias[None, :, None, :]
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values)  # [Hkv, B, G, D]
+        return out.transpose(0, 1).reshape(b, hq, d)
+
+    def _prefill(
+        self,
+        seg: PrefillSegment,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        # q: [T, Hq, D] -> [T, Hq, D]
+        t = seg.num_tokens
+        qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
+        if seg.context_len == t:  # nothing cached before this chunk: attend to itself
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, D]
+            mask, causal = None, True
+        else:
+            keys = self._gather(k_cache, seg.block_ids)[:, : seg.context_len]
+            values = self._gather(v_cache, seg.block_ids)[:, : seg.context_len]
+            past = seg.context_len - t
+            rows = torch.arange(t, device=q.device)[:, None]
+            cols = torch.arange(seg.context_len, device=q.device)[None, :]
+            mask, causal = cols <= rows + past, False  # [T, L] bool
+        out = F.scaled_dot_product_attention(
+            qh, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, is_causal=causal,
+            scale=self.scale, enable_gqa=True,
+        )  # [1, Hq, T, D]
+        return out[0].transpose(0, 1)

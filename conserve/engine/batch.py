@@ -1,0 +1,65 @@
+"""The contracts between scheduler, runner and engine: plain data, no scheduler objects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from conserve.sampling.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What the runner needs to pick the next token of one request."""
+
+    params: SamplingParams
+    # (seed, index of the token being sampled): seeded sampling then depends on nothing else
+    seed_key: tuple[int, int] | None = None
+    # generated tokens so far, only when penalties need them
+    output_token_ids: Sequence[int] | None = None
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute `token_ids` at positions start .. start + len - 1 of one request."""
+
+    request_id: str
+    token_ids: Sequence[int]
+    start: int
+    block_ids: Sequence[int]  # block table covering at least start + len(token_ids) tokens
+    sample: SampleSpec | None  # set when this chunk ends at the request's last known token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    chunks: Sequence[ScheduledChunk] = ()
+    preempted_ids: Sequence[str] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: Sequence[tuple[int, float]] | None = None
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, SampledToken] = field(default_factory=dict)
+    elapsed_s: float = 0.0

@@ -1,0 +1,242 @@
+"""The engine: requests in, outputs out. One step is plan -> execute -> apply."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import torch
+
+from conserve.config import DEFAULT_KV_CACHE_GB, EngineConfig
+from conserve.engine.batch import ScheduledBatch, StepResult
+from conserve.engine.output import RequestOutput, SequenceState, stop_status
+from conserve.engine.request import Request, RequestClass, RequestStatus
+from conserve.engine.scheduler import Scheduler
+from conserve.kv.cache import KVTensors
+from conserve.kv.manager import KVCacheManager
+from conserve.model.config import ModelConfig
+from conserve.model.loader import ModelSource, build_model, read_weights, resolve_model
+from conserve.model.tokenizer import Tokenizer
+from conserve.sampling.params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    def execute(self, batch: ScheduledBatch) -> StepResult: ...
+
+
+class ContextLengthError(ValueError):
+    """The prompt (plus the requested output) does not fit the context window."""
+
+
+@dataclass
+class _Group:
+    """The n sequences of one request, reported together."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[SequenceState] = field(default_factory=list)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[s.output for s in self.sequences],
+            num_cached_tokens=self.sequences[0].request.num_cached_tokens,
+        )
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer: Tokenizer,
+        scheduler: Scheduler,
+        runner: Runner,
+        max_model_len: int,
+        model_name: str = "model",
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.runner = runner
+        self.max_model_len = max_model_len
+        self.model_name = model_name
+        self._groups: dict[str, _Group] = {}
+        self._seq_to_group: dict[str, tuple[_Group, SequenceState]] = {}
+        self.num_steps = 0
+
+    # -- construction -----------------------------------------------------------------------
+    @staticmethod
+    def from_config(config: EngineConfig) -> Engine:
+        cfg = config.resolved()
+        device = torch.device(cfg.device)
+        if device.type == "cpu":
+            torch.set_num_threads(cfg.num_threads)
+        source = resolve_model(cfg.model)
+        model_cfg, tensors = read_weights(source)
+        model = build_model(model_cfg, tensors, cfg.torch_dtype, device)
+        del tensors
+        tokenizer = Tokenizer.load(source)
+        num_blocks = _num_blocks(cfg, model_cfg)
+        max_len = _max_model_len(cfg, model_cfg, num_blocks)
+        cfg = replace(cfg, max_model_len=max_len, cache=replace(cfg.cache, num_blocks=num_blocks))
+        kv_manager = KVCacheManager(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
+        kv = KVTensors(model_cfg, num_blocks, cfg.cache.block_size, cfg.torch_dtype, device)
+        from conserve.engine.runner import ModelRunner
+
+        runner = ModelRunner(model, kv, max_len, device, seed=cfg.seed)
+        scheduler = Scheduler(cfg.scheduler, kv_manager)
+        log.info("model %s: %s, %d KV blocks of %d tokens, max_model_len %d", source.name,
+                 cfg.dtype, num_blocks, cfg.cache.block_size, max_len)
+        engine = Engine(cfg, tokenizer, scheduler, runner, max_len, _model_name(source))
+        engine.model_config = model_cfg
+        return engine
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_class: RequestClass = RequestClass.ONLINE,
+        stream: bool = False,
+    ) -> None:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            ids = self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        self.validate_prompt(ids, params)
+        if request_id in self._groups:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        group = _Group(request_id, text, ids)
+        now = time.monotonic()
+        for i in range(params.n):
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seed = None if params.seed is None else params.seed + i
+            req = Request(seq_id, ids, params, request_class, now, seed=seed)
+            state = SequenceState(req, i, self.tokenizer, stream)
+            group.sequences.append(state)
+            self._seq_to_group[seq_id] = (group, state)
+            self.scheduler.add(req)
+        self._groups[request_id] = group
+
+    def validate_prompt(self, ids: Sequence[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.tokenizer.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        need = len(ids) + (params.max_tokens or 1)
+        if need > self.max_model_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {len(ids)} tokens and {params.max_tokens or 1} more were requested"
+            )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return None
+        for seq in group.sequences:
+            self._seq_to_group.pop(seq.request.request_id, None)
+            if not seq.request.is_finished:
+                self.scheduler.finish(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
+                seq.refresh(RequestStatus.FINISHED_ABORTED)
+        return group.output()
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()  # plan
+        if batch.empty:
+            return []
+        result = self.runner.execute(batch)  # execute
+        self.num_steps += 1
+        return self._apply(batch, result)  # apply
+
+    def _apply(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
+        advanced = self.scheduler.update(batch, result)
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        eos = self.tokenizer.eos_token_ids
+        for req in advanced:
+            group, seq = self._seq_to_group[req.request_id]
+            if req.first_token_time is None:
+                req.first_token_time = now
+            seq.on_token(result.sampled[req.request_id])
+            status = stop_status(req, eos, self.max_model_len)
+            if seq.incremental and seq.check_stop_strings():
+                status = RequestStatus.FINISHED_STOPPED
+            if status is not None:
+                self.scheduler.finish(req.request_id, status)
+                self._seq_to_group.pop(req.request_id)
+            seq.refresh(status)
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            out = group.output()
+            if out.finished:
+                del self._groups[group.request_id]
+            outputs.append(out)
+        return outputs
+
+    def check_integrity(self) -> None:
+        """KV and queue invariants; with nothing in flight, also that no block is held."""
+        self.scheduler.check_integrity()
+        if not self._groups and self.scheduler.kv.num_request_tables:
+            raise AssertionError("idle engine still holds KV block tables")
+
+
+def _model_name(source: ModelSource) -> str:
+    return source.name
+
+
+def _num_blocks(cfg: EngineConfig, model_cfg: ModelConfig) -> int:
+    if cfg.cache.num_blocks:
+        return cfg.cache.num_blocks
+    per_block = KVTensors.bytes_per_block(model_cfg, cfg.cache.block_size, cfg.torch_dtype)
+    gb = cfg.cache.kv_cache_gb
+    if gb is None:
+        gb = DEFAULT_KV_CACHE_GB
+        avail = _available_memory_bytes()
+        if avail:
+            gb = min(gb, 0.5 * avail / 2**30)
+    return max(1, int(gb * 2**30 // per_block))
+
+
+def _max_model_len(cfg: EngineConfig, model_cfg: ModelConfig, num_blocks: int) -> int:
+    limit = model_cfg.max_position_embeddings
+    if model_cfg.sliding_window:
+        # Attention here is full; within the window that is exactly what the model computes.
+        limit = min(limit, model_cfg.sliding_window)
+    if cfg.max_model_len:
+        if cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len {cfg.max_model_len} exceeds the model's {limit}")
+        limit = cfg.max_model_len
+    capacity = num_blocks * cfg.cache.block_size
+    if capacity < limit:
+        log.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, limit)
+        limit = capacity
+    return limit
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,90 @@
+"""Model runner: turns a `ScheduledBatch` into tensors, runs the layers, samples.
+
+The runner owns the loop over layers (the model exposes `embed`, its layers and `logits`), so
+later work can stop between layers. It reads nothing but the batch it is given.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from conserve.engine.attention import AttentionMetadata, PagedAttention
+from conserve.engine.batch import ScheduledBatch, ScheduledChunk, StepResult
+from conserve.kv.cache import KVTensors
+from conserve.model.llama import LlamaModel, RotaryTable
+from conserve.sampling.sampler import sample
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv: KVTensors,
+        max_model_len: int,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.rope = RotaryTable(model.config, max_model_len, device)
+        self.scale = model.config.head_dim**-0.5
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        t0 = time.perf_counter()
+        # Single-token chunks first: they are attended together in one batched call.
+        chunks = sorted(batch.chunks, key=lambda c: c.num_tokens != 1)
+        input_ids, positions, meta, sample_rows = self._prepare(chunks)
+        cos, sin = self.rope.lookup(positions, self.dtype)
+        attention = PagedAttention(self.kv, meta, self.scale)
+        h = self.model.embed(input_ids)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, attention)
+        sampled = {}
+        if sample_rows:
+            rows = torch.tensor([r for r, _ in sample_rows], device=self.device)
+            logits = self.model.logits(h.index_select(0, rows))
+            specs = [c.sample for _, c in sample_rows]
+            tokens = sample(logits, specs, self.generator)
+            sampled = {c.request_id: t for (_, c), t in zip(sample_rows, tokens, strict=True)}
+        return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0)
+
+    def _prepare(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[tuple[int, ScheduledChunk]]]:
+        bs = self.kv.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        prefills: list[tuple[int, int, int, list[int]]] = []
+        sample_rows: list[tuple[int, ScheduledChunk]] = []
+        for c in chunks:
+            row = len(ids)
+            n_blocks = -(-c.context_len // bs)
+            table = list(c.block_ids[:n_blocks])
+            ids.extend(c.token_ids)
+            for p in range(c.start, c.context_len):
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            if c.num_tokens == 1:
+                dec_tables.append(table)
+                dec_lens.append(c.context_len)
+            else:
+                prefills.append((row, c.num_tokens, c.context_len, table))
+            if c.sample is not None:
+                sample_rows.append((row + c.num_tokens - 1, c))
+        meta = AttentionMetadata.build(dec_tables, dec_lens, prefills, slots, bs, self.device)
+        dev = self.device
+        return (
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(pos, dtype=torch.long, device=dev),
+            meta,
+            sample_rows,
+        )
