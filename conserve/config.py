@@ -7,9 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-# Chosen by measurement on the 2-core AVX-512-bf16 CPU (benchmarks/results/): bfloat16 runs the
-# default model about 2x faster than float32 and its greedy output stays close to float32.
-DEFAULT_DTYPE = "bfloat16"
+from conserve.platform import cpu_has_native_bf16
+
 DEFAULT_KV_CACHE_GB = 4.0
 
 
@@ -60,7 +59,7 @@ class EngineConfig:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = self.dtype
         if dtype == "auto":
-            dtype = DEFAULT_DTYPE
+            dtype = auto_dtype(device)
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
         return replace(self, device=device, dtype=dtype,
@@ -69,3 +68,12 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+def auto_dtype(device: str) -> str:
+    """bfloat16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or AMX),
+    float32 elsewhere: emulated bf16 matmuls are 4x slower than float32 on CPUs without it
+    (benchmarks/results/dtype-*.md)."""
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"

@@ -67,13 +67,37 @@ class AttentionMetadata:
         )
 
 
+# Gathered K+V bytes per decode group: well inside a server CPU's L2+L3.
+_DECODE_GATHER_BYTES = 4 << 20
+
+
+class Workspace:
+    """Grow-only scratch buffers reused by every layer and step for gathered K/V."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+            buf = torch.empty(int(numel * 1.25) + 1, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
 class PagedAttention:
     """The attention callable handed to the model for one step."""
 
-    def __init__(self, kv: KVTensors, meta: AttentionMetadata, scale: float) -> None:
+    def __init__(
+        self, kv: KVTensors, meta: AttentionMetadata, scale: float, workspace: Workspace
+    ) -> None:
         self.kv = kv
         self.meta = meta
         self.scale = scale
+        self.workspace = workspace
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -95,22 +119,45 @@ class PagedAttention:
             out[rows] = self._prefill(seg, q[rows], k[rows], v[rows], k_cache, v_cache)
         return out.view(n, hq * d)
 
-    def _gather(self, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    def _gather(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         # cache: [Hkv, NB, BS, D] -> [Hkv, len(block_ids) * BS, D]
-        hkv, _, bs, d = cache.shape
-        picked = cache.view(hkv, -1, bs * d).index_select(1, block_ids)
-        return picked.view(hkv, -1, d)
+        # One contiguous-row gather per head into a reused buffer: about 4x faster on CPU
+        # than gathering on the block axis of the 4-d tensor into a new allocation.
+        hkv, nb, bs, d = cache.shape
+        out = self.workspace.take(name, (hkv, block_ids.numel(), bs * d), cache)
+        for h in range(hkv):
+            torch.index_select(cache[h].view(nb, bs * d), 0, block_ids, out=out[h])
+        return out.view(hkv, -1, d)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        # q: [B, Hq, D] -> [B, Hq, D]; one query per request, grouped per KV head
+        # q: [B, Hq, D] -> [B, Hq, D]; one query per request, grouped per KV head.
+        # Requests are taken in groups small enough that their gathered K/V stay in the CPU's
+        # cache between the gather and the two matmuls that read them.
+        b = q.shape[0]
+        max_blocks = self.meta.decode_max_blocks
+        per_request = 2 * k_cache[:, :1].numel() * max_blocks * k_cache.element_size()
+        group = max(1, _DECODE_GATHER_BYTES // per_request)
+        if group >= b:
+            return self._decode_group(q, k_cache, v_cache, 0, b)
+        out = torch.empty_like(q)
+        for lo in range(0, b, group):
+            hi = min(b, lo + group)
+            out[lo:hi] = self._decode_group(q[lo:hi], k_cache, v_cache, lo, hi)
+        return out
+
+    def _decode_group(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lo: int, hi: int
+    ) -> torch.Tensor:
         b, hq, d = q.shape
         hkv = k_cache.shape[0]
         g = hq // hkv
-        keys = self._gather(k_cache, self.meta.decode_block_ids).view(hkv, b, -1, d)
-        values = self._gather(v_cache, self.meta.decode_block_ids).view(hkv, b, -1, d)
+        mb = self.meta.decode_max_blocks
+        ids = self.meta.decode_block_ids[lo * mb : hi * mb]
+        keys = self._gather("k", k_cache, ids).view(hkv, b, -1, d)
+        values = self._gather("v", v_cache, ids).view(hkv, b, -1, d)
         qg = (q * self.scale).view(b, hkv, g, d).transpose(0, 1)  # [Hkv, B, G, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [Hkv, B, G, L]
-        scores += self.meta.decode_bias[None, :, None, :]
+        scores += self.meta.decode_bias[None, lo:hi, None, :]
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         out = torch.matmul(probs, values)  # [Hkv, B, G, D]
         return out.transpose(0, 1).reshape(b, hq, d)
@@ -131,8 +178,8 @@ class PagedAttention:
             keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, D]
             mask, causal = None, True
         else:
-            keys = self._gather(k_cache, seg.block_ids)[:, : seg.context_len]
-            values = self._gather(v_cache, seg.block_ids)[:, : seg.context_len]
+            keys = self._gather("pk", k_cache, seg.block_ids)[:, : seg.context_len]
+            values = self._gather("pv", v_cache, seg.block_ids)[:, : seg.context_len]
             past = seg.context_len - t
             rows = torch.arange(t, device=q.device)[:, None]
             cols = torch.arange(seg.context_len, device=q.device)[None, :]

@@ -20,6 +20,7 @@ from conserve.kv.manager import KVCacheManager
 from conserve.model.config import ModelConfig
 from conserve.model.loader import ModelSource, build_model, read_weights, resolve_model
 from conserve.model.tokenizer import Tokenizer
+from conserve.platform import tune_cpu_allocator
 from conserve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Engine:
         device = torch.device(cfg.device)
         if device.type == "cpu":
             torch.set_num_threads(cfg.num_threads)
+            tune_cpu_allocator()
         source = resolve_model(cfg.model)
         model_cfg, tensors = read_weights(source)
         model = build_model(model_cfg, tensors, cfg.torch_dtype, device)

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from conserve.engine.attention import AttentionMetadata, PagedAttention
+from conserve.engine.attention import AttentionMetadata, PagedAttention, Workspace
 from conserve.engine.batch import ScheduledBatch, ScheduledChunk, StepResult
 from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
@@ -33,26 +33,33 @@ class ModelRunner:
         self.rope = RotaryTable(model.config, max_model_len, device)
         self.scale = model.config.head_dim**-0.5
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.workspace = Workspace()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
         t0 = time.perf_counter()
+        logits, sampling = self.forward(batch)
+        sampled = {}
+        if sampling:
+            tokens = sample(logits, [c.sample for c in sampling], self.generator)
+            sampled = {c.request_id: t for c, t in zip(sampling, tokens, strict=True)}
+        return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Run the layers; logits [M, vocab] float32 for the M chunks that sample, in order."""
         # Single-token chunks first: they are attended together in one batched call.
         chunks = sorted(batch.chunks, key=lambda c: c.num_tokens != 1)
         input_ids, positions, meta, sample_rows = self._prepare(chunks)
         cos, sin = self.rope.lookup(positions, self.dtype)
-        attention = PagedAttention(self.kv, meta, self.scale)
+        attention = PagedAttention(self.kv, meta, self.scale, self.workspace)
         h = self.model.embed(input_ids)
         for layer in self.model.layers:
             h = layer(h, cos, sin, attention)
-        sampled = {}
-        if sample_rows:
-            rows = torch.tensor([r for r, _ in sample_rows], device=self.device)
-            logits = self.model.logits(h.index_select(0, rows))
-            specs = [c.sample for _, c in sample_rows]
-            tokens = sample(logits, specs, self.generator)
-            sampled = {c.request_id: t for (_, c), t in zip(sample_rows, tokens, strict=True)}
-        return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0)
+        if not sample_rows:
+            return torch.empty(0, self.model.config.vocab_size), []
+        rows = torch.tensor([r for r, _ in sample_rows], device=self.device)
+        return self.model.logits(h.index_select(0, rows)), [c for _, c in sample_rows]
 
     def _prepare(
         self, chunks: list[ScheduledChunk]

@@ -115,21 +115,24 @@ def _fuse(cfg: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
                 return t[key]
         raise UnsupportedModelError(f"weights are missing tensor {name!r}")
 
-    out = {"embed_tokens.weight": get("embed_tokens.weight"), "norm.weight": get("norm.weight")}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = t["lm_head.weight"] if "lm_head.weight" in t else out[
-            "embed_tokens.weight"]
+    def t_(w: torch.Tensor) -> torch.Tensor:  # [out, in] checkpoint layout -> [in, out]
+        return w.t().contiguous()
+
+    emb = get("embed_tokens.weight")
+    out = {"embed_tokens.weight": emb, "norm.weight": get("norm.weight")}
+    head = emb if cfg.tie_word_embeddings or "lm_head.weight" not in t else t["lm_head.weight"]
+    out["lm_head.weight_t"] = t_(head)
     for i in range(cfg.num_layers):
         p = f"layers.{i}"
         att, mlp = f"{p}.self_attn", f"{p}.mlp"
-        out[f"{p}.qkv.weight"] = torch.cat([get(f"{att}.{x}_proj.weight") for x in "qkv"])
+        out[f"{p}.qkv.weight_t"] = t_(torch.cat([get(f"{att}.{x}_proj.weight") for x in "qkv"]))
         if cfg.attention_bias:
             out[f"{p}.qkv.bias"] = torch.cat([get(f"{att}.{x}_proj.bias") for x in "qkv"])
-        out[f"{p}.o_proj.weight"] = get(f"{att}.o_proj.weight")
-        out[f"{p}.gate_up.weight"] = torch.cat(
-            [get(f"{mlp}.gate_proj.weight"), get(f"{mlp}.up_proj.weight")]
+        out[f"{p}.o_proj.weight_t"] = t_(get(f"{att}.o_proj.weight"))
+        out[f"{p}.gate_up.weight_t"] = t_(
+            torch.cat([get(f"{mlp}.gate_proj.weight"), get(f"{mlp}.up_proj.weight")])
         )
-        out[f"{p}.down.weight"] = get(f"{mlp}.down_proj.weight")
+        out[f"{p}.down.weight_t"] = t_(get(f"{mlp}.down_proj.weight"))
         out[f"{p}.input_norm.weight"] = get(f"{p}.input_layernorm.weight")
         out[f"{p}.post_attention_norm.weight"] = get(f"{p}.post_attention_layernorm.weight")
     return out

@@ -1,0 +1,96 @@
+"""Shared fixtures: the default model, tiny random-weight models, and reference runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A few paragraphs of plain text, cut to the token lengths the tests need.
+TEXT = (
+    "The river town woke slowly. Fishermen pulled their boats onto the gravel while the baker "
+    "stacked warm loaves in the window, and the schoolteacher walked past with a bundle of "
+    "papers under her arm. Nobody in the town could remember when the old bridge had been "
+    "built, but everyone agreed that it had outlived three mayors, two floods and one very "
+    "determined goat. In spring the meadows along the water filled with yellow flowers, and "
+    "children raced paper boats from the mill to the second bend. Engineers who visit the "
+    "bridge today are surprised that its arches still carry trucks. The stones were cut by "
+    "hand from a quarry on the hill, fitted without mortar, and braced by the weight of the "
+    "road itself. A table of measurements kept in the town hall lists the span as forty-two "
+    "meters and the height above the summer water as nine. Recipes, too, are kept there: the "
+    "baker's rye bread, the innkeeper's onion soup and a cake whose name nobody can spell. "
+)
+
+
+def text_prompt_ids(tokenizer, lengths: list[int]) -> list[list[int]]:
+    ids = tokenizer.encode(TEXT * 8, add_special_tokens=False)
+    out = []
+    for i, n in enumerate(lengths):
+        start = (i * 37) % 200
+        out.append(ids[start : start + n])
+    return out
+
+
+MIXED_LENGTHS = [10, 23, 64, 100, 181, 256, 417, 600]
+
+
+@pytest.fixture(scope="session")
+def default_source():
+    from conserve.model.loader import resolve_model
+
+    return resolve_model("default")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_source):
+    from conserve.model.tokenizer import Tokenizer
+
+    return Tokenizer.load(default_source)
+
+
+def _save_tiny(folder: Path, config, tokenizer, bias_std: float = 0.0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and bias_std:
+                p.normal_(0.0, bias_std)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+    model.save_pretrained(folder)
+    tokenizer.hf.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, default_tokenizer) -> Path:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=len(default_tokenizer.hf), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, initializer_range=0.15, tie_word_embeddings=False,
+        rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), cfg, default_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, default_tokenizer) -> Path:
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(
+        vocab_size=len(default_tokenizer.hf), hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        max_position_embeddings=2048, initializer_range=0.15, tie_word_embeddings=True,
+        rope_theta=1000000.0, bos_token_id=1, eos_token_id=2,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), cfg, default_tokenizer, bias_std=0.3)
