@@ -62,8 +62,9 @@ class EngineConfig:
             dtype = auto_dtype(device)
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-        return replace(self, device=device, dtype=dtype,
-                       num_threads=self.num_threads or os.cpu_count() or 1)
+        return replace(
+            self, device=device, dtype=dtype, num_threads=self.num_threads or os.cpu_count() or 1
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:

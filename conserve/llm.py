@@ -29,8 +29,17 @@ class LLM:
         cache = CacheConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in cache_keys})
         sched = SchedulerConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in sched_keys})
         config = EngineConfig(model=model, cache=cache, scheduler=sched, **kwargs)
-        self.engine = Engine.from_config(config)
-        self.tokenizer = self.engine.tokenizer
+        self._attach(Engine.from_config(config))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm._attach(Engine.from_config(config))
+        return llm
+
+    def _attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
     def generate(
@@ -70,7 +79,9 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm or len(ids) < 2)
+        bar = tqdm(
+            total=len(ids), desc="generate", unit="req", disable=not use_tqdm or len(ids) < 2
+        )
         wanted = set(ids)
         try:
             while len(done) < len(ids):

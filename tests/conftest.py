@@ -73,12 +73,25 @@ def tiny_llama_dir(tmp_path_factory, default_tokenizer) -> Path:
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
-        vocab_size=len(default_tokenizer.hf), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, initializer_range=0.15, tie_word_embeddings=False,
-        rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+        vocab_size=len(default_tokenizer.hf),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.15,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
     )
     return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), cfg, default_tokenizer)
 
@@ -88,9 +101,43 @@ def tiny_qwen2_dir(tmp_path_factory, default_tokenizer) -> Path:
     from transformers import Qwen2Config
 
     cfg = Qwen2Config(
-        vocab_size=len(default_tokenizer.hf), hidden_size=64, intermediate_size=160,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-        max_position_embeddings=2048, initializer_range=0.15, tie_word_embeddings=True,
-        rope_theta=1000000.0, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(default_tokenizer.hf),
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        initializer_range=0.15,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return _save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), cfg, default_tokenizer, bias_std=0.3)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(default_source, default_tokenizer):
+    """transformers' float32 greedy run on the default model: (prompts, tokens, logits)."""
+    from reference import hf_greedy
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(default_source.folder), gguf_file=default_source.gguf_file, dtype=torch.float32
+    )
+    prompts = text_prompt_ids(default_tokenizer, MIXED_LENGTHS)
+    tokens, logits = hf_greedy(model, prompts, 64)
+    return prompts, tokens, logits
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_reference(tiny_llama_dir, default_tokenizer):
+    """transformers' float32 greedy run on the tiny Llama: (prompts, tokens, logits)."""
+    from reference import hf_greedy
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    prompts = text_prompt_ids(default_tokenizer, MIXED_LENGTHS)
+    tokens, logits = hf_greedy(model, prompts, 64)
+    return prompts, tokens, logits

@@ -129,7 +129,9 @@ class PagedAttention:
             torch.index_select(cache[h].view(nb, bs * d), 0, block_ids, out=out[h])
         return out.view(hkv, -1, d)
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         # q: [B, Hq, D] -> [B, Hq, D]; one query per request, grouped per KV head.
         # Requests are taken in groups small enough that their gathered K/V stay in the CPU's
         # cache between the gather and the two matmuls that read them.
@@ -185,7 +187,12 @@ class PagedAttention:
             cols = torch.arange(seg.context_len, device=q.device)[None, :]
             mask, causal = cols <= rows + past, False  # [T, L] bool
         out = F.scaled_dot_product_attention(
-            qh, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, is_causal=causal,
-            scale=self.scale, enable_gqa=True,
+            qh,
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.scale,
+            enable_gqa=True,
         )  # [1, Hq, T, D]
         return out[0].transpose(0, 1)

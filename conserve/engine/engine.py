@@ -89,14 +89,22 @@ class Engine:
         num_blocks = _num_blocks(cfg, model_cfg)
         max_len = _max_model_len(cfg, model_cfg, num_blocks)
         cfg = replace(cfg, max_model_len=max_len, cache=replace(cfg.cache, num_blocks=num_blocks))
-        kv_manager = KVCacheManager(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
+        kv_manager = KVCacheManager(
+            num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching
+        )
         kv = KVTensors(model_cfg, num_blocks, cfg.cache.block_size, cfg.torch_dtype, device)
         from conserve.engine.runner import ModelRunner
 
         runner = ModelRunner(model, kv, max_len, device, seed=cfg.seed)
         scheduler = Scheduler(cfg.scheduler, kv_manager)
-        log.info("model %s: %s, %d KV blocks of %d tokens, max_model_len %d", source.name,
-                 cfg.dtype, num_blocks, cfg.cache.block_size, max_len)
+        log.info(
+            "model %s: %s, %d KV blocks of %d tokens, max_model_len %d",
+            source.name,
+            cfg.dtype,
+            num_blocks,
+            cfg.cache.block_size,
+            max_len,
+        )
         engine = Engine(cfg, tokenizer, scheduler, runner, max_len, _model_name(source))
         engine.model_config = model_cfg
         return engine

@@ -77,8 +77,9 @@ class SequenceState:
         p = request.sampling
         self.request = request
         self.output = CompletionOutput(index, logprobs=[] if p.logprobs is not None else None)
-        self.detok = IncrementalDetokenizer(tokenizer, request.prompt_token_ids,
-                                            p.skip_special_tokens)
+        self.detok = IncrementalDetokenizer(
+            tokenizer, request.prompt_token_ids, p.skip_special_tokens
+        )
         # Detokenize every step only when someone looks at the text before the end.
         self.incremental = stream or bool(p.stop)
 

@@ -119,7 +119,9 @@ class Scheduler:
             params = request.sampling
             sample = SampleSpec(
                 params=params,
-                seed_key=None if request.seed is None else (request.seed, request.num_output_tokens),
+                seed_key=None
+                if request.seed is None
+                else (request.seed, request.num_output_tokens),
                 output_token_ids=request.output_token_ids if params.has_penalties else None,
             )
         return ScheduledChunk(

