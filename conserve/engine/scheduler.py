@@ -39,14 +39,16 @@ class Scheduler:
 
     def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish (or abort) a request wherever it is and release its KV blocks."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
-        if request.status == RequestStatus.RUNNING:
+        was_running = request.status == RequestStatus.RUNNING
+        request.move_to(status)  # raises on an illegal status before anything changes
+        del self.requests[request_id]
+        if was_running:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
-        request.move_to(status)
         self.kv.free(request_id)
         return request
 

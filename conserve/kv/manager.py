@@ -94,6 +94,8 @@ class KVCacheManager:
     def allocate(self, request_id: str, num_tokens: int, prefix: PrefixHit | None = None) -> None:
         """Grow the request's table so it can hold `num_tokens` tokens, starting with the
         prefix-hit blocks for a request that has no table yet."""
+        if not self.can_allocate(request_id, num_tokens, prefix):
+            raise RuntimeError(f"not enough free KV blocks for {num_tokens} tokens")
         table = self._tables.get(request_id)
         if table is None:
             table = self._tables[request_id] = _Table()

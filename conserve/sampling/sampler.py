@@ -59,7 +59,9 @@ def filter_logits(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Te
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # drop a token once the mass before it already reaches top_p (always keep the first)
         mass_before = probs.cumsum(dim=-1) - probs
-        drop |= mass_before >= torch.tensor(top_p, device=dev)[:, None]
+        # rows with top_p = 1 are not filtered: float32 cumsum reaches 1.0 before the tail
+        p_limit = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], device=dev)
+        drop |= mass_before >= p_limit[:, None]
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     min_p = torch.tensor([s.params.min_p for s in specs], device=dev)[:, None]
