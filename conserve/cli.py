@@ -39,6 +39,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded random sampling")
+    g.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "torch", "cpu-kernel"],
+        help="decode attention: the compiled CPU kernel (auto on CPU, built with the system C "
+        "compiler on first use) or pure PyTorch",
+    )
 
 
 def engine_config(args: argparse.Namespace):
@@ -51,6 +58,7 @@ def engine_config(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         num_threads=args.threads,
         seed=args.seed,
+        attention=args.attention,
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

@@ -49,6 +49,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context window
     num_threads: int | None = None  # None: all cores
     seed: int = 0  # for unseeded random sampling
+    # decode attention: auto (compiled CPU kernel on CPU when it builds, else torch) | torch |
+    # cpu-kernel
+    attention: str = "auto"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 

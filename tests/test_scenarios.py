@@ -123,3 +123,12 @@ def test_smollm2_chunked_and_preempted(smollm2_reference):
     llm = LLM("default", dtype="float32", max_prefill_chunk=64, num_blocks=48)
     assert run_all(llm, prompts) == ref
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_pytorch_attention_fallback(tiny_llama_dir, tiny_llama_reference):
+    """The pure-PyTorch decode path (used where the C kernel cannot build) gives the same
+    tokens, here also under preemption."""
+    prompts, ref, _ = tiny_llama_reference
+    llm = LLM(str(tiny_llama_dir), dtype="float32", attention="torch", num_blocks=48)
+    assert llm.engine.runner.kernels is None
+    assert run_all(llm, prompts) == ref

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from conserve.kernels import CpuKernels
 from conserve.kv.cache import KVTensors
 
 
@@ -30,6 +31,7 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor | None  # [num_decodes * max_blocks] long (padded, flat)
     decode_max_blocks: int
     decode_bias: torch.Tensor | None  # [num_decodes, max_blocks * block_size] f32, -inf pads
+    decode_lens: torch.Tensor | None  # [num_decodes] long
     prefills: tuple[PrefillSegment, ...]
 
     @staticmethod
@@ -42,7 +44,7 @@ class AttentionMetadata:
         device: torch.device,
     ) -> AttentionMetadata:
         n_dec = len(decode_tables)
-        dec_ids = dec_bias = None
+        dec_ids = dec_bias = dec_lens = None
         max_blocks = 0
         if n_dec:
             max_blocks = max(len(t) for t in decode_tables)
@@ -53,6 +55,7 @@ class AttentionMetadata:
             dec_bias = torch.zeros(n_dec, max_blocks * block_size)
             dec_bias.masked_fill_(cols[None, :] >= lens[:, None], float("-inf"))
             dec_bias = dec_bias.to(device)
+            dec_lens = lens.to(device)
         segments = tuple(
             PrefillSegment(row, n, ctx, torch.tensor(blocks, dtype=torch.long, device=device))
             for row, n, ctx, blocks in prefills
@@ -63,6 +66,7 @@ class AttentionMetadata:
             decode_block_ids=dec_ids,
             decode_max_blocks=max_blocks,
             decode_bias=dec_bias,
+            decode_lens=dec_lens,
             prefills=segments,
         )
 
@@ -92,12 +96,18 @@ class PagedAttention:
     """The attention callable handed to the model for one step."""
 
     def __init__(
-        self, kv: KVTensors, meta: AttentionMetadata, scale: float, workspace: Workspace
+        self,
+        kv: KVTensors,
+        meta: AttentionMetadata,
+        scale: float,
+        workspace: Workspace,
+        kernels: CpuKernels | None = None,
     ) -> None:
         self.kv = kv
         self.meta = meta
         self.scale = scale
         self.workspace = workspace
+        self.kernels = kernels
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -135,6 +145,8 @@ class PagedAttention:
         # q: [B, Hq, D] -> [B, Hq, D]; one query per request, grouped per KV head.
         # Requests are taken in groups small enough that their gathered K/V stay in the CPU's
         # cache between the gather and the two matmuls that read them.
+        if self.kernels is not None:
+            return self._decode_kernel(q, k_cache, v_cache)
         b = q.shape[0]
         max_blocks = self.meta.decode_max_blocks
         per_request = 2 * k_cache[:, :1].numel() * max_blocks * k_cache.element_size()
@@ -146,6 +158,19 @@ class PagedAttention:
             hi = min(b, lo + group)
             out[lo:hi] = self._decode_group(q[lo:hi], k_cache, v_cache, lo, hi)
         return out
+
+    def _decode_kernel(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        # The compiled kernel reads the blocks in place; it computes in float32.
+        b = q.shape[0]
+        qf = q.float().contiguous()
+        out = torch.empty_like(qf)
+        tables = self.meta.decode_block_ids.view(b, self.meta.decode_max_blocks)
+        self.kernels.paged_decode_attention(
+            out, qf, k_cache, v_cache, tables, self.meta.decode_lens, self.scale
+        )
+        return out.to(q.dtype)
 
     def _decode_group(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lo: int, hi: int

@@ -95,7 +95,14 @@ class Engine:
         kv = KVTensors(model_cfg, num_blocks, cfg.cache.block_size, cfg.torch_dtype, device)
         from conserve.engine.runner import ModelRunner
 
-        runner = ModelRunner(model, kv, max_len, device, seed=cfg.seed)
+        kernels = None
+        if cfg.attention == "cpu-kernel" or (cfg.attention == "auto" and device.type == "cpu"):
+            from conserve.kernels import cpu_kernels
+
+            kernels = cpu_kernels()
+            if kernels is None and cfg.attention == "cpu-kernel":
+                raise RuntimeError("attention 'cpu-kernel' requested but the kernel did not build")
+        runner = ModelRunner(model, kv, max_len, device, seed=cfg.seed, kernels=kernels)
         scheduler = Scheduler(cfg.scheduler, kv_manager)
         log.info(
             "model %s: %s, %d KV blocks of %d tokens, max_model_len %d",

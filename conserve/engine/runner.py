@@ -12,6 +12,7 @@ import torch
 
 from conserve.engine.attention import AttentionMetadata, PagedAttention, Workspace
 from conserve.engine.batch import ScheduledBatch, ScheduledChunk, StepResult
+from conserve.kernels import CpuKernels
 from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
 from conserve.sampling.sampler import sample
@@ -25,6 +26,7 @@ class ModelRunner:
         max_model_len: int,
         device: torch.device,
         seed: int = 0,
+        kernels: CpuKernels | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -34,6 +36,7 @@ class ModelRunner:
         self.scale = model.config.head_dim**-0.5
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.workspace = Workspace()
+        self.kernels = kernels
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -52,7 +55,7 @@ class ModelRunner:
         chunks = sorted(batch.chunks, key=lambda c: c.num_tokens != 1)
         input_ids, positions, meta, sample_rows = self._prepare(chunks)
         cos, sin = self.rope.lookup(positions, self.dtype)
-        attention = PagedAttention(self.kv, meta, self.scale, self.workspace)
+        attention = PagedAttention(self.kv, meta, self.scale, self.workspace, self.kernels)
         h = self.model.embed(input_ids)
         for layer in self.model.layers:
             h = layer(h, cos, sin, attention)
