@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from conserve.model.config import UnsupportedModelError
@@ -91,25 +92,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    print(
-        "conserve serve: the OpenAI-compatible HTTP server is not built yet; "
-        "running a short generate demo on the model instead.",
-        file=sys.stderr,
+    import uvicorn
+
+    from conserve.server.api import ServerSettings, create_app
+    from conserve.server.client import EngineClient
+
+    config = engine_config(args)
+    settings = ServerSettings(
+        api_key=args.api_key or os.environ.get("CONSERVE_API_KEY") or None,
+        max_body_bytes=int(args.max_body_mb * 2**20),
     )
-    args.prompt, args.raw, args.temperature, args.max_tokens, args.sampling_seed = (
-        None,
-        False,
-        0.0,
-        64,
-        None,
+    app = create_app(lambda: EngineClient(config), settings)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info" if args.verbose else "warning",
+        timeout_graceful_shutdown=args.shutdown_timeout,
     )
-    return cmd_generate(args)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from conserve.bench.throughput import run_throughput
 
     return run_throughput(args)
+
+
+def cmd_bench_dtype(args: argparse.Namespace) -> int:
+    from conserve.bench.dtype import run_dtype
+
+    return run_dtype(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,8 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, help="seed for reproducible sampling")
     gen.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", help="serve the model (until the HTTP server lands: a demo)")
+    serve = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server",
+        description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, "
+        "/v1/models). Requests are online unless they set service_tier 'flex' or priority > 0.",
+    )
     add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $CONSERVE_API_KEY; "
+        "unset: no key)",
+    )
+    serve.add_argument("--max-body-mb", type=float, default=16, help="largest request body (413)")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30,
+        help="on SIGTERM, seconds to let running requests finish",
+    )
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -146,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(tp)
     add_throughput_args(tp)
     tp.set_defaults(func=cmd_bench)
+
+    from conserve.bench.dtype import add_dtype_args
+
+    dt = bench_sub.add_parser("dtype", help="float32 against bfloat16 on this machine")
+    add_engine_args(dt)
+    add_dtype_args(dt)
+    dt.set_defaults(func=cmd_bench_dtype)
     return parser
 
 

@@ -18,7 +18,7 @@ from conserve.engine.scheduler import Scheduler
 from conserve.kv.cache import KVTensors
 from conserve.kv.manager import KVCacheManager
 from conserve.model.config import ModelConfig
-from conserve.model.loader import ModelSource, build_model, read_weights, resolve_model
+from conserve.model.loader import build_model, read_weights, resolve_model
 from conserve.model.tokenizer import Tokenizer
 from conserve.platform import tune_cpu_allocator
 from conserve.sampling.params import SamplingParams
@@ -62,6 +62,7 @@ class Engine:
         runner: Runner,
         max_model_len: int,
         model_name: str = "model",
+        model_config: ModelConfig | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -69,6 +70,7 @@ class Engine:
         self.runner = runner
         self.max_model_len = max_model_len
         self.model_name = model_name
+        self.model_config = model_config
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, tuple[_Group, SequenceState]] = {}
         self.num_steps = 0
@@ -112,9 +114,7 @@ class Engine:
             cfg.cache.block_size,
             max_len,
         )
-        engine = Engine(cfg, tokenizer, scheduler, runner, max_len, _model_name(source))
-        engine.model_config = model_cfg
-        return engine
+        return Engine(cfg, tokenizer, scheduler, runner, max_len, source.name, model_cfg)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -213,10 +213,6 @@ class Engine:
         self.scheduler.check_integrity()
         if not self._groups and self.scheduler.kv.num_request_tables:
             raise AssertionError("idle engine still holds KV block tables")
-
-
-def _model_name(source: ModelSource) -> str:
-    return source.name
 
 
 def _num_blocks(cfg: EngineConfig, model_cfg: ModelConfig) -> int:

@@ -13,7 +13,6 @@ waiting queue to be recomputed.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 
 from conserve.config import SchedulerConfig
 from conserve.engine.batch import SampleSpec, ScheduledBatch, ScheduledChunk, StepResult
@@ -150,9 +149,6 @@ class Scheduler:
                 request.token_ids.append(sampled.token_id)
                 advanced.append(request)
         return advanced
-
-    def iter_requests(self) -> Iterable[Request]:
-        return self.requests.values()
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

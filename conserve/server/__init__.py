@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server (API process) and the engine core process behind it."""

@@ -1,0 +1,534 @@
+"""The OpenAI-compatible HTTP API (FastAPI). Runs in the API process; the engine runs in the
+engine core process behind `EngineClient`."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from conserve import __version__
+from conserve.engine.request import RequestClass
+from conserve.sampling.params import SamplingParams
+from conserve.server.client import EngineClient, EngineDeadError
+from conserve.server.core import RequestDelta
+from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None
+    max_body_bytes: int = 16 << 20
+
+
+class OpenAIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def error_response(err: OpenAIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def create_app(client_factory, settings: ServerSettings) -> FastAPI:
+    """`client_factory()` builds the EngineClient (it starts the engine core)."""
+    state: dict[str, Any] = {"unknown_fields": set()}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client: EngineClient = client_factory()
+        client.start(asyncio.get_running_loop())
+        state["client"] = client
+        yield
+        client.shutdown()
+
+    app = FastAPI(title="conserve", version=__version__, lifespan=lifespan)
+
+    def client() -> EngineClient:
+        return state["client"]
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        msg = first.get("msg", "invalid request")
+        return error_response(
+            OpenAIError(400, f"{'.'.join(loc) or 'body'}: {msg}", param=".".join(loc) or None)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(OpenAIError(exc.status_code, str(exc.detail), kind))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
+            return error_response(
+                OpenAIError(
+                    413, f"request body over {settings.max_body_bytes} bytes", code="body_too_large"
+                )
+            )
+        if settings.api_key and request.url.path.startswith("/v1/"):
+            auth = request.headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+                return error_response(
+                    OpenAIError(
+                        401,
+                        "missing or wrong API key",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    )
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not client().alive:
+            return JSONResponse({"status": "engine dead"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        c = client()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": c.model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "conserve",
+                    "max_model_len": c.max_model_len,
+                }
+            ],
+        }
+
+    @app.get("/debug/kv")
+    async def debug_kv() -> dict[str, Any]:
+        s = await client().stats()
+        return {
+            "running": s.running,
+            "waiting": s.waiting,
+            "kv_usage": s.kv_usage,
+            "kv_tables": s.kv_tables,
+        }
+
+    def log_unknown(body: Any) -> None:
+        for name in body.model_extra or {}:
+            if name not in state["unknown_fields"]:
+                state["unknown_fields"].add(name)
+                log.warning("ignoring unknown request field %r (logged once)", name)
+
+    def check_model(name: str) -> None:
+        if name != client().model_name:
+            raise OpenAIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {client().model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        log_unknown(body)
+        check_model(body.model)
+        c = client()
+        try:
+            prompt = c.tokenizer.apply_chat_template(body.template_messages())
+        except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+            raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from e
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = sampling_params(
+            body,
+            len(prompt),
+            c.max_model_len,
+            max_tokens,
+            body.top_logprobs or 0 if body.logprobs else None,
+        )
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        return await respond(request, body, rid, [prompt], params, chat_format=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        log_unknown(body)
+        check_model(body.model)
+        c = client()
+        prompts = split_prompts(body.prompt, c)
+        params = [
+            sampling_params(body, len(p), c.max_model_len, body.max_tokens or 16, body.logprobs)
+            for p in prompts
+        ]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        return await respond(
+            request,
+            body,
+            rid,
+            prompts,
+            params[0] if len(set(map(id, params))) == 1 else params,
+            chat_format=False,
+        )
+
+    async def respond(
+        request: Request, body, rid: str, prompts: list[list[int]], params, chat_format: bool
+    ) -> Response:
+        c = client()
+        if not c.alive:
+            raise OpenAIError(503, "the engine is not running", "server_error")
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        klass = request_class(body)
+        tier = body.service_tier or ("flex" if klass == RequestClass.OFFLINE else "default")
+        streams = [
+            c.generate(f"{rid}-{i}", p, sp, klass, bool(body.stream))
+            for i, (p, sp) in enumerate(zip(prompts, per_prompt, strict=True))
+        ]
+        fmt = (
+            ChatFormat(rid, c, body, tier) if chat_format else CompletionFormat(rid, c, body, tier)
+        )
+        if body.stream:
+            return StreamingResponse(sse(request, streams, fmt), media_type="text/event-stream")
+        try:
+            finals = await asyncio.gather(*(collect(s) for s in streams))
+        except EngineDeadError as e:
+            raise OpenAIError(503, f"the engine failed: {e}", "server_error") from e
+        except ValueError as e:
+            raise OpenAIError(400, str(e)) from e
+        return JSONResponse(fmt.full(finals, len(prompts)))
+
+    return app
+
+
+def request_class(body) -> RequestClass:
+    if body.service_tier == "flex" or (body.priority or 0) > 0:
+        return RequestClass.OFFLINE
+    return RequestClass.ONLINE
+
+
+def sampling_params(
+    body, prompt_len: int, max_model_len: int, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    if max_tokens is None:
+        max_tokens = max_model_len - prompt_len
+    if prompt_len + max_tokens > max_model_len:
+        raise OpenAIError(
+            400,
+            f"this model's maximum context length is {max_model_len} tokens; the prompt "
+            f"has {prompt_len} tokens and {max_tokens} more were requested",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    try:
+        return SamplingParams(
+            n=body.n,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            seed=body.seed,
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
+            stop=body.stop or (),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logprobs=logprobs,
+        )
+    except ValueError as e:
+        raise OpenAIError(400, str(e), param=str(e).split(" ", 1)[0]) from e
+
+
+def split_prompts(prompt, c: EngineClient) -> list[list[int]]:
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise OpenAIError(400, "prompt must not be empty", param="prompt")
+    out = []
+    for item in items:
+        ids = c.tokenizer.encode(item) if isinstance(item, str) else [int(t) for t in item]
+        if not ids:
+            raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        if any(t < 0 or t >= c.tokenizer.vocab_size for t in ids):
+            raise OpenAIError(400, "prompt token ids out of range", param="prompt")
+        out.append(ids)
+    return out
+
+
+async def collect(stream: AsyncIterator[RequestDelta]) -> list[RequestDelta]:
+    return [d async for d in stream]
+
+
+async def sse(
+    request: Request, streams: list[AsyncIterator[RequestDelta]], fmt
+) -> AsyncIterator[str]:
+    """Server-sent events: the first chunk carries the role, then text deltas, then an optional
+    usage chunk and [DONE]. An error after streaming began becomes an error event."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[RequestDelta]) -> None:
+        try:
+            async for d in s:
+                await queue.put((i, d))
+        except Exception as e:  # noqa: BLE001 - forwarded to the client as an error event
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for chunk in fmt.first_chunks(len(streams)):
+            yield f"data: {json.dumps(chunk)}\n\n"
+        open_streams = len(streams)
+        finals: list[RequestDelta | None] = [None] * len(streams)
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            if isinstance(item, Exception):
+                err = OpenAIError(
+                    500 if isinstance(item, EngineDeadError) else 400,
+                    str(item),
+                    "server_error"
+                    if isinstance(item, EngineDeadError)
+                    else "invalid_request_error",
+                )
+                yield f"data: {json.dumps(err.body())}\n\n"
+                break
+            finals[i] = item
+            for chunk in fmt.delta_chunks(i, item):
+                yield f"data: {json.dumps(chunk)}\n\n"
+        else:
+            usage = fmt.body.stream_options and fmt.body.stream_options.include_usage
+            if usage:
+                yield f"data: {json.dumps(fmt.usage_chunk(finals))}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        # A client that went away lands here too: cancelling the pumps closes their request
+        # streams, which abort the requests in the engine (their KV blocks are freed at once).
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+
+
+class _Format:
+    object_full = ""
+    object_chunk = ""
+
+    def __init__(self, rid: str, client: EngineClient, body, tier: str) -> None:
+        self.rid, self.client, self.body, self.tier = rid, client, body, tier
+        self.created = int(time.time())
+        self.n = body.n
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.rid,
+            "object": obj,
+            "created": self.created,
+            "model": self.client.model_name,
+            "service_tier": self.tier,
+        }
+
+    def usage(self, finals: list) -> dict[str, int]:
+        prompt = sum(f.num_prompt_tokens for f in finals if f is not None)
+        gen = sum(f.num_generated_tokens for f in finals if f is not None)
+        cached = sum(f.num_cached_tokens for f in finals if f is not None)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": gen,
+            "total_tokens": prompt + gen,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    def usage_chunk(self, finals: list) -> dict[str, Any]:
+        return self._head(self.object_chunk) | {"choices": [], "usage": self.usage(finals)}
+
+    def full(self, per_prompt: list[list[RequestDelta]], num_prompts: int) -> dict[str, Any]:
+        choices = []
+        for p, deltas in enumerate(per_prompt):
+            for seq in range(self.n):
+                parts = [s for d in deltas for s in d.seqs if s.index == seq]
+                text = "".join(s.text for s in parts)
+                ids = [t for s in parts for t in s.token_ids]
+                lps = [e for s in parts for e in (s.logprobs or [])]
+                finish = parts[-1].finish_reason if parts else None
+                choices.append(self.choice(p * self.n + seq, text, ids, lps, finish))
+        finals = [d[-1] for d in per_prompt]
+        return self._head(self.object_full) | {"choices": choices, "usage": self.usage(finals)}
+
+    def token_str(self, token_id: int) -> str:
+        return self.client.tokenizer.token_text(token_id)
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+class ChatFormat(_Format):
+    object_full = "chat.completion"
+    object_chunk = "chat.completion.chunk"
+
+    def logprobs(self, entries: list) -> dict[str, Any] | None:
+        if not self.body.logprobs:
+            return None
+
+        def item(tid: int, lp: float) -> dict[str, Any]:
+            tok = self.token_str(tid)
+            return {"token": tok, "logprob": lp, "bytes": list(tok.encode())}
+
+        return {
+            "content": [
+                item(e.token_id, e.logprob) | {"top_logprobs": [item(t, v) for t, v in e.top]}
+                for e in entries
+            ]
+        }
+
+    def choice(self, index: int, text: str, ids: list[int], lps: list, finish) -> dict:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": self.logprobs(lps),
+            "finish_reason": _finish(finish),
+        }
+
+    def first_chunks(self, num_prompts: int) -> list[dict[str, Any]]:
+        return [
+            self._head(self.object_chunk)
+            | {
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            }
+            for i in range(num_prompts * self.n)
+        ]
+
+    def delta_chunks(self, prompt_idx: int, d: RequestDelta) -> list[dict[str, Any]]:
+        out = []
+        for s in d.seqs:
+            if not s.text and not s.finish_reason and not s.logprobs:
+                continue
+            out.append(
+                self._head(self.object_chunk)
+                | {
+                    "choices": [
+                        {
+                            "index": prompt_idx * self.n + s.index,
+                            "delta": {"content": s.text},
+                            "logprobs": self.logprobs(s.logprobs or []),
+                            "finish_reason": _finish(s.finish_reason),
+                        }
+                    ]
+                }
+            )
+        return out
+
+
+class CompletionFormat(_Format):
+    object_full = "text_completion"
+    object_chunk = "text_completion"
+
+    def logprobs(self, entries: list, offset0: int = 0) -> dict[str, Any] | None:
+        if self.body.logprobs is None:
+            return None
+        tokens = [self.token_str(e.token_id) for e in entries]
+        offsets, pos = [], offset0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self.token_str(t): v for t, v in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+    def choice(self, index: int, text: str, ids: list[int], lps: list, finish) -> dict:
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": self.logprobs(lps),
+            "finish_reason": _finish(finish),
+        }
+
+    def first_chunks(self, num_prompts: int) -> list[dict[str, Any]]:
+        return []
+
+    def delta_chunks(self, prompt_idx: int, d: RequestDelta) -> list[dict[str, Any]]:
+        out = []
+        for s in d.seqs:
+            if not s.text and not s.finish_reason:
+                continue
+            out.append(
+                self._head(self.object_chunk)
+                | {
+                    "choices": [
+                        self.choice(
+                            prompt_idx * self.n + s.index,
+                            s.text,
+                            s.token_ids,
+                            s.logprobs or [],
+                            s.finish_reason,
+                        )
+                    ]
+                }
+            )
+        return out

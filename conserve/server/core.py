@@ -1,0 +1,210 @@
+"""The engine core: its own process, running the engine loop.
+
+The API process sends requests and aborts through a pipe; the core answers with one message per
+engine step holding every request's new tokens and text. HTTP parsing, tokenization and
+streaming happen in the API process, so they never stall an iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from conserve.config import EngineConfig
+from conserve.engine.output import RequestOutput
+from conserve.engine.request import RequestClass
+from conserve.sampling.params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    request_class: RequestClass
+    stream: bool
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass
+class SeqDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[Any] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class RequestDelta:
+    """What changed for one request in one step."""
+
+    request_id: str
+    seqs: list[SeqDelta]
+    finished: bool
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_generated_tokens: int
+
+
+@dataclass
+class Ready:
+    model_name: str
+    max_model_len: int
+    num_kv_blocks: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+@dataclass
+class Rejected:
+    """The core refused a request (the API process validates first, so this is rare)."""
+
+    request_id: str
+    message: str
+
+
+@dataclass
+class Stats:
+    running: int
+    waiting: int
+    kv_usage: float
+    kv_tables: int
+
+
+@dataclass
+class _Sent:
+    text_len: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[int] = field(default_factory=list)
+
+
+def delta_of(out: RequestOutput, sent: _Sent) -> RequestDelta:
+    """The part of `out` not sent yet (and advance `sent`)."""
+    if not sent.text_len:
+        n = len(out.outputs)
+        sent.text_len, sent.tokens, sent.logprobs = [0] * n, [0] * n, [0] * n
+    seqs = []
+    for c in out.outputs:
+        i = c.index
+        lp = None
+        if c.logprobs is not None:
+            lp = c.logprobs[sent.logprobs[i] :]
+            sent.logprobs[i] = len(c.logprobs)
+        seqs.append(
+            SeqDelta(
+                i,
+                c.text[sent.text_len[i] :],
+                c.token_ids[sent.tokens[i] :],
+                lp,
+                c.finish_reason,
+                c.stop_reason,
+            )
+        )
+        sent.text_len[i], sent.tokens[i] = len(c.text), len(c.token_ids)
+    return RequestDelta(
+        out.request_id,
+        seqs,
+        out.finished,
+        len(out.prompt_token_ids),
+        out.num_cached_tokens,
+        out.num_generated_tokens,
+    )
+
+
+def run_core(config: EngineConfig, conn: Connection) -> None:
+    """Process entry point: build the engine, then serve the pipe until Shutdown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when to stop
+    try:
+        from conserve.engine.engine import Engine
+
+        engine = Engine.from_config(config)
+    except Exception as e:  # noqa: BLE001 - report any start-up failure to the API process
+        conn.send(Failed(f"{type(e).__name__}: {e}"))
+        return
+    conn.send(Ready(engine.model_name, engine.max_model_len, engine.config.cache.num_blocks))
+    sent: dict[str, _Sent] = {}
+    while True:
+        # Block only when there is nothing to compute.
+        timeout = 0 if engine.has_unfinished() else None
+        while conn.poll(timeout):
+            msg = conn.recv()
+            timeout = 0
+            if isinstance(msg, Shutdown):
+                return
+            if isinstance(msg, AddRequest):
+                try:
+                    engine.add_request(
+                        msg.request_id,
+                        msg.prompt_token_ids,
+                        msg.params,
+                        msg.request_class,
+                        msg.stream,
+                    )
+                    sent[msg.request_id] = _Sent()
+                except ValueError as e:
+                    conn.send(Rejected(msg.request_id, str(e)))
+            elif isinstance(msg, Abort):
+                for rid in msg.request_ids:
+                    engine.abort(rid)
+                    sent.pop(rid, None)
+            elif msg == "stats":
+                kv = engine.scheduler.kv
+                conn.send(
+                    Stats(
+                        len(engine.scheduler.running),
+                        len(engine.scheduler.waiting),
+                        kv.pool.usage(),
+                        kv.num_request_tables,
+                    )
+                )
+        if not engine.has_unfinished():
+            continue
+        try:
+            outputs = engine.step()
+        except Exception:  # noqa: BLE001 - a crashed step must not hang the clients silently
+            conn.send(Failed("engine step failed:\n" + traceback.format_exc()))
+            raise
+        deltas = []
+        for out in outputs:
+            state = sent.get(out.request_id)
+            if state is None:
+                continue
+            deltas.append(delta_of(out, state))
+            if out.finished:
+                del sent[out.request_id]
+        if deltas:
+            conn.send(deltas)
+
+
+def start_core(config: EngineConfig) -> tuple[mp.process.BaseProcess, Connection]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=True)
+    proc = ctx.Process(
+        target=run_core, args=(config, child), name="conserve-engine-core", daemon=True
+    )
+    proc.start()
+    child.close()
+    log.info("engine core started, pid %d (api pid %d)", proc.pid, os.getpid())
+    return proc, parent
