@@ -126,7 +126,7 @@ def test_logprobs_of_chosen_and_top_tokens(llm):
 
 
 def test_ignore_eos_and_min_tokens(llm):
-    conv = [{"role": "user", "content": "Say yes."}]
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
     short = llm.chat(conv, SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
     assert short.finish_reason == "stop"
     n = len(short.token_ids)

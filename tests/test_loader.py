@@ -98,7 +98,7 @@ def _write_tiny_gguf(path: Path, hf_dir: Path, cfg: dict, tokenizer_source: Path
         if qtype in (Q.F32, Q.F16):
             w.add_tensor(gname, arr.astype(np.float32 if qtype == Q.F32 else np.float16))
         else:
-            w.add_tensor(gname, quantize(arr, qtype), raw_shape=arr.shape, raw_dtype=qtype)
+            w.add_tensor(gname, quantize(arr, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
