@@ -28,9 +28,11 @@ def server():
     port = free_port()
     env = dict(os.environ, CONSERVE_API_KEY=API_KEY)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "conserve.cli", "serve", "--port", str(port),
-         "--max-body-mb", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "conserve.cli", "serve", "--port", str(port), "--max-body-mb", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -70,8 +72,10 @@ def test_models_list(client):
 
 def test_chat_answers_and_reports_usage(client, model):
     r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0, max_tokens=32,
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=32,
     )
     assert r.object == "chat.completion"
     assert "Paris" in r.choices[0].message.content
@@ -98,19 +102,26 @@ def test_chat_prompt_matches_the_reference_template(client, model, default_sourc
 
 def test_chat_streaming_with_usage(client, model):
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Count to five."}],
-        temperature=0, max_tokens=20, stream=True, stream_options={"include_usage": True},
+        model=model,
+        messages=[{"role": "user", "content": "Count to five."}],
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and
-              c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finish == ["length"] or finish == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     full = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Count to five."}],
-        temperature=0, max_tokens=20,
+        model=model,
+        messages=[{"role": "user", "content": "Count to five."}],
+        temperature=0,
+        max_tokens=20,
     )
     assert text == full.choices[0].message.content
 
@@ -119,18 +130,27 @@ def test_completion_stream_and_stop(client, model):
     r = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
     text = r.choices[0].text
     assert r.object == "text_completion" and "5" in text
-    cut = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=12,
-                                    temperature=0, stop=["7"])
+    cut = client.completions.create(
+        model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=["7"]
+    )
     assert cut.choices[0].text == text[: text.index("7")]
     assert cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert streamed == text
 
 
 def test_seed_reproduces_and_n_two(client, model):
-    kw = dict(model=model, messages=[{"role": "user", "content": "Tell me a story."}],
-              temperature=1.0, max_tokens=16)
+    kw = dict(
+        model=model,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        temperature=1.0,
+        max_tokens=16,
+    )
     a = client.chat.completions.create(seed=42, **kw).choices[0].message.content
     b = client.chat.completions.create(seed=42, **kw).choices[0].message.content
     assert a == b
@@ -141,14 +161,19 @@ def test_seed_reproduces_and_n_two(client, model):
 
 def test_logprobs_chat_and_completion(client, model):
     r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
-        logprobs=True, top_logprobs=2,
+        model=model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
     )
     content = r.choices[0].logprobs.content
     assert len(content) >= 1 and all(len(c.top_logprobs) == 2 for c in content)
     assert all(c.logprob <= 0 for c in content)
-    c = client.completions.create(model=model, prompt="The sky is", max_tokens=3, temperature=0,
-                                  logprobs=2)
+    c = client.completions.create(
+        model=model, prompt="The sky is", max_tokens=3, temperature=0, logprobs=2
+    )
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == 3 and len(lp.token_logprobs) == 3 and len(lp.top_logprobs[0]) == 2
 
@@ -156,9 +181,17 @@ def test_logprobs_chat_and_completion(client, model):
 def test_async_client_concurrent(server, model):
     async def run() -> list[str]:
         ac = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
-        rs = await asyncio.gather(*(ac.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": f"Say the number {i}."}],
-            temperature=0, max_tokens=8) for i in range(6)))
+        rs = await asyncio.gather(
+            *(
+                ac.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": f"Say the number {i}."}],
+                    temperature=0,
+                    max_tokens=8,
+                )
+                for i in range(6)
+            )
+        )
         return [r.choices[0].message.content for r in rs]
 
     texts = asyncio.run(run())
@@ -167,7 +200,9 @@ def test_async_client_concurrent(server, model):
 
 def test_flex_tier_is_echoed(client, model):
     r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+        model=model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
         service_tier="flex",
     )
     assert r.service_tier == "flex"
@@ -191,25 +226,35 @@ def _assert_error(r: httpx.Response, status: int, param=None, code=None) -> dict
 
 def test_errors(server, model):
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    _assert_error(_post(server, "/v1/chat/completions", chat, key=None), 401,
-                  code="invalid_api_key")
+    _assert_error(
+        _post(server, "/v1/chat/completions", chat, key=None), 401, code="invalid_api_key"
+    )
     _assert_error(_post(server, "/v1/chat/completions", chat, key="wrong"), 401)
-    _assert_error(_post(server, "/v1/chat/completions", chat | {"temperature": -1}), 400,
-                  param="temperature")
-    _assert_error(_post(server, "/v1/chat/completions", chat | {"model": "gpt-9"}), 404,
-                  code="model_not_found")
+    _assert_error(
+        _post(server, "/v1/chat/completions", chat | {"temperature": -1}), 400, param="temperature"
+    )
+    _assert_error(
+        _post(server, "/v1/chat/completions", chat | {"model": "gpt-9"}),
+        404,
+        code="model_not_found",
+    )
     _assert_error(_post(server, "/v1/nothing-here", chat), 404)
-    _assert_error(_post(server, "/v1/chat/completions", {"model": model}), 400,
-                  param="messages")
-    _assert_error(_post(server, "/v1/completions", {"model": model, "prompt": "x" * 2_000_000}),
-                  413)
+    _assert_error(_post(server, "/v1/chat/completions", {"model": model}), 400, param="messages")
+    _assert_error(
+        _post(server, "/v1/completions", {"model": model, "prompt": "x" * 2_000_000}), 413
+    )
     long_prompt = "hello " * 9000
-    _assert_error(_post(server, "/v1/completions", {"model": model, "prompt": long_prompt,
-                                                     "max_tokens": 10}),
-                  400, code="context_length_exceeded")
-    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json",
-                   headers={"Authorization": f"Bearer {API_KEY}",
-                            "Content-Type": "application/json"}, timeout=30)
+    _assert_error(
+        _post(server, "/v1/completions", {"model": model, "prompt": long_prompt, "max_tokens": 10}),
+        400,
+        code="context_length_exceeded",
+    )
+    r = httpx.post(
+        f"{server}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        timeout=30,
+    )
     _assert_error(r, 400)
     # still serving
     ok = _post(server, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2})
