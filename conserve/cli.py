@@ -92,24 +92,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from conserve.server.api import ServerSettings
+    from conserve.server.run import serve
 
-    from conserve.server.api import ServerSettings, create_app
-    from conserve.server.client import EngineClient
-
-    config = engine_config(args)
     settings = ServerSettings(
         api_key=args.api_key or os.environ.get("CONSERVE_API_KEY") or None,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        max_queued_online=args.max_queued_requests,
+        max_queued_offline=args.max_queued_offline_requests,
     )
-    app = create_app(lambda: EngineClient(config), settings)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="info" if args.verbose else "warning",
-        timeout_graceful_shutdown=args.shutdown_timeout,
-    )
+    serve(engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
     return 0
 
 
@@ -162,7 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=float,
         default=30,
-        help="on SIGTERM, seconds to let running requests finish",
+        help="on SIGTERM, seconds to let running requests finish (new ones get 503)",
+    )
+    serve.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=1024,
+        help="online requests waiting for their first token before new ones get 429",
+    )
+    serve.add_argument(
+        "--max-queued-offline-requests",
+        type=int,
+        default=100_000,
+        help="the same limit for offline requests (service_tier flex, priority > 0)",
     )
     serve.set_defaults(func=cmd_serve)
 

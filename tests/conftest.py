@@ -141,3 +141,63 @@ def tiny_llama_reference(tiny_llama_dir, default_tokenizer):
     prompts = text_prompt_ids(default_tokenizer, MIXED_LENGTHS)
     tokens, logits = hf_greedy(model, prompts, 64)
     return prompts, tokens, logits
+
+
+API_KEY = "test-key-123"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*extra: str):
+    """`conserve serve` on a free loopback port; returns (process, base URL) once healthy."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, CONSERVE_API_KEY=API_KEY)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conserve.cli", "serve", "--port", str(port), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become healthy")
+
+
+def stop_server(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The real server on the default model, shared by the server test modules."""
+    proc, base = start_server("--max-body-mb", "1")
+    yield base
+    stop_server(proc)

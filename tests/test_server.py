@@ -4,55 +4,12 @@ official `openai` client (sync and async) and by raw HTTP for the error cases.""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
-
-API_KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    env = dict(os.environ, CONSERVE_API_KEY=API_KEY)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conserve.cli", "serve", "--port", str(port), "--max-body-mb", "1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not become healthy")
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+from conftest import API_KEY
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +222,73 @@ def test_no_kv_blocks_held_when_idle(server):
     r = httpx.get(f"{server}/debug/kv", timeout=30)
     assert r.status_code == 200
     assert r.json()["kv_tables"] == 0 and r.json()["running"] == 0
+
+
+def test_metrics_exposed(server, client, model):
+    client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+    )
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    for name in (
+        'conserve:time_to_first_token_seconds_bucket{class="online"',
+        'conserve:inter_token_latency_seconds_count{class="online"}',
+        'conserve:e2e_request_latency_seconds_count{class="online"}',
+        'conserve:num_requests_running{class="online"}',
+        'conserve:num_requests_waiting{class="offline"}',
+        "conserve:kv_cache_usage_perc",
+        "conserve:prefix_cache_queries_total",
+        "conserve:prefix_cache_hits_total",
+        'conserve:num_preemptions_total{kind="recompute"}',
+        'conserve:prompt_tokens_total{class="online"}',
+        'conserve:generation_tokens_total{class="online"}',
+        "conserve:iteration_time_seconds_count",
+    ):
+        assert name in text, name
+
+
+def wait_idle(server: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = httpx.get(f"{server}/debug/kv", timeout=30).json()
+        if state["kv_tables"] == 0 and state["running"] == 0 and state["waiting"] == 0:
+            return state
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+
+
+def test_32_streams_with_8_disconnecting_half_way(server, model):
+    async def one(i: int, ac: httpx.AsyncClient) -> str:
+        body = {
+            "model": model,
+            "stream": True,
+            "max_tokens": 40,
+            "temperature": 0,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"Story {i}"}],
+        }
+        chunks = 0
+        async with ac.stream(
+            "POST",
+            f"{server}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return "done"
+                chunks += 1
+                if i % 4 == 0 and chunks == 20:
+                    return "left"  # leaving the context closes the connection mid-stream
+        return "cut"
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=300) as ac:
+            return await asyncio.gather(*(one(i, ac) for i in range(32)))
+
+    results = asyncio.run(run())
+    assert results.count("left") == 8 and results.count("done") == 24
+    state = wait_idle(server)
+    assert state["integrity_error"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -74,6 +75,8 @@ class Engine:
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, tuple[_Group, SequenceState]] = {}
         self.num_steps = 0
+        # step durations not yet collected by a metrics reader (bounded)
+        self.step_times: deque[float] = deque(maxlen=10_000)
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -180,6 +183,7 @@ class Engine:
             return []
         result = self.runner.execute(batch)  # execute
         self.num_steps += 1
+        self.step_times.append(result.elapsed_s)
         return self._apply(batch, result)  # apply
 
     def _apply(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
@@ -207,6 +211,15 @@ class Engine:
                 del self._groups[group.request_id]
             outputs.append(out)
         return outputs
+
+    def counts_by_class(self) -> dict[str, tuple[int, int]]:
+        """(running, waiting) sequences per request class."""
+        out = {c.value: [0, 0] for c in RequestClass}
+        for r in self.scheduler.running:
+            out[r.request_class.value][0] += 1
+        for r in self.scheduler.waiting:
+            out[r.request_class.value][1] += 1
+        return {k: (v[0], v[1]) for k, v in out.items()}
 
     def check_integrity(self) -> None:
         """KV and queue invariants; with nothing in flight, also that no block is held."""

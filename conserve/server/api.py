@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conserve import __version__
@@ -24,6 +25,7 @@ from conserve.engine.request import RequestClass
 from conserve.sampling.params import SamplingParams
 from conserve.server.client import EngineClient, EngineDeadError
 from conserve.server.core import RequestDelta
+from conserve.server.metrics import Metrics, RequestTimer
 from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,21 @@ log = logging.getLogger(__name__)
 class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 16 << 20
+    # requests admitted but without a first token yet, per class; beyond it: 429
+    max_queued_online: int = 1024
+    max_queued_offline: int = 100_000
+
+
+class ServerState:
+    """Mutable state of the API process: the engine client, metrics, admission counters."""
+
+    def __init__(self) -> None:
+        self.client: EngineClient | None = None
+        self.metrics = Metrics()
+        self.unknown_fields: set[str] = set()
+        self.queued = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
+        self.in_flight = 0
+        self.draining = False
 
 
 class OpenAIError(Exception):
@@ -68,22 +85,26 @@ def error_response(err: OpenAIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def create_app(client_factory, settings: ServerSettings) -> FastAPI:
+def create_app(
+    client_factory, settings: ServerSettings, state: ServerState | None = None
+) -> FastAPI:
     """`client_factory()` builds the EngineClient (it starts the engine core)."""
-    state: dict[str, Any] = {"unknown_fields": set()}
+    state = state or ServerState()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client: EngineClient = client_factory()
         client.start(asyncio.get_running_loop())
-        state["client"] = client
+        state.client = client
         yield
         client.shutdown()
 
     app = FastAPI(title="conserve", version=__version__, lifespan=lifespan)
+    app.state.conserve = state
 
     def client() -> EngineClient:
-        return state["client"]
+        assert state.client is not None
+        return state.client
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -112,6 +133,8 @@ def create_app(client_factory, settings: ServerSettings) -> FastAPI:
                     413, f"request body over {settings.max_body_bytes} bytes", code="body_too_large"
                 )
             )
+        if state.draining and request.url.path.startswith("/v1/"):
+            return error_response(OpenAIError(503, "the server is shutting down", "server_error"))
         if settings.api_key and request.url.path.startswith("/v1/"):
             auth = request.headers.get("authorization", "")
             token = auth[7:] if auth.lower().startswith("bearer ") else ""
@@ -154,18 +177,27 @@ def create_app(client_factory, settings: ServerSettings) -> FastAPI:
 
     @app.get("/debug/kv")
     async def debug_kv() -> dict[str, Any]:
+        """KV and queue state, and the engine's integrity check (null when it holds)."""
         s = await client().stats()
+        state.metrics.update_engine(s)
         return {
             "running": s.running,
             "waiting": s.waiting,
             "kv_usage": s.kv_usage,
             "kv_tables": s.kv_tables,
+            "integrity_error": s.integrity_error,
         }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if client().alive:
+            state.metrics.update_engine(await client().stats())
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def log_unknown(body: Any) -> None:
         for name in body.model_extra or {}:
-            if name not in state["unknown_fields"]:
-                state["unknown_fields"].add(name)
+            if name not in state.unknown_fields:
+                state.unknown_fields.add(name)
                 log.warning("ignoring unknown request field %r (logged once)", name)
 
     def check_model(name: str) -> None:
@@ -225,9 +257,22 @@ def create_app(client_factory, settings: ServerSettings) -> FastAPI:
             raise OpenAIError(503, "the engine is not running", "server_error")
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         klass = request_class(body)
+        limit = (
+            settings.max_queued_online
+            if klass == RequestClass.ONLINE
+            else settings.max_queued_offline
+        )
+        if state.queued[klass] + len(prompts) > limit:
+            err = OpenAIError(
+                429,
+                f"too many queued {klass.value} requests; retry later",
+                "rate_limit_error",
+                code="queue_full",
+            )
+            return JSONResponse(err.body(), status_code=429, headers={"Retry-After": "1"})
         tier = body.service_tier or ("flex" if klass == RequestClass.OFFLINE else "default")
         streams = [
-            c.generate(f"{rid}-{i}", p, sp, klass, bool(body.stream))
+            tracked(state, klass, c.generate(f"{rid}-{i}", p, sp, klass, bool(body.stream)))
             for i, (p, sp) in enumerate(zip(prompts, per_prompt, strict=True))
         ]
         fmt = (
@@ -236,7 +281,11 @@ def create_app(client_factory, settings: ServerSettings) -> FastAPI:
         if body.stream:
             return StreamingResponse(sse(request, streams, fmt), media_type="text/event-stream")
         try:
-            finals = await asyncio.gather(*(collect(s) for s in streams))
+            finals = await until_disconnected(
+                request, asyncio.gather(*(collect(s) for s in streams))
+            )
+            if finals is None:  # the client left: its requests are aborted
+                return Response(status_code=499)
         except EngineDeadError as e:
             raise OpenAIError(503, f"the engine failed: {e}", "server_error") from e
         except ValueError as e:
@@ -244,6 +293,34 @@ def create_app(client_factory, settings: ServerSettings) -> FastAPI:
         return JSONResponse(fmt.full(finals, len(prompts)))
 
     return app
+
+
+async def tracked(
+    state: ServerState, klass: RequestClass, stream: AsyncIterator[RequestDelta]
+) -> AsyncIterator[RequestDelta]:
+    """Count the request as queued until its first token, and time it for the metrics."""
+    timer = RequestTimer(state.metrics, klass.value)
+    state.queued[klass] += 1
+    state.in_flight += 1
+    queued = True
+    try:
+        async for d in stream:
+            n = sum(len(s.token_ids) for s in d.seqs)
+            if queued and n:
+                state.queued[klass] -= 1
+                queued = False
+            timer.on_delta(n)
+            if d.finished:
+                reasons = [s.finish_reason for s in d.seqs if s.finish_reason]
+                timer.on_finish(
+                    d.num_prompt_tokens, d.num_generated_tokens, reasons[0] if reasons else None
+                )
+            yield d
+    finally:
+        if queued:
+            state.queued[klass] -= 1
+        state.in_flight -= 1
+        await stream.aclose()
 
 
 def request_class(body) -> RequestClass:
@@ -304,6 +381,19 @@ def split_prompts(prompt, c: EngineClient) -> list[list[int]]:
             raise OpenAIError(400, "prompt token ids out of range", param="prompt")
         out.append(ids)
     return out
+
+
+async def until_disconnected(request: Request, work: asyncio.Future, poll_s: float = 0.5):
+    """Await `work`, cancelling it (which aborts its requests) if the client disconnects."""
+    work = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=poll_s)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            return None
 
 
 async def collect(stream: AsyncIterator[RequestDelta]) -> list[RequestDelta]:

@@ -91,6 +91,12 @@ class Stats:
     waiting: int
     kv_usage: float
     kv_tables: int
+    by_class: dict[str, tuple[int, int]]  # class -> (running, waiting)
+    num_preemptions: int
+    prefix_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_hits: int
+    step_times: list[float]  # since the previous Stats
+    integrity_error: str | None
 
 
 @dataclass
@@ -133,6 +139,29 @@ def delta_of(out: RequestOutput, sent: _Sent) -> RequestDelta:
     )
 
 
+def engine_stats(engine: Any) -> Stats:
+    sched, kv = engine.scheduler, engine.scheduler.kv
+    try:
+        engine.check_integrity()
+        integrity = None
+    except AssertionError as e:
+        integrity = str(e)
+    times = list(engine.step_times)
+    engine.step_times.clear()
+    return Stats(
+        len(sched.running),
+        len(sched.waiting),
+        kv.pool.usage(),
+        kv.num_request_tables,
+        engine.counts_by_class(),
+        sched.num_preemptions,
+        kv.prefix_queries,
+        kv.prefix_hits,
+        times,
+        integrity,
+    )
+
+
 def run_core(config: EngineConfig, conn: Connection) -> None:
     """Process entry point: build the engine, then serve the pipe until Shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when to stop
@@ -170,15 +199,7 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
                     engine.abort(rid)
                     sent.pop(rid, None)
             elif msg == "stats":
-                kv = engine.scheduler.kv
-                conn.send(
-                    Stats(
-                        len(engine.scheduler.running),
-                        len(engine.scheduler.waiting),
-                        kv.pool.usage(),
-                        kv.num_request_tables,
-                    )
-                )
+                conn.send(engine_stats(engine))
         if not engine.has_unfinished():
             continue
         try:

@@ -1,0 +1,164 @@
+"""Prometheus metrics, named like vLLM's with a `conserve:` prefix and a `class` label
+(online/offline) where it applies. Request-level latencies are observed in the API process from
+the stream of deltas; engine gauges and counters come from the engine core's stats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from conserve.server.core import Stats
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+
+
+class _EngineCollector:
+    """Exposes the latest engine-core snapshot."""
+
+    def __init__(self) -> None:
+        self.stats: Stats | None = None
+
+    def collect(self):
+        s = self.stats
+        if s is None:
+            return
+        running = GaugeMetricFamily(
+            "conserve:num_requests_running", "Sequences running in the engine", labels=["class"]
+        )
+        waiting = GaugeMetricFamily(
+            "conserve:num_requests_waiting", "Sequences waiting in the engine", labels=["class"]
+        )
+        for klass, (r, w) in s.by_class.items():
+            running.add_metric([klass], r)
+            waiting.add_metric([klass], w)
+        yield running
+        yield waiting
+        yield GaugeMetricFamily(
+            "conserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", value=s.kv_usage
+        )
+        yield CounterMetricFamily(
+            "conserve:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            value=s.prefix_queries,
+        )
+        yield CounterMetricFamily(
+            "conserve:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache",
+            value=s.prefix_hits,
+        )
+        preemptions = CounterMetricFamily(
+            "conserve:num_preemptions", "Preemptions by kind", labels=["kind"]
+        )
+        preemptions.add_metric(["recompute"], s.num_preemptions)
+        yield preemptions
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.engine = _EngineCollector()
+        r.register(self.engine)
+        self.prompt_tokens = Counter(
+            "conserve:prompt_tokens", "Prompt tokens", ["class"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "conserve:generation_tokens", "Generated tokens", ["class"], registry=r
+        )
+        self.requests = Counter(
+            "conserve:request_success",
+            "Finished requests",
+            ["class", "finished_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "conserve:time_to_first_token_seconds",
+            "Time to first token",
+            ["class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "conserve:inter_token_latency_seconds",
+            "Time between tokens",
+            ["class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "conserve:e2e_request_latency_seconds",
+            "End-to-end latency",
+            ["class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.iteration = Histogram(
+            "conserve:iteration_time_seconds",
+            "Engine step time",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def update_engine(self, stats: Stats) -> None:
+        self.engine.stats = stats
+        for t in stats.step_times:
+            self.iteration.observe(t)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Observes one request's TTFT, inter-token gaps and end-to-end time."""
+
+    def __init__(self, metrics: Metrics, klass: str) -> None:
+        self.m, self.klass = metrics, klass
+        self.start = self.last = time.monotonic()
+        self.first = True
+
+    def on_delta(self, num_new_tokens: int) -> None:
+        if num_new_tokens <= 0:
+            return
+        now = time.monotonic()
+        if self.first:
+            self.m.ttft.labels(self.klass).observe(now - self.start)
+            self.first = False
+        else:
+            # a delta may carry several tokens: spread the gap evenly
+            gap = (now - self.last) / num_new_tokens
+            for _ in range(num_new_tokens):
+                self.m.itl.labels(self.klass).observe(gap)
+        self.last = now
+
+    def on_finish(self, prompt_tokens: int, generated: int, reason: str | None) -> None:
+        self.m.e2e.labels(self.klass).observe(time.monotonic() - self.start)
+        self.m.prompt_tokens.labels(self.klass).inc(prompt_tokens)
+        self.m.generation_tokens.labels(self.klass).inc(generated)
+        self.m.requests.labels(self.klass, reason or "abort").inc()

@@ -1,0 +1,48 @@
+"""Run the API server: uvicorn with a draining shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from conserve.config import EngineConfig
+from conserve.server.api import ServerSettings, ServerState, create_app
+from conserve.server.client import EngineClient
+
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM/SIGINT: answer new API requests with 503, let running ones finish (up to the
+    timeout), then exit. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, timeout_s: float) -> None:
+        super().__init__(config)
+        self.state, self.timeout_s = state, timeout_s
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.state.draining:
+            return super().handle_exit(sig, frame)
+        self.state.draining = True
+
+        def wait() -> None:
+            deadline = time.monotonic() + self.timeout_s
+            while self.state.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.should_exit = True
+
+        threading.Thread(target=wait, name="drain", daemon=True).start()
+
+
+def serve(
+    config: EngineConfig,
+    settings: ServerSettings,
+    host: str,
+    port: int,
+    shutdown_timeout_s: float,
+    verbose: bool = False,
+) -> None:
+    state = ServerState()
+    app = create_app(lambda: EngineClient(config), settings, state)
+    uv = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning")
+    DrainingServer(uv, state, shutdown_timeout_s).run()

@@ -1,0 +1,95 @@
+"""Server admission and shutdown: 429 when the queue is full, SIGTERM drains."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import httpx
+from conftest import API_KEY, start_server, stop_server
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _body(model: str, n_tokens: int, stream: bool = False) -> dict:
+    return {
+        "model": model,
+        "prompt": "Once upon a time",
+        "max_tokens": n_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": stream,
+    }
+
+
+def test_full_queue_gets_429_with_retry_after():
+    proc, base = start_server("--max-queued-requests", "1")
+    try:
+        model = httpx.get(f"{base}/v1/models", headers=AUTH).json()["data"][0]["id"]
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as ac:
+                return await asyncio.gather(
+                    *(
+                        ac.post(f"{base}/v1/completions", json=_body(model, 8), headers=AUTH)
+                        for _ in range(6)
+                    )
+                )
+
+        responses = asyncio.run(run())
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 429 in codes, codes
+        limited = next(r for r in responses if r.status_code == 429)
+        assert limited.headers["Retry-After"] == "1"
+        assert limited.json()["error"]["code"] == "queue_full"
+        # offline requests have their own limit
+        flex = httpx.post(
+            f"{base}/v1/completions",
+            json=_body(model, 2) | {"service_tier": "flex"},
+            headers=AUTH,
+            timeout=120,
+        )
+        assert flex.status_code == 200 and flex.json()["service_tier"] == "flex"
+    finally:
+        stop_server(proc)
+
+
+def test_sigterm_drains_running_requests_and_refuses_new_ones():
+    proc, base = start_server("--shutdown-timeout", "60")
+    try:
+        model = httpx.get(f"{base}/v1/models", headers=AUTH).json()["data"][0]["id"]
+        lines: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream(
+                "POST",
+                f"{base}/v1/completions",
+                json=_body(model, 60, True),
+                headers=AUTH,
+                timeout=120,
+            ) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                        started.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        refused = httpx.post(
+            f"{base}/v1/completions", json=_body(model, 2), headers=AUTH, timeout=30
+        )
+        assert refused.status_code == 503
+        assert refused.json()["error"]["type"] == "server_error"
+        t.join(120)
+        assert lines[-1] == "data: [DONE]"
+        assert len(lines) >= 30  # the running request finished its tokens
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
