@@ -76,7 +76,7 @@ class EngineConfig:
 
 def auto_dtype(device: str) -> str:
     """bfloat16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or AMX),
-    float32 elsewhere: emulated bf16 matmuls are 4x slower than float32 on CPUs without it
+    float32 elsewhere: emulated bf16 made the engine 1.6-2.6x slower than float32 on a CPU without it
     (benchmarks/results/dtype-*.md)."""
     if device.startswith("cuda"):
         return "bfloat16"

@@ -35,8 +35,8 @@ def tune_cpu_allocator() -> bool:
     """Keep freed activation memory in the heap instead of returning it to the kernel.
 
     glibc serves large allocations with fresh mmap pages, so every step pays page faults for
-    its activations; on the 2-core test machine that halved matmul throughput at batch 128 and
-    cut large copies from 20 to 4.5 GB/s. Raising the mmap and trim thresholds makes the heap
+    its activations, which on the 2-core development machine visibly slowed large matmuls and
+    copies. Raising the mmap and trim thresholds makes the heap
     reuse that memory.
     """
     try:

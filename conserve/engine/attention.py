@@ -131,8 +131,8 @@ class PagedAttention:
 
     def _gather(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         # cache: [Hkv, NB, BS, D] -> [Hkv, len(block_ids) * BS, D]
-        # One contiguous-row gather per head into a reused buffer: about 4x faster on CPU
-        # than gathering on the block axis of the 4-d tensor into a new allocation.
+        # One contiguous-row gather per head into a reused buffer: on CPUs much faster than
+        # gathering on the block axis of the 4-d tensor into a new allocation.
         hkv, nb, bs, d = cache.shape
         out = self.workspace.take(name, (hkv, block_ids.numel(), bs * d), cache)
         for h in range(hkv):

@@ -27,8 +27,8 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 class Linear(nn.Module):
     """y = x @ W^T + b with W stored transposed, [in, out] contiguous.
 
-    On the CPU the [in, out] layout with `torch.mm` runs small-batch (decode) matmuls up to 2x
-    faster than `F.linear` on [out, in] weights (benchmarks/results/); at large batch they tie.
+    On the development CPU the [in, out] layout with `torch.mm` ran small-batch (decode) matmuls
+    faster than `F.linear` on [out, in] weights; at large batch they tie.
     `load_hf_weight` takes the usual [out, in] checkpoint tensor.
     """
 
