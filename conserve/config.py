@@ -76,8 +76,8 @@ class EngineConfig:
 
 def auto_dtype(device: str) -> str:
     """bfloat16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or AMX),
-    float32 elsewhere: emulated bf16 made the engine 1.6-2.6x slower than float32 on a CPU without it
-    (benchmarks/results/dtype-*.md)."""
+    float32 elsewhere: emulated bf16 made the engine 1.6-2.6x slower than float32 on a CPU
+    without it (benchmarks/results/dtype-*.md)."""
     if device.startswith("cuda"):
         return "bfloat16"
     return "bfloat16" if cpu_has_native_bf16() else "float32"
