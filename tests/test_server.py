@@ -292,3 +292,11 @@ def test_32_streams_with_8_disconnecting_half_way(server, model):
     assert results.count("left") == 8 and results.count("done") == 24
     state = wait_idle(server)
     assert state["integrity_error"] is None
+
+
+def test_streamed_text_never_contains_a_stop_string_split_across_tokens(client, model):
+    kw = dict(model=model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[", 7"])
+    full = client.completions.create(**kw).choices[0]
+    assert full.finish_reason == "stop" and ", 7" not in full.text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+    assert streamed == full.text

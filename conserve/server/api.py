@@ -227,7 +227,7 @@ def create_app(
             body.top_logprobs or 0 if body.logprobs else None,
         )
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await respond(request, body, rid, [prompt], params, chat_format=True)
+        return await respond(request, body, rid, [prompt], [params], chat_format=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -245,17 +245,21 @@ def create_app(
             body,
             rid,
             prompts,
-            params[0] if len(set(map(id, params))) == 1 else params,
+            params,
             chat_format=False,
         )
 
     async def respond(
-        request: Request, body, rid: str, prompts: list[list[int]], params, chat_format: bool
+        request: Request,
+        body,
+        rid: str,
+        prompts: list[list[int]],
+        per_prompt: list[SamplingParams],
+        chat_format: bool,
     ) -> Response:
         c = client()
         if not c.alive:
             raise OpenAIError(503, "the engine is not running", "server_error")
-        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         klass = request_class(body)
         limit = (
             settings.max_queued_online

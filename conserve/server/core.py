@@ -101,6 +101,9 @@ class Stats:
 
 @dataclass
 class _Sent:
+    # Characters held back while a stop string could still be forming at the end of the text
+    # (it would be cut from the output once complete): longest stop string - 1.
+    holdback: int = 0
     text_len: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[int] = field(default_factory=list)
@@ -118,17 +121,18 @@ def delta_of(out: RequestOutput, sent: _Sent) -> RequestDelta:
         if c.logprobs is not None:
             lp = c.logprobs[sent.logprobs[i] :]
             sent.logprobs[i] = len(c.logprobs)
+        end = len(c.text) if c.finished else max(sent.text_len[i], len(c.text) - sent.holdback)
         seqs.append(
             SeqDelta(
                 i,
-                c.text[sent.text_len[i] :],
+                c.text[sent.text_len[i] : end],
                 c.token_ids[sent.tokens[i] :],
                 lp,
                 c.finish_reason,
                 c.stop_reason,
             )
         )
-        sent.text_len[i], sent.tokens[i] = len(c.text), len(c.token_ids)
+        sent.text_len[i], sent.tokens[i] = end, len(c.token_ids)
     return RequestDelta(
         out.request_id,
         seqs,
@@ -191,7 +195,8 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
                         msg.request_class,
                         msg.stream,
                     )
-                    sent[msg.request_id] = _Sent()
+                    stops = msg.params.stop
+                    sent[msg.request_id] = _Sent(holdback=max(map(len, stops), default=1) - 1)
                 except ValueError as e:
                     conn.send(Rejected(msg.request_id, str(e)))
             elif isinstance(msg, Abort):
