@@ -93,3 +93,33 @@ def test_sigterm_drains_running_requests_and_refuses_new_ones():
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+def _engine_core_pid(server_pid: int) -> int:
+    import subprocess
+
+    children = subprocess.run(["pgrep", "-P", str(server_pid)], capture_output=True, text=True)
+    for pid in children.stdout.split():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                return int(pid)
+    raise AssertionError("engine core process not found")
+
+
+def test_dead_engine_gives_503_not_500():
+    import os
+
+    proc, base = start_server()
+    try:
+        model = httpx.get(f"{base}/v1/models", headers=AUTH).json()["data"][0]["id"]
+        assert httpx.get(f"{base}/health").status_code == 200
+        os.kill(_engine_core_pid(proc.pid), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{base}/health").status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        r = httpx.post(f"{base}/v1/completions", json=_body(model, 2), headers=AUTH, timeout=30)
+        assert r.status_code == 503
+        assert r.json()["error"]["type"] == "server_error"
+    finally:
+        stop_server(proc)
