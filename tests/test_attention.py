@@ -72,3 +72,13 @@ def test_decode_paths_match_dense(dtype, backend):
         ref = dense_reference(q[i].float(), keys, values, D**-0.5)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert (out[i].float() - ref).abs().max().item() < tol
+
+
+def test_loading_the_kernel_keeps_the_process_floating_point_state():
+    """A library built with -ffast-math turns on flush-to-zero for the whole process when it is
+    loaded; subnormal numbers must survive arithmetic after the kernel is loaded."""
+    if cpu_kernels() is None:
+        pytest.skip("no C compiler")
+    tiny = 5e-324  # the smallest subnormal double
+    assert tiny * 1.0 > 0
+    assert torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() > 0
