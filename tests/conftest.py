@@ -117,30 +117,27 @@ def tiny_qwen2_dir(tmp_path_factory, default_tokenizer) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), cfg, default_tokenizer, bias_std=0.3)
 
 
-@pytest.fixture(scope="session")
-def smollm2_reference(default_source, default_tokenizer):
-    """transformers' float32 greedy run on the default model: (prompts, tokens, logits)."""
+def _reference_run(folder: Path, tokenizer, **kwargs):
+    """transformers' float32 greedy run on MIXED_LENGTHS prompts: (prompts, tokens, logits)."""
     from reference import hf_greedy
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(default_source.folder), gguf_file=default_source.gguf_file, dtype=torch.float32
-    )
-    prompts = text_prompt_ids(default_tokenizer, MIXED_LENGTHS)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+    prompts = text_prompt_ids(tokenizer, MIXED_LENGTHS)
     tokens, logits = hf_greedy(model, prompts, 64)
     return prompts, tokens, logits
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(default_source, default_tokenizer):
+    return _reference_run(
+        default_source.folder, default_tokenizer, gguf_file=default_source.gguf_file
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_reference(tiny_llama_dir, default_tokenizer):
-    """transformers' float32 greedy run on the tiny Llama: (prompts, tokens, logits)."""
-    from reference import hf_greedy
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-    prompts = text_prompt_ids(default_tokenizer, MIXED_LENGTHS)
-    tokens, logits = hf_greedy(model, prompts, 64)
-    return prompts, tokens, logits
+    return _reference_run(tiny_llama_dir, default_tokenizer)
 
 
 API_KEY = "test-key-123"

@@ -62,6 +62,15 @@ completion_body = st.fixed_dictionaries(
 )
 
 
+FUZZ = settings(
+    max_examples=260,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    phases=(Phase.explicit, Phase.generate),  # report the first failing body as it is
+    derandomize=True,
+)
+
+
 def _send(server: str, path: str, body) -> None:
     try:
         content = json.dumps(body, allow_nan=True)
@@ -74,25 +83,13 @@ def _send(server: str, path: str, body) -> None:
         assert err["message"] and "type" in err
 
 
-@settings(
-    max_examples=260,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    phases=(Phase.explicit, Phase.generate),  # report the first failing body as it is
-    derandomize=True,
-)
+@FUZZ
 @given(body=chat_body)
 def test_fuzz_chat(server, body):
     _send(server, "/v1/chat/completions", body)
 
 
-@settings(
-    max_examples=260,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    phases=(Phase.explicit, Phase.generate),  # report the first failing body as it is
-    derandomize=True,
-)
+@FUZZ
 @given(body=completion_body)
 def test_fuzz_completions(server, body):
     _send(server, "/v1/completions", body)

@@ -68,9 +68,6 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.fast.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, token_id: int) -> str:
-        return self.fast.id_to_token(token_id) or ""
-
     def token_text(self, token_id: int) -> str:
         """The text one token stands for on its own (used for logprobs entries)."""
         return self.fast.decode([token_id], skip_special_tokens=False)
