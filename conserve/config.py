@@ -10,6 +10,7 @@ import torch
 from conserve.platform import cpu_has_native_bf16
 
 DEFAULT_KV_CACHE_GB = 4.0
+POLICIES = ("online-only", "fcfs", "priority", "conserve")
 
 
 @dataclass(frozen=True)
@@ -17,12 +18,25 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # requests running at once
     max_num_batched_tokens: int = 2048  # tokens computed per step
     max_prefill_chunk: int | None = None  # per-request cap on tokens per step (None: the budget)
+    # online-only | fcfs | priority | conserve (see conserve/engine/scheduler.py)
+    policy: str = "fcfs"
+    tpot_slo: float | None = None  # seconds; None: derived from the latency profile
+    ttft_slo: float | None = None
+    slo_margin: float = 0.1  # offline work fills the TPOT SLO minus this fraction
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
             raise ValueError("max_prefill_chunk must be positive")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        for name in ("tpot_slo", "ttft_slo"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive")
+        if not 0 <= self.slo_margin < 1:
+            raise ValueError("slo_margin must be in [0, 1)")
 
     @property
     def chunk_cap(self) -> int:
@@ -52,6 +66,10 @@ class EngineConfig:
     # decode attention: auto (compiled CPU kernel on CPU when it builds, else torch) | torch |
     # cpu-kernel
     attention: str = "auto"
+    # layer-wise preemption: check for arriving online work every this many layers
+    safepoint_every: int = 1
+    # latency profile for the conserve policy: "auto" (cached, measured on first use) or a path
+    latency_profile: str = "auto"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 

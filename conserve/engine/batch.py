@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from conserve.engine.latency import BatchShape
 from conserve.sampling.params import SamplingParams
 
 
@@ -28,6 +29,7 @@ class ScheduledChunk:
     start: int
     block_ids: Sequence[int]  # block table covering at least start + len(token_ids) tokens
     sample: SampleSpec | None  # set when this chunk ends at the request's last known token
+    offline: bool = False  # the request is offline (latency-tolerant)
 
     @property
     def num_tokens(self) -> int:
@@ -42,6 +44,11 @@ class ScheduledChunk:
 class ScheduledBatch:
     chunks: Sequence[ScheduledChunk] = ()
     preempted_ids: Sequence[str] = ()
+    predicted_s: float | None = None  # the latency model's forecast of the step time
+    # the engine may stop this step between layers for arriving online work (its offline
+    # tokens are then not committed)
+    preemptible: bool = False
+    shape: BatchShape | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -63,3 +70,11 @@ class SampledToken:
 class StepResult:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     elapsed_s: float = 0.0
+
+
+class IterationPreempted(Exception):
+    """A step was stopped at a safepoint after `layer` layers; it produced nothing."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__(f"step preempted before layer {layer}")
+        self.layer = layer

@@ -7,12 +7,14 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from conserve.config import DEFAULT_KV_CACHE_GB, EngineConfig
-from conserve.engine.batch import ScheduledBatch, StepResult
+from conserve.engine.batch import IterationPreempted, ScheduledBatch, StepResult
+from conserve.engine.latency import BatchShape, LatencyModel
 from conserve.engine.output import RequestOutput, SequenceState, stop_status
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
@@ -33,6 +35,16 @@ class Runner(Protocol):
 
 class ContextLengthError(ValueError):
     """The prompt (plus the requested output) does not fit the context window."""
+
+
+@dataclass
+class _Step:
+    """A running preemptible step, as the preemption monitor sees it."""
+
+    seq: int
+    start: float
+    predicted: float
+    stop_requested_at: float = 0.0
 
 
 @dataclass
@@ -72,11 +84,22 @@ class Engine:
         self.max_model_len = max_model_len
         self.model_name = model_name
         self.model_config = model_config
+        self.model_source: str | None = None  # file or folder the weights came from
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, tuple[_Group, SequenceState]] = {}
         self.num_steps = 0
         # step durations not yet collected by a metrics reader (bounded)
         self.step_times: deque[float] = deque(maxlen=10_000)
+        # (predicted, measured) seconds of steps the latency model forecast (bounded)
+        self.step_predictions: deque[tuple[float, float]] = deque(maxlen=10_000)
+        self.latency: LatencyModel | None = None
+        self.refit_every = 256  # steps between refits of the latency model while serving
+        # layer-wise preemption: the step that may be stopped, and which one to stop
+        self._current: _Step | None = None
+        self._stop_seq = -1
+        self.num_layer_preemptions = 0
+        # (seconds from the stop request to the stopped step, layers run) (bounded)
+        self.layer_preemptions: deque[tuple[float, int]] = deque(maxlen=10_000)
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -107,7 +130,15 @@ class Engine:
             kernels = cpu_kernels()
             if kernels is None and cfg.attention == "cpu-kernel":
                 raise RuntimeError("attention 'cpu-kernel' requested but the kernel did not build")
-        runner = ModelRunner(model, kv, max_len, device, seed=cfg.seed, kernels=kernels)
+        runner = ModelRunner(
+            model,
+            kv,
+            max_len,
+            device,
+            seed=cfg.seed,
+            kernels=kernels,
+            safepoint_every=cfg.safepoint_every,
+        )
         scheduler = Scheduler(cfg.scheduler, kv_manager)
         log.info(
             "model %s: %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -117,7 +148,28 @@ class Engine:
             cfg.cache.block_size,
             max_len,
         )
-        return Engine(cfg, tokenizer, scheduler, runner, max_len, source.name, model_cfg)
+        engine = Engine(cfg, tokenizer, scheduler, runner, max_len, source.name, model_cfg)
+        engine.model_source = str(source)
+        if cfg.scheduler.policy == "conserve":
+            engine.use_latency_model(_load_latency_model(engine, cfg.latency_profile))
+        return engine
+
+    def use_latency_model(self, model: LatencyModel) -> None:
+        """Give the scheduler a latency model and fill in the SLOs it leaves unset."""
+        self.latency = model
+        self.scheduler.latency = model
+        sc = self.config.scheduler
+        tpot, ttft = sc.tpot_slo, sc.ttft_slo
+        if tpot is None:
+            decode = BatchShape()
+            for _ in range(8):
+                decode.add(511, 1)
+            tpot = round(max(0.02, 3 * model.predict(decode)), 3)
+        if ttft is None:
+            ttft = round(max(0.2, 2 * model.predict(BatchShape().with_chunk(0, 1024))), 3)
+        sc = replace(sc, tpot_slo=tpot, ttft_slo=ttft)
+        self.config = replace(self.config, scheduler=sc)
+        self.scheduler.config = sc
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -181,10 +233,56 @@ class Engine:
         batch = self.scheduler.schedule()  # plan
         if batch.empty:
             return []
-        result = self.runner.execute(batch)  # execute
+        try:
+            result = self._execute(batch)  # execute
+        except IterationPreempted as e:
+            # Nothing is committed: the requests keep their counters (and blocks), so the
+            # next plan serves the online work first and resumes the offline work after it.
+            done = self._current
+            self.num_layer_preemptions += 1
+            wait = time.monotonic() - done.stop_requested_at if done.stop_requested_at else 0.0
+            self.layer_preemptions.append((wait, e.layer))
+            return []
+        finally:
+            self._current = None
         self.num_steps += 1
         self.step_times.append(result.elapsed_s)
+        if self.latency is not None and batch.shape is not None:
+            self._observe(batch, result.elapsed_s)
         return self._apply(batch, result)  # apply
+
+    def _execute(self, batch: ScheduledBatch) -> StepResult:
+        if not batch.preemptible:
+            return self.runner.execute(batch)
+        step = _Step(self.num_steps + 1, time.monotonic(), batch.predicted_s or 0.0)
+        self._current = step
+        return self.runner.execute(batch, lambda: self._stop_seq == step.seq)
+
+    def _observe(self, batch: ScheduledBatch, seconds: float) -> None:
+        self.latency.observe(batch.shape, seconds)
+        if batch.predicted_s is not None:
+            self.step_predictions.append((batch.predicted_s, seconds))
+        if self.latency.num_observed % self.refit_every == 0:
+            self.latency.refit()
+
+    def request_stop(self, prompt_len: int | None = None) -> bool:
+        """An online request (of `prompt_len` tokens) has arrived: stop the running step at its
+        next safepoint if it carries offline work and finishing it would delay the online
+        request too much: longer than the TPOT SLO, or past the TTFT SLO once the request's
+        own prefill is added. Safe to call from another thread while `step` runs."""
+        step = self._current
+        if step is None or self.latency is None:
+            return False
+        now = time.monotonic()
+        remaining = step.start + step.predicted - now
+        sc = self.config.scheduler
+        own = self.latency.predict(BatchShape().with_chunk(0, prompt_len)) if prompt_len else 0.0
+        limit = min(sc.tpot_slo or 0.0, (sc.ttft_slo or 0.0) - own)
+        if remaining <= limit:
+            return False
+        step.stop_requested_at = now
+        self._stop_seq = step.seq
+        return True
 
     def _apply(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
         advanced = self.scheduler.update(batch, result)
@@ -226,6 +324,14 @@ class Engine:
         self.scheduler.check_integrity()
         if not self._groups and self.scheduler.kv.num_request_tables:
             raise AssertionError("idle engine still holds KV block tables")
+
+
+def _load_latency_model(engine: Engine, where: str) -> LatencyModel:
+    from conserve.engine.profiler import load_or_build
+
+    if where == "auto":
+        return load_or_build(engine)
+    return LatencyModel.load(Path(where))
 
 
 def _num_blocks(cfg: EngineConfig, model_cfg: ModelConfig) -> int:

@@ -7,11 +7,17 @@ later work can stop between layers. It reads nothing but the batch it is given.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 from conserve.engine.attention import AttentionMetadata, PagedAttention, Workspace
-from conserve.engine.batch import ScheduledBatch, ScheduledChunk, StepResult
+from conserve.engine.batch import (
+    IterationPreempted,
+    ScheduledBatch,
+    ScheduledChunk,
+    StepResult,
+)
 from conserve.kernels import CpuKernels
 from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
@@ -27,6 +33,7 @@ class ModelRunner:
         device: torch.device,
         seed: int = 0,
         kernels: CpuKernels | None = None,
+        safepoint_every: int = 1,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -37,11 +44,15 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.workspace = Workspace()
         self.kernels = kernels
+        self.safepoint_every = max(1, safepoint_every)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, stop: Callable[[], bool] | None = None) -> StepResult:
+        """Run one step. With `stop`, it is called at every safepoint (every
+        `safepoint_every` layers); when it returns True the step is abandoned there
+        (`IterationPreempted`): nothing is sampled and the caller commits nothing."""
         t0 = time.perf_counter()
-        logits, sampling = self.forward(batch)
+        logits, sampling = self.forward(batch, stop)
         sampled = {}
         if sampling:
             tokens = sample(logits, [c.sample for c in sampling], self.generator)
@@ -49,7 +60,9 @@ class ModelRunner:
         return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0)
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+    def forward(
+        self, batch: ScheduledBatch, stop: Callable[[], bool] | None = None
+    ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run the layers; logits [M, vocab] float32 for the M chunks that sample, in order."""
         # Single-token chunks first: they are attended together in one batched call.
         chunks = sorted(batch.chunks, key=lambda c: c.num_tokens != 1)
@@ -57,7 +70,10 @@ class ModelRunner:
         cos, sin = self.rope.lookup(positions, self.dtype)
         attention = PagedAttention(self.kv, meta, self.scale, self.workspace, self.kernels)
         h = self.model.embed(input_ids)
-        for layer in self.model.layers:
+        every = self.safepoint_every
+        for i, layer in enumerate(self.model.layers):
+            if stop is not None and i % every == 0 and i and stop():
+                raise IterationPreempted(i)
             h = layer(h, cos, sin, attention)
         if not sample_rows:
             return torch.empty(0, self.model.config.vocab_size), []

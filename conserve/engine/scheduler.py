@@ -1,40 +1,98 @@
-"""Continuous batching with chunked prefill under a token budget.
+"""Continuous batching with chunked prefill, request classes and latency budgets.
 
 `schedule()` decides which tokens run next and reserves their KV blocks; `update()` applies what
 the runner computed. Requests join and leave between any two steps.
 
-Order of service: running requests first, oldest first (their next decode token or their next
-prefill chunk), then waiting requests in queue order while budget, seats and blocks last. When a
-running request needs a block and none is free, the newest running request is preempted: its
-blocks are released (full blocks stay in the prefix cache), and it goes back to the front of the
-waiting queue to be recomputed.
+Policies (`SchedulerConfig.policy`):
+- `fcfs`: one queue, no classes. Running requests first, oldest first (their next decode token
+  or prefill chunk), then waiting requests in arrival order while the token budget, the seats
+  and the blocks last.
+- `online-only`: while any online request is running or waiting, offline requests get nothing
+  (those running keep their blocks); then they run as in fcfs.
+- `priority`: online requests first (running, then waiting), then offline ones with the rest of
+  the token budget. An online request that needs a seat or blocks preempts the newest offline
+  request, which is recomputed later: priority scheduling at iteration granularity.
+- `conserve`: as `priority`, but while online work exists offline decodes and prefill chunks
+  are added only while the *predicted* step time (the latency model) stays inside the TPOT SLO
+  minus a margin; a prefill chunk is cut to the size that fits. With no online work, offline
+  work gets the whole token budget. Such a step is marked preemptible: the engine may stop it
+  between layers when an online request arrives.
+
+When a request needs a block and none is free, a running request not yet scheduled in this step
+is preempted: the newest one (fcfs), the newest offline one first (other policies). Its blocks
+are released (full blocks stay in the prefix cache) and it goes back to the front of its queue
+to be recomputed.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from conserve.config import SchedulerConfig
 from conserve.engine.batch import SampleSpec, ScheduledBatch, ScheduledChunk, StepResult
-from conserve.engine.request import Request, RequestStatus
+from conserve.engine.latency import BatchShape, LatencyModel
+from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.kv.manager import KVCacheManager, PrefixHit
+
+ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
+
+
+@dataclass
+class _Plan:
+    budget: int
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    scheduled: set[str] = field(default_factory=set)
+    preempted: list[str] = field(default_factory=list)
+    shape: BatchShape = field(default_factory=BatchShape)
+    time_limit: float | None = None  # seconds, for offline chunks
+    num_offline: int = 0
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        latency: LatencyModel | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv
-        self.waiting: deque[Request] = deque()
+        self.latency = latency
+        self.queues: dict[RequestClass, deque[Request]] = {ONLINE: deque(), OFFLINE: deque()}
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.preemptions_by_class = {ONLINE: 0, OFFLINE: 0}
+        self._next_key = 0
+        self._front_key = 0
+
+    @property
+    def tpot_budget(self) -> float | None:
+        """Predicted seconds an offline-carrying step may take while online work exists."""
+        if self.config.tpot_slo is None or self.latency is None:
+            return None
+        return self.config.tpot_slo * (1 - self.config.slo_margin)
 
     # -- queue ------------------------------------------------------------------------------
+    @property
+    def waiting(self) -> list[Request]:
+        """All waiting requests in queue order (preempted ones first)."""
+        return sorted((*self.queues[ONLINE], *self.queues[OFFLINE]), key=lambda r: r.queue_key)
+
+    def num_waiting(self, request_class: RequestClass | None = None) -> int:
+        if request_class is None:
+            return len(self.queues[ONLINE]) + len(self.queues[OFFLINE])
+        return len(self.queues[request_class])
+
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._next_key += 1
+        request.queue_key = self._next_key
+        self.queues[request.request_class].append(request)
 
     def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish (or abort) a request wherever it is and release its KV blocks."""
@@ -47,7 +105,7 @@ class Scheduler:
         if was_running:
             self.running.remove(request)
         else:
-            self.waiting.remove(request)
+            self.queues[request.request_class].remove(request)
         self.kv.free(request_id)
         return request
 
@@ -55,47 +113,152 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.requests)
 
+    def has_online_work(self) -> bool:
+        return bool(self.queues[ONLINE]) or any(r.request_class is ONLINE for r in self.running)
+
     # -- plan -------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
-        preempted: list[str] = []
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget, self.config.chunk_cap)
-            target = request.num_computed_tokens + n
-            while not self.kv.can_allocate(request.request_id, target):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is request:
-                    break
-            if request.status != RequestStatus.RUNNING:
-                break  # it preempted itself: nobody younger is left to schedule
-            self.kv.allocate(request.request_id, target)
-            chunks.append(self._chunk(request, n))
-            budget -= n
-            i += 1
-        if not preempted:
-            budget = self._admit_waiting(budget, chunks)
-        return ScheduledBatch(chunks=chunks, preempted_ids=preempted)
+        plan = _Plan(budget=self.config.max_num_batched_tokens)
+        if self.config.policy == "fcfs":
+            self._run(plan, list(self.running))
+            if not plan.preempted:
+                self._admit(plan, self._fcfs_order())
+        else:
+            online_present = self.has_online_work()
+            self._run(plan, [r for r in self.running if r.request_class is ONLINE])
+            self._admit(plan, self.queues[ONLINE])
+            if not (self.config.policy == "online-only" and online_present):
+                if self.config.policy == "conserve" and online_present:
+                    plan.time_limit = self.tpot_budget
+                self._run(plan, [r for r in self.running if r.request_class is OFFLINE])
+                if not plan.preempted:
+                    self._admit(plan, self.queues[OFFLINE])
+        predicted = self.latency.predict(plan.shape) if self.latency and plan.chunks else None
+        return ScheduledBatch(
+            chunks=plan.chunks,
+            preempted_ids=plan.preempted,
+            predicted_s=predicted,
+            preemptible=self.config.policy == "conserve" and plan.num_offline > 0,
+            shape=plan.shape,
+        )
 
-    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+    def _fcfs_order(self) -> Iterable[Request]:
+        """Waiting requests of both classes in queue order, lazily (heads compared)."""
+        on, off = self.queues[ONLINE], self.queues[OFFLINE]
+        while on or off:
+            if not off or (on and on[0].queue_key < off[0].queue_key):
+                yield on[0]
+            else:
+                yield off[0]
+
+    def _run(self, plan: _Plan, requests: list[Request]) -> None:
+        """Schedule the next tokens of running requests, in order."""
+        for request in requests:
+            if plan.budget <= 0:
+                return
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this plan
+            n = min(
+                request.num_tokens - request.num_computed_tokens, plan.budget, self.config.chunk_cap
+            )
+            n = self._fit(plan, request, request.num_computed_tokens, n)
+            if n == 0:
+                continue
+            target = request.num_computed_tokens + n
+            if not self._make_room(plan, request, target, None):
+                if request.status != RequestStatus.RUNNING:
+                    return  # it preempted itself: nobody younger is left to schedule
+                continue
+            self.kv.allocate(request.request_id, target)
+            self._add_chunk(plan, request, n)
+
+    def _admit(self, plan: _Plan, queue: Iterable[Request]) -> None:
+        """Start waiting requests in queue order while budget, seats and blocks last."""
+        for request in queue:
+            if plan.budget <= 0:
+                return
+            if len(self.running) >= self.config.max_num_seqs and not self._free_seat(plan, request):
+                return
             prefix = self.kv.find_prefix(request.token_ids)
             start = prefix.num_tokens
-            n = min(request.num_tokens - start, budget, self.config.chunk_cap)
-            if not self.kv.can_allocate(request.request_id, start + n, prefix):
-                break
-            self.waiting.popleft()
-            self._admit(request, prefix, start + n)
-            chunks.append(self._chunk(request, n))
-            budget -= n
-        return budget
+            n = min(request.num_tokens - start, plan.budget, self.config.chunk_cap)
+            n = self._fit(plan, request, start, n)
+            if n == 0:
+                return
+            if not self._make_room(plan, request, start + n, prefix):
+                return
+            self.queues[request.request_class].popleft()
+            self._start(request, prefix, start + n)
+            self._add_chunk(plan, request, n)
 
-    def _admit(self, request: Request, prefix: PrefixHit, num_tokens: int) -> None:
+    def _fit(self, plan: _Plan, request: Request, start: int, n: int) -> int:
+        """The largest m <= n tokens of an offline request that keep the predicted step time
+        inside the plan's time limit (n when there is no limit)."""
+        if plan.time_limit is None or request.request_class is ONLINE or self.latency is None:
+            return n
+        predict = self.latency.predict
+        last = start + n == request.num_tokens
+        if predict(plan.shape.with_chunk(start, n, last)) <= plan.time_limit:
+            return n
+        lo, hi = 0, n - 1  # the largest fitting m is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if predict(plan.shape.with_chunk(start, mid, False)) <= plan.time_limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _victims(self, plan: _Plan, request: Request) -> list[Request]:
+        """Running requests that may be preempted for `request`, best victim first."""
+        free = [r for r in self.running if r.request_id not in plan.scheduled]
+        if self.config.policy == "fcfs":
+            return free[::-1]
+        offline = [r for r in free if r.request_class is OFFLINE][::-1]
+        if request.request_class is OFFLINE:
+            return offline
+        return offline + [r for r in free if r.request_class is ONLINE][::-1]
+
+    def _make_room(
+        self, plan: _Plan, request: Request, num_tokens: int, prefix: PrefixHit | None
+    ) -> bool:
+        """Preempt until `request` can hold `num_tokens` tokens. A running request may have to
+        preempt itself (then False, and it is back in its queue). A waiting request preempts
+        only offline requests, and only when it is online and the policy has classes; else it
+        waits for blocks. (A prefix hit stays valid: freed blocks keep their hashes until they
+        are allocated again.)"""
+        rid = request.request_id
+        while not self.kv.can_allocate(rid, num_tokens, prefix):
+            victims = self._victims(plan, request)
+            if request.status != RequestStatus.RUNNING:
+                if self.config.policy == "fcfs" or request.request_class is OFFLINE:
+                    return False
+                victims = [v for v in victims if v.request_class is OFFLINE]
+            if not victims:
+                return False
+            victim = victims[0]
+            self._preempt(victim)
+            plan.preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _free_seat(self, plan: _Plan, request: Request) -> bool:
+        """Online requests take the seat of the newest unscheduled offline request."""
+        if self.config.policy == "fcfs" or request.request_class is OFFLINE:
+            return False
+        victims = [
+            r
+            for r in reversed(self.running)
+            if r.request_class is OFFLINE and r.request_id not in plan.scheduled
+        ]
+        if not victims:
+            return False
+        self._preempt(victims[0])
+        plan.preempted.append(victims[0].request_id)
+        return True
+
+    def _start(self, request: Request, prefix: PrefixHit, num_tokens: int) -> None:
         self.kv.allocate(request.request_id, num_tokens, prefix)
         if request.status == RequestStatus.WAITING:  # first admission, not a resume
             request.num_cached_tokens = prefix.num_tokens
@@ -111,7 +274,19 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.preemptions_by_class[request.request_class] += 1
+        self._front_key -= 1
+        request.queue_key = self._front_key
+        self.queues[request.request_class].appendleft(request)
+
+    def _add_chunk(self, plan: _Plan, request: Request, n: int) -> None:
+        chunk = self._chunk(request, n)
+        plan.chunks.append(chunk)
+        plan.scheduled.add(request.request_id)
+        plan.budget -= n
+        plan.shape.add(chunk.start, n, chunk.sample is not None)
+        if request.request_class is OFFLINE:
+            plan.num_offline += 1
 
     def _chunk(self, request: Request, n: int) -> ScheduledChunk:
         start = request.num_computed_tokens
@@ -131,6 +306,7 @@ class Scheduler:
             start=start,
             block_ids=list(self.kv.block_table(request.request_id)),
             sample=sample,
+            offline=request.request_class is OFFLINE,
         )
 
     # -- apply ------------------------------------------------------------------------------
@@ -157,10 +333,15 @@ class Scheduler:
             r.status != RequestStatus.RUNNING for r in self.running
         ):
             raise AssertionError("running list is inconsistent")
-        for r in self.waiting:
-            if r.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
-                raise AssertionError(f"waiting request {r.request_id} is {r.status.value}")
-            if self.kv.has(r.request_id):
-                raise AssertionError(f"waiting request {r.request_id} holds KV blocks")
+        for cls, queue in self.queues.items():
+            for r in queue:
+                if r.request_class is not cls:
+                    raise AssertionError(f"{r.request_id} is in the wrong queue")
+                if r.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                    raise AssertionError(f"waiting request {r.request_id} is {r.status.value}")
+                if self.kv.has(r.request_id):
+                    raise AssertionError(f"waiting request {r.request_id} holds KV blocks")
         if self.kv.num_request_tables != len(self.running):
             raise AssertionError("KV tables do not match the running requests")
+        if len(live) + self.num_waiting() != len(self.requests):
+            raise AssertionError("requests are lost between the queues")
