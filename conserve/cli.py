@@ -40,6 +40,47 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded random sampling")
+    c = p.add_argument_group("co-serving")
+    c.add_argument(
+        "--policy",
+        choices=["online-only", "fcfs", "priority", "conserve"],
+        help="scheduling of online and offline requests: conserve (online first; offline work "
+        "fills each step up to the predicted TPOT SLO, and long offline steps stop between "
+        "layers for arriving online requests), priority (online first, offline preempted and "
+        "recomputed at step boundaries), fcfs (one queue, no classes), online-only (offline "
+        "waits while any online work exists). Default: conserve for serve, fcfs otherwise",
+    )
+    c.add_argument(
+        "--ttft-slo",
+        type=float,
+        help="online time-to-first-token objective, seconds (default: twice the predicted "
+        "prefill time of 1024 tokens)",
+    )
+    c.add_argument(
+        "--tpot-slo",
+        type=float,
+        help="online time-per-output-token objective, seconds (default: three times the "
+        "predicted step time of 8 decodes)",
+    )
+    c.add_argument(
+        "--slo-margin",
+        type=float,
+        default=0.1,
+        help="offline work fills steps up to the TPOT SLO minus this fraction",
+    )
+    c.add_argument(
+        "--safepoint-every",
+        type=int,
+        default=1,
+        help="layers between checks for a preemption request (the check costs about a "
+        "microsecond; see docs/benchmarks.md)",
+    )
+    c.add_argument(
+        "--latency-profile",
+        default="auto",
+        help="latency model for the conserve policy: 'auto' (cached per model, dtype, device "
+        "and threads; measured on first use, about a minute) or a file from `conserve profile`",
+    )
     g.add_argument(
         "--attention",
         default="auto",
@@ -60,10 +101,16 @@ def engine_config(args: argparse.Namespace):
         num_threads=args.threads,
         seed=args.seed,
         attention=args.attention,
+        safepoint_every=args.safepoint_every,
+        latency_profile=args.latency_profile,
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_prefill_chunk=args.max_prefill_chunk,
+            policy=args.policy or getattr(args, "default_policy", "fcfs"),
+            tpot_slo=args.tpot_slo,
+            ttft_slo=args.ttft_slo,
+            slo_margin=args.slo_margin,
         ),
         cache=CacheConfig(
             block_size=args.block_size,
@@ -102,6 +149,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queued_offline=args.max_queued_offline_requests,
     )
     serve(engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from conserve.engine.engine import Engine
+    from conserve.engine.profiler import build_profile, profile_path, report_markdown
+
+    cfg = engine_config(args)
+    cfg = replace(cfg, scheduler=replace(cfg.scheduler, policy="fcfs"))
+    engine = Engine.from_config(cfg)
+    report = build_profile(engine, reps=args.reps)
+    path = profile_path(engine)
+    report.model.save(path)
+    print(report_markdown(report, engine))
+    print(f"\nsaved to {path}")
+    if args.output:
+        from conserve.bench.common import machine_info, write_results
+
+        md = report_markdown(report, engine, machine_info())
+        print(f"report: {write_results(args.output, 'profile', md, report.as_dict())}")
     return 0
 
 
@@ -168,7 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=100_000,
         help="the same limit for offline requests (service_tier flex, priority > 0)",
     )
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, default_policy="conserve")
+
+    prof = sub.add_parser(
+        "profile",
+        help="measure step latency over batch shapes and fit the latency model",
+        description="Measure the engine's step time over a grid of batch shapes (new tokens, "
+        "context attended, prefill and decode requests), fit the latency model that the "
+        "conserve policy plans with, and report its error on held-out shapes. The result is "
+        "cached (per model, dtype, device and threads) where `serve` finds it.",
+    )
+    add_engine_args(prof)
+    prof.add_argument("--reps", type=int, default=3, help="timed runs per shape (median)")
+    prof.add_argument("--output", help="also write a report under this directory")
+    prof.set_defaults(func=cmd_profile)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -39,6 +39,12 @@ from conserve.kv.manager import KVCacheManager, PrefixHit
 ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
 
 
+def _heads(queue: deque[Request]) -> Iterable[Request]:
+    """The head of the queue, again after each time the consumer takes it."""
+    while queue:
+        yield queue[0]
+
+
 @dataclass
 class _Plan:
     budget: int
@@ -126,13 +132,13 @@ class Scheduler:
         else:
             online_present = self.has_online_work()
             self._run(plan, [r for r in self.running if r.request_class is ONLINE])
-            self._admit(plan, self.queues[ONLINE])
+            self._admit(plan, _heads(self.queues[ONLINE]))
             if not (self.config.policy == "online-only" and online_present):
                 if self.config.policy == "conserve" and online_present:
                     plan.time_limit = self.tpot_budget
                 self._run(plan, [r for r in self.running if r.request_class is OFFLINE])
                 if not plan.preempted:
-                    self._admit(plan, self.queues[OFFLINE])
+                    self._admit(plan, _heads(self.queues[OFFLINE]))
         predicted = self.latency.predict(plan.shape) if self.latency and plan.chunks else None
         return ScheduledBatch(
             chunks=plan.chunks,
@@ -174,7 +180,7 @@ class Scheduler:
 
     def _admit(self, plan: _Plan, queue: Iterable[Request]) -> None:
         """Start waiting requests in queue order while budget, seats and blocks last."""
-        for request in queue:
+        for request in queue:  # the consumer pops each head it starts, or returns
             if plan.budget <= 0:
                 return
             if len(self.running) >= self.config.max_num_seqs and not self._free_seat(plan, request):

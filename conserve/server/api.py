@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -96,6 +97,14 @@ def create_app(
         client: EngineClient = client_factory()
         client.start(asyncio.get_running_loop())
         state.client = client
+        slo = ""
+        if client.policy == "conserve":
+            slo = f", online SLOs: TTFT {client.ttft_slo:g} s, TPOT {client.tpot_slo:g} s"
+        print(
+            f"conserve: model {client.model_name}, policy {client.policy}{slo}",
+            file=sys.stderr,
+            flush=True,
+        )
         yield
         client.shutdown()
 

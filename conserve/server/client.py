@@ -48,6 +48,9 @@ class EngineClient:
         self.model_name = ready.model_name
         self.max_model_len = ready.max_model_len
         self.num_kv_blocks = ready.num_kv_blocks
+        self.policy = ready.policy
+        self.tpot_slo = ready.tpot_slo
+        self.ttft_slo = ready.ttft_slo
         self._queues: dict[str, asyncio.Queue] = {}
         self._stats: list[asyncio.Future] = []
         self._loop: asyncio.AbstractEventLoop | None = None

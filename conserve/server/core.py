@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
+import threading
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -70,6 +72,9 @@ class Ready:
     model_name: str
     max_model_len: int
     num_kv_blocks: int
+    policy: str
+    tpot_slo: float | None
+    ttft_slo: float | None
 
 
 @dataclass
@@ -97,6 +102,11 @@ class Stats:
     prefix_hits: int
     step_times: list[float]  # since the previous Stats
     integrity_error: str | None
+    # preemptions by kind ("recompute" per class, "layer"), cumulative
+    preemptions_by_kind: dict[str, int] = field(default_factory=dict)
+    # since the previous Stats: (seconds from stop request to stopped step, layers run)
+    layer_preemptions: list[tuple[float, int]] = field(default_factory=list)
+    step_predictions: list[tuple[float, float]] = field(default_factory=list)  # (pred, real)
 
 
 @dataclass
@@ -152,9 +162,15 @@ def engine_stats(engine: Any) -> Stats:
         integrity = str(e)
     times = list(engine.step_times)
     engine.step_times.clear()
+    layer = list(engine.layer_preemptions)
+    engine.layer_preemptions.clear()
+    predictions = list(engine.step_predictions)
+    engine.step_predictions.clear()
+    kinds = {f"recompute_{c.value}": n for c, n in sched.preemptions_by_class.items()}
+    kinds["layer"] = engine.num_layer_preemptions
     return Stats(
         len(sched.running),
-        len(sched.waiting),
+        sched.num_waiting(),
         kv.pool.usage(),
         kv.num_request_tables,
         engine.counts_by_class(),
@@ -163,7 +179,26 @@ def engine_stats(engine: Any) -> Stats:
         kv.prefix_hits,
         times,
         integrity,
+        kinds,
+        layer,
+        predictions,
     )
+
+
+def _read_pipe(conn: Connection, inbox: queue.SimpleQueue, engine: Any) -> None:
+    """Receive messages while the main thread computes. An arriving online request may stop
+    the running step at its next safepoint (layer-wise preemption)."""
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            inbox.put(Shutdown())
+            return
+        if isinstance(msg, AddRequest) and msg.request_class is RequestClass.ONLINE:
+            engine.request_stop(len(msg.prompt_token_ids))
+        inbox.put(msg)
+        if isinstance(msg, Shutdown):
+            return
 
 
 def run_core(config: EngineConfig, conn: Connection) -> None:
@@ -176,14 +211,31 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
     except Exception as e:  # noqa: BLE001 - report any start-up failure to the API process
         conn.send(Failed(f"{type(e).__name__}: {e}"))
         return
-    conn.send(Ready(engine.model_name, engine.max_model_len, engine.config.cache.num_blocks))
+    sc = engine.config.scheduler
+    conn.send(
+        Ready(
+            engine.model_name,
+            engine.max_model_len,
+            engine.config.cache.num_blocks,
+            sc.policy,
+            sc.tpot_slo,
+            sc.ttft_slo,
+        )
+    )
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(
+        target=_read_pipe, args=(conn, inbox, engine), name="core-pipe", daemon=True
+    ).start()
     sent: dict[str, _Sent] = {}
     while True:
         # Block only when there is nothing to compute.
-        timeout = 0 if engine.has_unfinished() else None
-        while conn.poll(timeout):
-            msg = conn.recv()
-            timeout = 0
+        block = not engine.has_unfinished()
+        while True:
+            try:
+                msg = inbox.get(block=block)
+            except queue.Empty:
+                break
+            block = False
             if isinstance(msg, Shutdown):
                 return
             if isinstance(msg, AddRequest):

@@ -74,7 +74,8 @@ class _EngineCollector:
         preemptions = CounterMetricFamily(
             "conserve:num_preemptions", "Preemptions by kind", labels=["kind"]
         )
-        preemptions.add_metric(["recompute"], s.num_preemptions)
+        for kind, n in s.preemptions_by_kind.items():
+            preemptions.add_metric([kind], n)
         yield preemptions
 
 
@@ -126,10 +127,47 @@ class Metrics:
             registry=r,
         )
 
+        self.preemption_latency = Histogram(
+            "conserve:preemption_latency_seconds",
+            "Layer-wise preemption: from the stop request to the stopped step",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preempted_layers = Histogram(
+            "conserve:preemption_layers_run",
+            "Layer-wise preemption: layers the stopped step had run",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.predicted = Counter(
+            "conserve:iteration_predicted_seconds",
+            "Sum of the latency model's forecasts, over forecast steps",
+            registry=r,
+        )
+        self.measured = Counter(
+            "conserve:iteration_measured_seconds",
+            "Sum of measured step times, over the same steps",
+            registry=r,
+        )
+        self.prediction_ratio = Histogram(
+            "conserve:iteration_time_ratio",
+            "Measured over predicted step time",
+            buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 1.05, 1.1, 1.2, 1.5, 2.0, 4.0),
+            registry=r,
+        )
+
     def update_engine(self, stats: Stats) -> None:
         self.engine.stats = stats
         for t in stats.step_times:
             self.iteration.observe(t)
+        for wait, layers in stats.layer_preemptions:
+            self.preemption_latency.observe(wait)
+            self.preempted_layers.observe(layers)
+        for predicted, measured in stats.step_predictions:
+            self.predicted.inc(predicted)
+            self.measured.inc(measured)
+            if predicted > 0:
+                self.prediction_ratio.observe(measured / predicted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,295 @@
+"""Scheduling policies with a fake runner and a fake clock.
+
+The fake runner (from test_scheduler) checks KV contents and produces known tokens; a linear
+latency model (10 ms + 1 ms per token) stands in for the measured one, and the fake clock
+advances by its prediction at every step, so latencies in these tests are exact.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from conserve.config import SchedulerConfig
+from conserve.engine.latency import FEATURES, LatencyModel
+from conserve.engine.request import Request, RequestClass, RequestStatus
+from conserve.engine.scheduler import Scheduler
+from conserve.kv.manager import KVCacheManager
+from conserve.sampling.params import SamplingParams
+from tests.test_scheduler import BS, FakeRunner, expected_output, step
+
+ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
+TPOT_SLO = 0.1  # seconds; with the 10% margin, offline fills steps up to 90 ms
+
+
+def linear_model(const_ms: float = 10.0, per_token_ms: float = 1.0) -> LatencyModel:
+    coef = np.zeros(len(FEATURES))
+    coef[FEATURES.index("const")] = const_ms / 1e3
+    coef[FEATURES.index("tokens")] = per_token_ms / 1e3
+    return LatencyModel(coef)
+
+
+def make(
+    policy: str,
+    num_blocks: int = 256,
+    budget: int = 512,
+    max_num_seqs: int = 16,
+) -> tuple[Scheduler, FakeRunner]:
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        policy=policy,
+        tpot_slo=TPOT_SLO,
+        ttft_slo=1.0,
+    )
+    scheduler = Scheduler(config, KVCacheManager(num_blocks, BS), linear_model())
+    return scheduler, FakeRunner(scheduler)
+
+
+_bases = iter(range(100, 10**9, 10_000))
+
+
+def req(rid: str, klass: RequestClass, prompt_len: int, max_tokens: int) -> Request:
+    base = next(_bases)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
+    return Request(rid, list(range(base, base + prompt_len)), sampling, klass)
+
+
+def chunks_of(batch, klass: RequestClass, scheduler: Scheduler) -> list:
+    return [c for c in batch.chunks if (c.offline if klass is OFFLINE else not c.offline)]
+
+
+class Sim:
+    """Steps a scheduler on a fake clock; records token times per request."""
+
+    def __init__(self, scheduler: Scheduler, runner: FakeRunner) -> None:
+        self.s, self.r = scheduler, runner
+        self.now = 0.0
+        self.arrival: dict[str, float] = {}
+        self.first: dict[str, float] = {}
+        self.batches = []
+
+    def add(self, request: Request, at: float | None = None) -> None:
+        """`request` arrived at `at` (default now); the scheduler sees it at the next step."""
+        self.arrival[request.request_id] = self.now if at is None else at
+        self.s.add(request)
+
+    def step(self):
+        batch = step(self.s, self.r)
+        self.now += self.s.latency.predict(batch.shape) if batch.chunks else 0.001
+        for c in batch.chunks:
+            if c.sample is not None:
+                self.first.setdefault(c.request_id, self.now)
+        self.batches.append(batch)
+        return batch
+
+    def ttft(self, rid: str) -> float:
+        return self.first[rid] - self.arrival[rid]
+
+
+@pytest.mark.parametrize("policy", ["conserve", "priority", "online-only"])
+def test_online_request_is_scheduled_in_the_next_step_despite_offline_prefill(policy) -> None:
+    s, r = make(policy, budget=256)
+    s.add(req("off", OFFLINE, 2000, 4))
+    step(s, r)  # the offline prefill is under way
+    s.add(req("on", ONLINE, 40, 4))
+    batch = step(s, r)
+    assert batch.chunks[0].request_id == "on" and batch.chunks[0].num_tokens == 40
+    if policy == "online-only":
+        assert [c.request_id for c in batch.chunks] == ["on"]
+
+
+def test_fcfs_lets_online_wait_behind_offline_prefill() -> None:
+    s, r = make("fcfs", budget=256)
+    s.add(req("off", OFFLINE, 2000, 4))
+    step(s, r)
+    s.add(req("on", ONLINE, 40, 4))
+    batch = step(s, r)
+    assert [c.request_id for c in batch.chunks] == ["off"]  # the whole budget went to it
+
+
+def test_conserve_keeps_predicted_step_time_inside_the_tpot_budget() -> None:
+    s, r = make("conserve", budget=512)
+    for i in range(4):
+        s.add(req(f"on{i}", ONLINE, 8, 30))
+    for i in range(3):
+        s.add(req(f"off{i}", OFFLINE, 700, 3))
+    limit = TPOT_SLO * 0.9
+    saw_cut_chunk = False
+    while s.num_unfinished:
+        online_present = s.has_online_work()
+        batch = step(s, r)
+        predicted = s.latency.predict(batch.shape)
+        assert batch.predicted_s == pytest.approx(predicted)
+        offline = [c for c in batch.chunks if c.offline]
+        if online_present and offline:
+            assert predicted <= limit + 1e-9
+            saw_cut_chunk |= any(1 < c.num_tokens < 700 for c in offline)
+        if not online_present:
+            # no online work: offline gets a throughput-sized step (the whole token budget,
+            # unless it runs out of tokens to compute)
+            remaining = sum(q.num_tokens - q.num_computed_tokens for q in s.running) + sum(
+                q.num_tokens for q in s.waiting
+            )
+            assert batch.num_tokens == min(512, batch.num_tokens + remaining)
+        assert batch.preemptible == bool(offline)
+    assert saw_cut_chunk
+    s.check_integrity()
+
+
+def test_offline_is_not_starved_once_online_load_stops() -> None:
+    s, r = make("conserve", budget=256)
+    s.add(req("off", OFFLINE, 600, 2))
+    s.add(req("on", ONLINE, 200, 2))
+    b1 = step(s, r)
+    assert b1.chunks[0].request_id == "on"
+    steps = 0
+    while "off" in s.requests:
+        batch = step(s, r)
+        steps += 1
+        if "on" not in s.requests:
+            assert any(c.request_id == "off" for c in batch.chunks)
+    assert steps <= 6  # 600 tokens at 256 per step once online is gone, plus the tail
+
+
+def test_online_only_holds_offline_while_online_work_exists() -> None:
+    s, r = make("online-only", budget=256)
+    s.add(req("off", OFFLINE, 100, 20))
+    step(s, r)  # offline admitted and prefilled
+    s.add(req("on", ONLINE, 10, 5))
+    while "on" in s.requests:
+        batch = step(s, r)
+        assert all(not c.offline for c in batch.chunks)
+    batch = step(s, r)
+    assert [c.request_id for c in batch.chunks] == ["off"]
+
+
+@pytest.mark.parametrize("policy", ["priority", "conserve"])
+def test_online_request_preempts_offline_for_blocks_and_offline_recomputes(policy) -> None:
+    # 40 blocks of 4 tokens: the offline request holds 30 of them
+    s, r = make(policy, num_blocks=40, budget=512)
+    off = req("off", OFFLINE, 120, 8)
+    s.add(off)
+    step(s, r)
+    s.add(req("on", ONLINE, 60, 3))
+    batch = step(s, r)
+    assert "off" in batch.preempted_ids and batch.chunks[0].request_id == "on"
+    assert s.preemptions_by_class[OFFLINE] == 1 and s.preemptions_by_class[ONLINE] == 0
+    outputs = {}
+    while s.num_unfinished:
+        before = {rid: q for rid, q in s.requests.items()}
+        step(s, r)
+        for rid, q in before.items():
+            if q.is_finished:
+                outputs[rid] = q.output_token_ids
+    assert outputs["off"] == expected_output(120, 8)
+    assert outputs["on"] == expected_output(60, 3)
+    s.check_integrity()
+    assert s.kv.pool.num_free_blocks == 40
+
+
+def test_fcfs_never_preempts_for_a_waiting_request() -> None:
+    s, r = make("fcfs", num_blocks=40, budget=512)
+    s.add(req("off", OFFLINE, 120, 8))
+    step(s, r)
+    s.add(req("on", ONLINE, 60, 3))
+    batch = step(s, r)
+    assert not batch.preempted_ids and [c.request_id for c in batch.chunks] == ["off"]
+
+
+def test_online_request_takes_the_seat_of_an_offline_one() -> None:
+    s, r = make("priority", max_num_seqs=2)
+    s.add(req("off1", OFFLINE, 8, 50))
+    s.add(req("off2", OFFLINE, 8, 50))
+    step(s, r)
+    s.add(req("on", ONLINE, 8, 2))
+    batch = step(s, r)
+    assert batch.preempted_ids == ["off2"]
+    assert "on" in [c.request_id for c in batch.chunks]
+    assert len(s.running) == 2
+
+
+def test_fcfs_serves_both_classes_in_arrival_order() -> None:
+    s, r = make("fcfs", budget=16)
+    s.add(req("a", OFFLINE, 16, 1))
+    s.add(req("b", ONLINE, 16, 1))
+    s.add(req("c", OFFLINE, 16, 1))
+    order = [step(s, r).chunks[0].request_id for _ in range(3)]
+    assert order == ["a", "b", "c"]
+
+
+def test_conserve_online_ttft_stays_near_alone_while_others_degrade() -> None:
+    """Online requests arrive every 300 ms into an offline backlog. On the fake clock, an
+    online request's TTFT under conserve stays within one TPOT budget of its TTFT alone once
+    online work is present (steps that carry offline work are then bounded by the budget);
+    the first one, arriving during a throughput-sized offline step, waits for that step (in
+    the real engine, layer-wise preemption cuts that wait). Under priority every arrival waits
+    for a full-budget step; under fcfs, for the offline backlog."""
+
+    arrivals = [0.05] + [0.7 + 0.3 * k for k in range(7)]  # from 0.7 s on, online overlaps
+
+    def run(policy: str, with_offline: bool) -> list[float]:
+        s, r = make(policy, budget=512, num_blocks=2048)
+        sim = Sim(s, r)
+        if with_offline:
+            for i in range(12):
+                sim.add(req(f"off{i}", OFFLINE, 1200, 16))
+        pending = list(enumerate(arrivals))
+        while s.num_unfinished or pending:
+            while pending and pending[0][1] <= sim.now:
+                i, at = pending.pop(0)
+                sim.add(req(f"on{i}", ONLINE, 64, 8), at=at)
+            if s.num_unfinished:
+                sim.step()
+            else:
+                sim.now = pending[0][1]
+        return [sim.ttft(f"on{i}") for i in range(len(arrivals))]
+
+    alone = run("conserve", with_offline=False)
+    conserve = run("conserve", with_offline=True)
+    priority = run("priority", with_offline=True)
+    fcfs = run("fcfs", with_offline=True)
+    budget = TPOT_SLO * 0.9
+    full_step = 0.010 + 0.001 * 512
+    # alone: the request's own prefill step, after at most one decode step of the others
+    assert max(alone) <= 2 * (0.010 + 0.001 * 64) + 0.01
+    # the first request arrives during a full-budget offline step and waits for it
+    assert conserve[0] <= full_step + max(alone)
+    # later ones wait at most for one budgeted step, then run in one budgeted step
+    assert max(conserve[1:]) <= 2 * budget + 1e-9
+    assert min(priority[1:]) > 2 * max(conserve[1:])
+    assert min(fcfs) > 10 * max(conserve)
+
+
+def test_random_mixes_finish_with_correct_tokens_under_every_policy() -> None:
+    rng = random.Random(7)
+    for policy in ("online-only", "fcfs", "priority", "conserve"):
+        s, r = make(policy, num_blocks=60, budget=rng.choice([16, 64, 200]), max_num_seqs=6)
+        pending = [
+            req(
+                f"{policy}{i}", rng.choice([ONLINE, OFFLINE]), rng.randint(1, 70), rng.randint(1, 9)
+            )
+            for i in range(40)
+        ]
+        expected = {
+            q.request_id: expected_output(q.num_prompt_tokens, q.sampling.max_tokens)
+            for q in pending
+        }
+        done: dict[str, list[int]] = {}
+        steps = 0
+        while pending or s.num_unfinished:
+            for _ in range(rng.randint(0, 3)):
+                if pending:
+                    s.add(pending.pop())
+            before = dict(s.requests)
+            step(s, r)
+            steps += 1
+            assert steps < 5000, f"{policy}: no progress"
+            for rid, q in before.items():
+                if q.status is RequestStatus.FINISHED_LENGTH:
+                    done[rid] = q.output_token_ids
+        assert done == expected, policy
+        s.check_integrity()
+        assert s.kv.pool.num_free_blocks == 60
