@@ -1,0 +1,149 @@
+"""Co-serving on the real engine: an offline request stopped between layers any number of
+times produces exactly the greedy tokens of an uninterrupted run, next to online requests; the
+preempted steps commit nothing and leave no KV behind."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conserve import LLM, SamplingParams
+from conserve.engine.latency import FEATURES, LatencyModel
+from conserve.engine.request import RequestClass
+
+GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+
+
+@pytest.fixture
+def linear_profile(tmp_path):
+    coef = np.zeros(len(FEATURES))
+    coef[FEATURES.index("const")] = 0.002
+    coef[FEATURES.index("tokens")] = 0.0001
+    path = tmp_path / "profile.json"
+    LatencyModel(coef).save(path)
+    return str(path)
+
+
+def conserve_llm(folder, profile, **kw) -> LLM:
+    return LLM(
+        str(folder),
+        dtype="float32",
+        policy="conserve",
+        latency_profile=profile,
+        tpot_slo=0.01,
+        ttft_slo=1.0,
+        **kw,
+    )
+
+
+def stop_randomly(engine, rng: random.Random, p: float) -> list[int]:
+    """Make every preemptible step stop at each safepoint with probability p."""
+    execute = engine.runner.execute
+    stopped: list[int] = []
+
+    def wrapped(batch, stop=None):
+        if stop is None:
+            return execute(batch)
+
+        def maybe() -> bool:
+            if rng.random() < p:
+                stopped.append(1)
+                return True
+            return False
+
+        return execute(batch, maybe)
+
+    engine.runner.execute = wrapped
+    return stopped
+
+
+def test_layer_wise_preemption_keeps_greedy_tokens(
+    tiny_llama_dir, tiny_llama_reference, linear_profile
+):
+    prompts, ref, _ = tiny_llama_reference
+    llm = conserve_llm(tiny_llama_dir, linear_profile, max_prefill_chunk=96)
+    eng = llm.engine
+    stopped = stop_randomly(eng, random.Random(3), 0.2)
+    # offline: all prompts; online: the two shortest again, joining mid-run
+    for i, p in enumerate(prompts):
+        eng.add_request(f"off{i}", p, GREEDY, RequestClass.OFFLINE)
+    outs = {}
+    steps = 0
+    while eng.has_unfinished():
+        if steps == 5:
+            eng.add_request("on0", prompts[0], GREEDY, RequestClass.ONLINE)
+            eng.add_request("on1", prompts[1], GREEDY, RequestClass.ONLINE)
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0].token_ids
+        steps += 1
+        eng.scheduler.check_integrity()
+    assert len(stopped) >= 10 and eng.num_layer_preemptions == len(stopped)
+    assert [outs[f"off{i}"] for i in range(len(prompts))] == ref
+    assert outs["on0"] == ref[0] and outs["on1"] == ref[1]
+    eng.check_integrity()
+    assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks
+
+
+def test_preemption_under_memory_pressure_keeps_greedy_tokens(
+    tiny_llama_dir, tiny_llama_reference, linear_profile
+):
+    """Online requests arriving into a full pool preempt offline ones (recompute), which
+    finish with the uninterrupted tokens."""
+    prompts, ref, _ = tiny_llama_reference
+    llm = conserve_llm(tiny_llama_dir, linear_profile, num_blocks=60, block_size=16)
+    eng = llm.engine
+    for i, p in enumerate(prompts):
+        eng.add_request(f"off{i}", p, GREEDY, RequestClass.OFFLINE)
+    outs = {}
+    steps = 0
+    while eng.has_unfinished():
+        if steps in (3, 40, 90):
+            eng.add_request(f"on{steps}", prompts[2], GREEDY, RequestClass.ONLINE)
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0].token_ids
+        steps += 1
+    assert eng.scheduler.preemptions_by_class[RequestClass.OFFLINE] > 0
+    assert eng.scheduler.preemptions_by_class[RequestClass.ONLINE] == 0
+    assert [outs[f"off{i}"] for i in range(len(prompts))] == ref
+    assert all(outs[f"on{s}"] == ref[2] for s in (3, 40, 90))
+    eng.check_integrity()
+
+
+def test_request_stop_from_another_thread_stops_a_long_offline_step(tiny_llama_dir, linear_profile):
+    """The monitor path: while an offline-only step runs, `request_stop` (called the way the
+    engine core's pipe thread calls it) stops it at the next safepoint."""
+    llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=2048)
+    eng = llm.engine
+    # slow the layers down so the step outlives the call from the other thread
+    for layer in eng.runner.model.layers:
+        fwd = layer.forward
+
+        def slow(*a, _fwd=fwd, **k):
+            time.sleep(0.05)
+            return _fwd(*a, **k)
+
+        layer.forward = slow
+    eng.add_request("off", list(range(300, 1800)), GREEDY, RequestClass.OFFLINE)
+    eng.latency.coef[:] = 0
+    eng.latency.coef[FEATURES.index("const")] = 10.0  # predicted: far beyond any SLO
+    results = []
+    t = threading.Timer(0.02, lambda: results.append(eng.request_stop(16)))
+    t.start()
+    assert eng.step() == []  # stopped: nothing produced
+    t.join()
+    assert results == [True]
+    assert eng.num_layer_preemptions == 1
+    wait, layer = eng.layer_preemptions[0]
+    assert 1 <= layer < len(eng.runner.model.layers) and wait < 0.5
+    req = eng.scheduler.requests["off"]
+    assert req.num_computed_tokens == 0  # the preempted step committed nothing
+    eng.latency.coef[FEATURES.index("const")] = 0.001  # now nothing asks for a stop
+    eng.abort("off")
+    eng.check_integrity()
+    assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks
