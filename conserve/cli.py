@@ -76,6 +76,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "microsecond; see docs/benchmarks.md)",
     )
     c.add_argument(
+        "--host-kv-gb",
+        type=float,
+        default=2.0,
+        help="host-tier store for incremental checkpoints of offline requests' KV (conserve "
+        "policy): a paused offline request resumes from it instead of recomputing; 0 = off",
+    )
+    c.add_argument(
         "--latency-profile",
         default="auto",
         help="latency model for the conserve policy: 'auto' (cached per model, dtype, device "
@@ -116,6 +123,7 @@ def engine_config(args: argparse.Namespace):
             block_size=args.block_size,
             kv_cache_gb=args.kv_cache_gb,
             enable_prefix_caching=not args.no_prefix_caching,
+            host_kv_gb=args.host_kv_gb,
         ),
     )
 

@@ -49,6 +49,8 @@ class CacheConfig:
     kv_cache_gb: float | None = None  # None: DEFAULT_KV_CACHE_GB, capped by free memory
     num_blocks: int | None = None  # exact pool size, overrides kv_cache_gb (tests)
     enable_prefix_caching: bool = True
+    # host tier for offline KV checkpoints (conserve policy); 0 turns it off
+    host_kv_gb: float = 2.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

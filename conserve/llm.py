@@ -25,7 +25,13 @@ class LLM:
     `ttft_slo`, `slo_margin` to the scheduler config."""
 
     def __init__(self, model: str | None = "default", **kwargs: Any) -> None:
-        cache_keys = {"block_size", "num_blocks", "kv_cache_gb", "enable_prefix_caching"}
+        cache_keys = {
+            "block_size",
+            "num_blocks",
+            "kv_cache_gb",
+            "enable_prefix_caching",
+            "host_kv_gb",
+        }
         sched_keys = {
             "max_num_seqs",
             "max_num_batched_tokens",

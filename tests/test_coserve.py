@@ -89,13 +89,21 @@ def test_layer_wise_preemption_keeps_greedy_tokens(
     assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks
 
 
+@pytest.mark.parametrize("host_kv_gb", [0.0, 0.05])
 def test_preemption_under_memory_pressure_keeps_greedy_tokens(
-    tiny_llama_dir, tiny_llama_reference, linear_profile
+    tiny_llama_dir, tiny_llama_reference, linear_profile, host_kv_gb
 ):
-    """Online requests arriving into a full pool preempt offline ones (recompute), which
-    finish with the uninterrupted tokens."""
+    """Online requests arriving into a full pool preempt offline ones, which finish with the
+    uninterrupted tokens: recomputed (no host tier) or restored from their checkpoints."""
     prompts, ref, _ = tiny_llama_reference
-    llm = conserve_llm(tiny_llama_dir, linear_profile, num_blocks=60, block_size=16)
+    llm = conserve_llm(
+        tiny_llama_dir,
+        linear_profile,
+        num_blocks=60,
+        block_size=16,
+        host_kv_gb=host_kv_gb,
+        enable_prefix_caching=False,  # so resumed requests cannot lean on cached blocks
+    )
     eng = llm.engine
     for i, p in enumerate(prompts):
         eng.add_request(f"off{i}", p, GREEDY, RequestClass.OFFLINE)
@@ -112,6 +120,12 @@ def test_preemption_under_memory_pressure_keeps_greedy_tokens(
     assert eng.scheduler.preemptions_by_class[RequestClass.ONLINE] == 0
     assert [outs[f"off{i}"] for i in range(len(prompts))] == ref
     assert all(outs[f"on{s}"] == ref[2] for s in (3, 40, 90))
+    sched = eng.scheduler
+    if host_kv_gb:
+        assert sched.num_pauses > 0 and sched.tokens_restored > 0
+        assert sched.host.blocks_restored * 16 == sched.tokens_restored
+    else:
+        assert sched.host is None and sched.tokens_restored == 0
     eng.check_integrity()
 
 

@@ -36,6 +36,7 @@ def make(
     num_blocks: int = 256,
     budget: int = 512,
     max_num_seqs: int = 16,
+    prefix_caching: bool = True,
 ) -> tuple[Scheduler, FakeRunner]:
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
@@ -44,7 +45,8 @@ def make(
         tpot_slo=TPOT_SLO,
         ttft_slo=1.0,
     )
-    scheduler = Scheduler(config, KVCacheManager(num_blocks, BS), linear_model())
+    kv = KVCacheManager(num_blocks, BS, prefix_caching)
+    scheduler = Scheduler(config, kv, linear_model())
     return scheduler, FakeRunner(scheduler)
 
 
@@ -293,3 +295,79 @@ def test_random_mixes_finish_with_correct_tokens_under_every_policy() -> None:
         assert done == expected, policy
         s.check_integrity()
         assert s.kv.pool.num_free_blocks == 60
+
+
+class FakeMover:
+    """Moves the fake runner's KV slots to and from a host dict."""
+
+    def __init__(self, runner: FakeRunner) -> None:
+        self.runner = runner
+        self.host: dict[tuple[int, int], int | None] = {}
+
+    def save(self, device_blocks, host_blocks) -> None:
+        for d, h in zip(device_blocks, host_blocks, strict=True):
+            for off in range(BS):
+                self.host[(h, off)] = self.runner.slots.get((d, off))
+
+    def load(self, host_blocks, device_blocks) -> None:
+        for h, d in zip(host_blocks, device_blocks, strict=True):
+            for off in range(BS):
+                self.runner.slots[(d, off)] = self.host[(h, off)]
+
+
+def test_paused_offline_request_resumes_from_host_tier_and_recomputes_only_the_tail() -> None:
+    from conserve.kv.host_tier import HostKVStore
+
+    # no prefix cache: the paused request's KV can come back from the host tier only
+    s, r = make("conserve", num_blocks=40, budget=512, prefix_caching=False)
+    s.host = HostKVStore(64, BS, FakeMover(r))
+    off = req("off", OFFLINE, 117, 6)  # 29 full blocks + 1 token
+    s.add(off)
+    step(s, r)
+    s.checkpoint_offline()
+    assert s.host.saved_tokens("off") == 116
+    blocks = list(s.kv.block_table("off"))
+    s.add(req("on", ONLINE, 60, 3))
+    batch = step(s, r)
+    s.checkpoint_offline()
+    assert batch.preempted_ids == ["off"]
+    # wipe what the paused request left in device memory: only the host copy can help now
+    for b in set(blocks) - set(s.kv.block_table("on")):
+        for o in range(BS):
+            r.slots.pop((b, o), None)
+    outputs = {}
+    while s.num_unfinished:
+        before = dict(s.requests)
+        step(s, r)  # the fake runner asserts every earlier KV position holds the right token
+        s.checkpoint_offline()
+        for rid, q in before.items():
+            if q.is_finished:
+                outputs[rid] = q.output_token_ids
+    assert outputs["off"] == expected_output(117, 6)
+    assert s.num_pauses == 1 and s.tokens_restored > 0
+    assert s.tokens_recomputed < BS  # at most the tail after the last full block
+    assert s.host.num_free_blocks == 64  # dropped when the request finished
+    s.check_integrity()
+
+
+def test_host_tier_that_is_full_falls_back_to_recompute() -> None:
+    from conserve.kv.host_tier import HostKVStore
+
+    s, r = make("conserve", num_blocks=40, budget=512, prefix_caching=False)
+    s.host = HostKVStore(3, BS, FakeMover(r))  # room for 3 of the 29 blocks
+    s.add(req("off", OFFLINE, 117, 4))
+    step(s, r)
+    s.checkpoint_offline()
+    s.add(req("on", ONLINE, 60, 3))
+    step(s, r)
+    done = {}
+    while s.num_unfinished:
+        before = dict(s.requests)
+        step(s, r)
+        s.checkpoint_offline()
+        done.update({k: q.output_token_ids for k, q in before.items() if q.is_finished})
+    assert done["off"] == expected_output(117, 4)
+    # every resume restores the 3 saved blocks and recomputes the rest
+    assert s.tokens_restored == 12 * s.num_pauses and s.num_pauses >= 1
+    assert s.tokens_recomputed >= 116 - 12
+    s.check_integrity()

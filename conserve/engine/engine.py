@@ -19,6 +19,7 @@ from conserve.engine.output import RequestOutput, SequenceState, stop_status
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
 from conserve.kv.cache import KVTensors
+from conserve.kv.host_tier import HostKVStore, TensorMover
 from conserve.kv.manager import KVCacheManager
 from conserve.model.config import ModelConfig
 from conserve.model.loader import build_model, read_weights, resolve_model
@@ -139,7 +140,12 @@ class Engine:
             kernels=kernels,
             safepoint_every=cfg.safepoint_every,
         )
-        scheduler = Scheduler(cfg.scheduler, kv_manager)
+        host = None
+        if cfg.scheduler.policy == "conserve" and cfg.cache.host_kv_gb > 0:
+            per_block = KVTensors.bytes_per_block(model_cfg, cfg.cache.block_size, cfg.torch_dtype)
+            n_host = max(1, int(cfg.cache.host_kv_gb * 2**30 // per_block))
+            host = HostKVStore(n_host, cfg.cache.block_size, TensorMover(kv.k, kv.v, n_host))
+        scheduler = Scheduler(cfg.scheduler, kv_manager, host=host)
         log.info(
             "model %s: %s, %d KV blocks of %d tokens, max_model_len %d",
             source.name,
@@ -286,6 +292,7 @@ class Engine:
 
     def _apply(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
         advanced = self.scheduler.update(batch, result)
+        self.scheduler.checkpoint_offline()
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         eos = self.tokenizer.eos_token_ids

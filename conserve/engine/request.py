@@ -66,6 +66,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     first_token_time: float | None = None
+    num_computed_before_preemption: int = 0
     queue_key: int = 0  # order in the waiting queues (preempted requests get smaller keys)
 
     def __post_init__(self) -> None:

@@ -34,6 +34,7 @@ from conserve.config import SchedulerConfig
 from conserve.engine.batch import SampleSpec, ScheduledBatch, ScheduledChunk, StepResult
 from conserve.engine.latency import BatchShape, LatencyModel
 from conserve.engine.request import Request, RequestClass, RequestStatus
+from conserve.kv.host_tier import HostKVStore
 from conserve.kv.manager import KVCacheManager, PrefixHit
 
 ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
@@ -62,15 +63,20 @@ class Scheduler:
         config: SchedulerConfig,
         kv: KVCacheManager,
         latency: LatencyModel | None = None,
+        host: HostKVStore | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
         self.latency = latency
+        self.host = host  # checkpoints of offline requests (conserve policy)
         self.queues: dict[RequestClass, deque[Request]] = {ONLINE: deque(), OFFLINE: deque()}
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.preemptions_by_class = {ONLINE: 0, OFFLINE: 0}
+        self.num_pauses = 0  # offline preemptions resumed from the host tier, not recomputed
+        self.tokens_recomputed = 0  # computed before a preemption, computed again after it
+        self.tokens_restored = 0  # copied back from the host tier instead
         self._next_key = 0
         self._front_key = 0
 
@@ -113,6 +119,8 @@ class Scheduler:
         else:
             self.queues[request.request_class].remove(request)
         self.kv.free(request_id)
+        if self.host is not None:
+            self.host.drop(request_id)
         return request
 
     @property
@@ -186,7 +194,7 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs and not self._free_seat(plan, request):
                 return
             prefix = self.kv.find_prefix(request.token_ids)
-            start = prefix.num_tokens
+            start = max(prefix.num_tokens, self._restorable(request))
             n = min(request.num_tokens - start, plan.budget, self.config.chunk_cap)
             n = self._fit(plan, request, start, n)
             if n == 0:
@@ -194,7 +202,7 @@ class Scheduler:
             if not self._make_room(plan, request, start + n, prefix):
                 return
             self.queues[request.request_class].popleft()
-            self._start(request, prefix, start + n)
+            self._start(request, prefix, start, start + n)
             self._add_chunk(plan, request, n)
 
     def _fit(self, plan: _Plan, request: Request, start: int, n: int) -> int:
@@ -264,12 +272,32 @@ class Scheduler:
         plan.preempted.append(victims[0].request_id)
         return True
 
-    def _start(self, request: Request, prefix: PrefixHit, num_tokens: int) -> None:
-        self.kv.allocate(request.request_id, num_tokens, prefix)
+    def _restorable(self, request: Request) -> int:
+        """Tokens of a paused request that the host tier can give back (whole blocks, and at
+        least one token left to compute)."""
+        if self.host is None or request.status != RequestStatus.PREEMPTED:
+            return 0
+        bs = self.kv.block_size
+        return min(self.host.saved_tokens(request.request_id), (request.num_tokens - 1) // bs * bs)
+
+    def _start(self, request: Request, prefix: PrefixHit, start: int, num_tokens: int) -> None:
+        """Give `request` blocks for `num_tokens` tokens; the first `start` are in the cache:
+        the prefix hit, then blocks copied back from the host tier."""
+        rid = request.request_id
+        self.kv.allocate(rid, num_tokens, prefix)
         if request.status == RequestStatus.WAITING:  # first admission, not a resume
             request.num_cached_tokens = prefix.num_tokens
             self.kv.record_prefix_query(request.num_prompt_tokens, prefix.num_tokens)
-        request.num_computed_tokens = prefix.num_tokens
+        else:
+            if start > prefix.num_tokens:
+                bs = self.kv.block_size
+                self.host.restore(
+                    rid, self.kv.block_table(rid), prefix.num_tokens // bs, start // bs
+                )
+                self.tokens_restored += start - prefix.num_tokens
+                self.num_pauses += 1
+            self.tokens_recomputed += max(0, request.num_computed_before_preemption - start)
+        request.num_computed_tokens = start
         request.move_to(RequestStatus.RUNNING)
         self.running.append(request)
 
@@ -277,6 +305,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request.request_id)
         request.move_to(RequestStatus.PREEMPTED)
+        request.num_computed_before_preemption = request.num_computed_tokens
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -315,6 +344,19 @@ class Scheduler:
             offline=request.request_class is OFFLINE,
         )
 
+    def checkpoint_offline(self) -> int:
+        """Copy the blocks that running offline requests completed since the last call to the
+        host tier (one gathered copy). Returns the number of blocks copied."""
+        if self.host is None:
+            return 0
+        pending = {
+            r.request_id: (self.kv.block_table(r.request_id), r.num_computed_tokens)
+            for r in self.running
+            if r.request_class is OFFLINE
+            and self.host.saved_tokens(r.request_id) + self.kv.block_size <= r.num_computed_tokens
+        }
+        return self.host.checkpoint(pending) if pending else 0
+
     # -- apply ------------------------------------------------------------------------------
     def update(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:
         """Advance the computed counters and append sampled tokens. Returns the requests that
@@ -334,6 +376,11 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+        if self.host is not None:
+            self.host.check_integrity()
+            for rid in self.host.saved_ids():
+                if rid not in self.requests:
+                    raise AssertionError(f"host tier holds blocks of finished request {rid}")
         live = {r.request_id for r in self.running}
         if len(live) != len(self.running) or any(
             r.status != RequestStatus.RUNNING for r in self.running
