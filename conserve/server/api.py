@@ -165,8 +165,17 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": __version__}
+    async def version() -> dict[str, Any]:
+        """The version, and the scheduling policy with its online SLOs (seconds)."""
+        c = state.client
+        if c is None:
+            return {"version": __version__}
+        return {
+            "version": __version__,
+            "policy": c.policy,
+            "ttft_slo": c.ttft_slo,
+            "tpot_slo": c.tpot_slo,
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

