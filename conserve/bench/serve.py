@@ -446,6 +446,10 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO | No
         "prompt_tokens": prompt_tok,
         "output_tokens": out_tok,
         "output_len_mismatches": sum(r.output_tokens != r.output_len for r in ok),
+        "prompt_len_mismatches": sum(
+            r.server_prompt_tokens is not None and r.server_prompt_tokens != r.prompt_len
+            for r in ok
+        ),
         "ttft_ms": dist_ms([r.ttft_s for r in ok]),
         "tpot_ms": dist_ms([r.tpot_s for r in ok if r.tpot_s is not None]),
         "itl_ms": dist_ms([g for r in ok for g in r.itl_s]),
@@ -955,9 +959,14 @@ def render_markdown(results: dict) -> str:
         checks = []
         for s in servers:
             x = s["metrics"]
+            prompts = (
+                f"{x['prompt_len_mismatches']} prompts counted at another length by the server; "
+                if load["endpoint"] == "completions"
+                else ""
+            )
             checks.append(
-                f"- {s['name']}: {x['output_len_mismatches']} answers of another length than "
-                f"requested; latest send {x['max_send_lag_ms']:.0f} ms after its arrival time"
+                f"- {s['name']}: {prompts}{x['output_len_mismatches']} answers of another length "
+                f"than requested; latest send {x['max_send_lag_ms']:.0f} ms after its arrival time"
                 + (f"; errors: {'; '.join(x['errors'])}" if x["errors"] else "")
             )
         lines += ["", *checks]
