@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from conserve.bench.serve import (
-    ATTRIBUTION,
     SLO,
+    TRACE_ATTRIBUTION,
     BenchRequest,
     LaunchedServer,
     PromptMaker,
@@ -269,7 +269,7 @@ def render(results: list[dict], info: dict, desc: dict, slo: SLO, plots: list[st
     lines = ["# Co-serving: online trace + offline job, per policy", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += [f"- {k}: {v}" for k, v in desc.items()]
-    lines += [f"- SLOs for attainment: {slo.describe()}", f"- {ATTRIBUTION}", ""]
+    lines += [f"- SLOs for attainment: {slo.describe()}", f"- {TRACE_ATTRIBUTION}", ""]
     rows = []
     for r in results:
         e = r["engine"]
