@@ -166,10 +166,15 @@ async def run_mixed(
     model: str,
     online: list[BenchRequest],
     offline: list[BenchRequest],
+    api_key: str | None = None,
 ) -> tuple[list[RequestRecord], list[RequestRecord], float]:
+    """Offline requests all at time 0, online ones at their arrival times; when the last online
+    request has finished, the offline ones still running are cancelled (their connections
+    close, so the server aborts them)."""
     import httpx
 
     url = base_url + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     on_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, r.arrival_s) for r in online]
     off_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, 0.0) for r in offline]
@@ -178,14 +183,14 @@ async def run_mixed(
         off_tasks = []
         for r, rec in zip(offline, off_recs, strict=True):
             body = request_body(r, model, "completions") | {"priority": 1}
-            off_tasks.append(asyncio.create_task(send_one(c, url, {}, body, rec, t0)))
+            off_tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
         on_tasks = []
         for r, rec in zip(online, on_recs, strict=True):
             delay = t0 + r.arrival_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             body = request_body(r, model, "completions")
-            on_tasks.append(asyncio.create_task(send_one(c, url, {}, body, rec, t0)))
+            on_tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
         await asyncio.gather(*on_tasks)
         window = time.perf_counter() - t0
         for t in off_tasks:
