@@ -107,6 +107,8 @@ class Stats:
     # since the previous Stats: (seconds from stop request to stopped step, layers run)
     layer_preemptions: list[tuple[float, int]] = field(default_factory=list)
     step_predictions: list[tuple[float, float]] = field(default_factory=list)  # (pred, real)
+    # host-tier checkpoints and what resumes cost, cumulative
+    kv_tiers: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,6 +170,13 @@ def engine_stats(engine: Any) -> Stats:
     engine.step_predictions.clear()
     kinds = {f"recompute_{c.value}": n for c, n in sched.preemptions_by_class.items()}
     kinds["layer"] = engine.num_layer_preemptions
+    host = sched.host
+    kv_tiers = {
+        "checkpointed_blocks": host.blocks_checkpointed if host else 0,
+        "restored_blocks": host.blocks_restored if host else 0,
+        "recomputed_tokens": sched.tokens_recomputed,
+        "restored_tokens": sched.tokens_restored,
+    }
     return Stats(
         len(sched.running),
         sched.num_waiting(),
@@ -182,6 +191,7 @@ def engine_stats(engine: Any) -> Stats:
         kinds,
         layer,
         predictions,
+        kv_tiers,
     )
 
 

@@ -77,6 +77,14 @@ class _EngineCollector:
         for kind, n in s.preemptions_by_kind.items():
             preemptions.add_metric([kind], n)
         yield preemptions
+        help_text = {
+            "checkpointed_blocks": "KV blocks of offline requests copied to the host tier",
+            "restored_blocks": "KV blocks copied back from the host tier on resume",
+            "recomputed_tokens": "Tokens computed again after a preemption",
+            "restored_tokens": "Tokens restored from the host tier instead of recomputed",
+        }
+        for key, n in s.kv_tiers.items():
+            yield CounterMetricFamily(f"conserve:{key}", help_text.get(key, key), value=n)
 
 
 @dataclass
