@@ -147,7 +147,14 @@ def test_request_stop_from_another_thread_stops_a_long_offline_step(tiny_llama_d
     eng.latency.coef[:] = 0
     eng.latency.coef[FEATURES.index("const")] = 10.0  # predicted: far beyond any SLO
     results = []
-    t = threading.Timer(0.02, lambda: results.append(eng.request_stop(16)))
+
+    def monitor() -> None:
+        deadline = time.monotonic() + 30
+        while eng._current is None and time.monotonic() < deadline:
+            time.sleep(0.001)  # wait for the step to start
+        results.append(eng.request_stop(16))
+
+    t = threading.Thread(target=monitor)
     t.start()
     assert eng.step() == []  # stopped: nothing produced
     t.join()
@@ -158,6 +165,8 @@ def test_request_stop_from_another_thread_stops_a_long_offline_step(tiny_llama_d
     req = eng.scheduler.requests["off"]
     assert req.num_computed_tokens == 0  # the preempted step committed nothing
     eng.latency.coef[FEATURES.index("const")] = 0.001  # now nothing asks for a stop
+    eng.step()  # the next step is not stopped by the stale request
+    assert eng.num_layer_preemptions == 1 and req.num_computed_tokens > 0
     eng.abort("off")
     eng.check_integrity()
     assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks

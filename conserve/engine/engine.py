@@ -98,6 +98,7 @@ class Engine:
         # layer-wise preemption: the step that may be stopped, and which one to stop
         self._current: _Step | None = None
         self._stop_seq = -1
+        self._step_seq = 0
         self.num_layer_preemptions = 0
         # (seconds from the stop request to the stopped step, layers run) (bounded)
         self.layer_preemptions: deque[tuple[float, int]] = deque(maxlen=10_000)
@@ -260,7 +261,8 @@ class Engine:
     def _execute(self, batch: ScheduledBatch) -> StepResult:
         if not batch.preemptible:
             return self.runner.execute(batch)
-        step = _Step(self.num_steps + 1, time.monotonic(), batch.predicted_s or 0.0)
+        self._step_seq += 1  # also counts stopped steps, so a stale stop request never matches
+        step = _Step(self._step_seq, time.monotonic(), batch.predicted_s or 0.0)
         self._current = step
         return self.runner.execute(batch, lambda: self._stop_seq == step.seq)
 
