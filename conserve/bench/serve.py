@@ -715,8 +715,8 @@ def make_requests(args: argparse.Namespace, tokenizer) -> tuple[list[BenchReques
         )
         times, lens, speedup = scale_trace(rows, args.num_requests, scaling)
         desc |= {
-            "arrivals": f"trace {path.name} from {args.trace_start:g} s, time axis sped up "
-            f"{speedup:.3g}x",
+            "arrivals": f"trace {path.name} from {args.trace_start:g} s, time axis "
+            + (f"sped up {speedup:.3g}x" if speedup >= 1 else f"slowed down {1 / speedup:.3g}x"),
             "trace": path.name,
             "trace_speedup": speedup,
             "lengths": f"trace lengths x {args.length_scale:g}, prompts clipped to "
