@@ -100,6 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_queued_online=args.max_queued_requests,
         max_queued_offline=args.max_queued_offline_requests,
+        data_dir=args.data_dir or os.environ.get("CONSERVE_DATA_DIR") or "conserve-data",
+        max_file_bytes=int(args.max_file_mb * 2**20),
     )
     serve(engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
     return 0
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="OpenAI-compatible HTTP server",
         description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, "
-        "/v1/models). Requests are online unless they set service_tier 'flex' or priority > 0.",
+        "/v1/models, /v1/files, /v1/batches). Requests are online unless they set service_tier "
+        "'flex' or priority > 0; batch lines are offline.",
     )
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -167,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=100_000,
         help="the same limit for offline requests (service_tier flex, priority > 0)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        help="where the Files and Batch API keep uploaded files, results and batch state "
+        "(SQLite); unfinished batches resume from it on start (default: $CONSERVE_DATA_DIR, "
+        "else ./conserve-data)",
+    )
+    serve.add_argument(
+        "--max-file-mb", type=float, default=200, help="largest file upload (413 beyond it)"
     )
     serve.set_defaults(func=cmd_serve)
 
