@@ -107,6 +107,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch_run(args: argparse.Namespace) -> int:
+    from conserve.batch.run_file import run_batch_file
+
+    return run_batch_file(args, engine_config(args))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from conserve.bench.throughput import run_throughput
 
@@ -181,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-file-mb", type=float, default=200, help="largest file upload (413 beyond it)"
     )
     serve.set_defaults(func=cmd_serve)
+
+    batch = sub.add_parser("batch", help="offline batch jobs")
+    batch_sub = batch.add_subparsers(dest="batch", required=True)
+    from conserve.batch.run_file import add_batch_run_args
+
+    br = batch_sub.add_parser(
+        "run",
+        help="run an OpenAI batch input file without a server (resumable)",
+        description="Run every line of an OpenAI Batch API input file (JSONL; url "
+        "/v1/chat/completions or /v1/completions) and append OpenAI batch output lines. "
+        "Rerunning with the same output file skips the custom_ids already done.",
+    )
+    add_batch_run_args(br)
+    add_engine_args(br)
+    br.set_defaults(func=cmd_batch_run)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
