@@ -198,6 +198,6 @@ def stop_server(proc) -> None:
 @pytest.fixture(scope="session")
 def server():
     """The real server on the default model, shared by the server test modules."""
-    proc, base = start_server("--max-body-mb", "1")
+    proc, base = start_server("--max-body-mb", "1", "--max-file-mb", "1")
     yield base
     stop_server(proc)
