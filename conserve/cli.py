@@ -155,6 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_queued_online=args.max_queued_requests,
         max_queued_offline=args.max_queued_offline_requests,
+        data_dir=args.data_dir or os.environ.get("CONSERVE_DATA_DIR") or "conserve-data",
+        max_file_bytes=int(args.max_file_mb * 2**20),
     )
     serve(engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
     return 0
@@ -180,6 +182,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
         md = report_markdown(report, engine, machine_info())
         print(f"report: {write_results(args.output, 'profile', md, report.as_dict())}")
     return 0
+
+
+def cmd_batch_run(args: argparse.Namespace) -> int:
+    from conserve.batch.run_file import run_batch_file
+
+    return run_batch_file(args, engine_config(args))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -228,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="OpenAI-compatible HTTP server",
         description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, "
-        "/v1/models). Requests are online unless they set service_tier 'flex' or priority > 0.",
+        "/v1/models, /v1/files, /v1/batches). Requests are online unless they set service_tier "
+        "'flex' or priority > 0; batch lines are offline.",
     )
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -257,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=100_000,
         help="the same limit for offline requests (service_tier flex, priority > 0)",
     )
+    serve.add_argument(
+        "--data-dir",
+        help="where the Files and Batch API keep uploaded files, results and batch state "
+        "(SQLite); unfinished batches resume from it on start (default: $CONSERVE_DATA_DIR, "
+        "else ./conserve-data)",
+    )
+    serve.add_argument(
+        "--max-file-mb", type=float, default=200, help="largest file upload (413 beyond it)"
+    )
     serve.set_defaults(func=cmd_serve, default_policy="conserve")
 
     prof = sub.add_parser(
@@ -271,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--reps", type=int, default=3, help="timed runs per shape (median)")
     prof.add_argument("--output", help="also write a report under this directory")
     prof.set_defaults(func=cmd_profile)
+
+    batch = sub.add_parser("batch", help="offline batch jobs")
+    batch_sub = batch.add_subparsers(dest="batch", required=True)
+    from conserve.batch.run_file import add_batch_run_args
+
+    br = batch_sub.add_parser(
+        "run",
+        help="run an OpenAI batch input file without a server (resumable)",
+        description="Run every line of an OpenAI Batch API input file (JSONL; url "
+        "/v1/chat/completions or /v1/completions) and append OpenAI batch output lines. "
+        "Rerunning with the same output file skips the custom_ids already done.",
+    )
+    add_batch_run_args(br)
+    add_engine_args(br)
+    br.set_defaults(func=cmd_batch_run)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

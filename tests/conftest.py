@@ -155,12 +155,15 @@ def start_server(*extra: str):
     """`conserve serve` on a free loopback port; returns (process, base URL) once healthy."""
     import subprocess
     import sys
+    import tempfile
     import time
 
     import httpx
 
     port = free_port()
     env = dict(os.environ, CONSERVE_API_KEY=API_KEY)
+    if "--data-dir" not in extra:  # never litter the working directory
+        env["CONSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="conserve-data-")
     proc = subprocess.Popen(
         [sys.executable, "-m", "conserve.cli", "serve", "--port", str(port), *extra],
         env=env,
@@ -195,6 +198,6 @@ def stop_server(proc) -> None:
 @pytest.fixture(scope="session")
 def server():
     """The real server on the default model, shared by the server test modules."""
-    proc, base = start_server("--max-body-mb", "1")
+    proc, base = start_server("--max-body-mb", "1", "--max-file-mb", "1")
     yield base
     stop_server(proc)

@@ -13,12 +13,13 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conserve import __version__
@@ -28,6 +29,9 @@ from conserve.server.client import EngineClient, EngineDeadError
 from conserve.server.core import RequestDelta
 from conserve.server.metrics import Metrics, RequestTimer
 from conserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from conserve.batch.manager import BatchManager
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,9 @@ class ServerSettings:
     # requests admitted but without a first token yet, per class; beyond it: 429
     max_queued_online: int = 1024
     max_queued_offline: int = 100_000
+    # the Files and Batch API are served when a data directory is given
+    data_dir: str | None = None
+    max_file_bytes: int = 200 << 20
 
 
 class ServerState:
@@ -51,6 +58,7 @@ class ServerState:
         self.queued = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
         self.in_flight = 0
         self.draining = False
+        self.batches: BatchManager | None = None  # the Batch API, when a data dir is given
 
 
 class OpenAIError(Exception):
@@ -105,7 +113,13 @@ def create_app(
             file=sys.stderr,
             flush=True,
         )
+        if state.batches is not None:
+            from conserve.server.batch_api import start_batches
+
+            await start_batches(state, client)
         yield
+        if state.batches is not None:
+            await state.batches.stop()
         client.shutdown()
 
     app = FastAPI(title="conserve", version=__version__, lifespan=lifespan)
@@ -121,12 +135,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        msg = first.get("msg", "invalid request")
-        return error_response(
-            OpenAIError(400, f"{'.'.join(loc) or 'body'}: {msg}", param=".".join(loc) or None)
-        )
+        return error_response(validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -136,11 +145,11 @@ def create_app(
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
+        upload = request.method == "POST" and request.url.path == "/v1/files"
+        cap = settings.max_file_bytes + (64 << 10) if upload else settings.max_body_bytes
+        if size is not None and size.isdigit() and int(size) > cap:
             return error_response(
-                OpenAIError(
-                    413, f"request body over {settings.max_body_bytes} bytes", code="body_too_large"
-                )
+                OpenAIError(413, f"request body over {cap} bytes", code="body_too_large")
             )
         if state.draining and request.url.path.startswith("/v1/"):
             return error_response(OpenAIError(503, "the server is shutting down", "server_error"))
@@ -212,109 +221,181 @@ def create_app(
             state.metrics.update_engine(await client().stats())
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def log_unknown(body: Any) -> None:
-        for name in body.model_extra or {}:
-            if name not in state.unknown_fields:
-                state.unknown_fields.add(name)
-                log.warning("ignoring unknown request field %r (logged once)", name)
-
-    def check_model(name: str) -> None:
-        if name != client().model_name:
-            raise OpenAIError(
-                404,
-                f"the model {name!r} does not exist; this server serves {client().model_name!r}",
-                code="model_not_found",
-                param="model",
-            )
-
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        log_unknown(body)
-        check_model(body.model)
-        c = client()
-        try:
-            prompt = c.tokenizer.apply_chat_template(body.template_messages())
-        except Exception as e:  # noqa: BLE001 - template errors are the caller's input
-            raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from e
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = sampling_params(
-            body,
-            len(prompt),
-            c.max_model_len,
-            max_tokens,
-            body.top_logprobs or 0 if body.logprobs else None,
-        )
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await respond(request, body, rid, [prompt], [params], chat_format=True)
+        log_unknown(state, body)
+        return await respond(request, prepare_chat(client(), body, request_class(body)))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        log_unknown(body)
-        check_model(body.model)
-        c = client()
-        prompts = split_prompts(body.prompt, c)
-        params = [
-            sampling_params(body, len(p), c.max_model_len, body.max_tokens or 16, body.logprobs)
-            for p in prompts
-        ]
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        return await respond(
-            request,
-            body,
-            rid,
-            prompts,
-            params,
-            chat_format=False,
-        )
+        log_unknown(state, body)
+        return await respond(request, prepare_completion(client(), body, request_class(body)))
 
-    async def respond(
-        request: Request,
-        body,
-        rid: str,
-        prompts: list[list[int]],
-        per_prompt: list[SamplingParams],
-        chat_format: bool,
-    ) -> Response:
+    async def respond(request: Request, p: Prepared) -> Response:
         c = client()
         if not c.alive:
             raise OpenAIError(503, "the engine is not running", "server_error")
-        klass = request_class(body)
         limit = (
             settings.max_queued_online
-            if klass == RequestClass.ONLINE
+            if p.klass == RequestClass.ONLINE
             else settings.max_queued_offline
         )
-        if state.queued[klass] + len(prompts) > limit:
+        if state.queued[p.klass] + len(p.prompts) > limit:
             err = OpenAIError(
                 429,
-                f"too many queued {klass.value} requests; retry later",
+                f"too many queued {p.klass.value} requests; retry later",
                 "rate_limit_error",
                 code="queue_full",
             )
             return JSONResponse(err.body(), status_code=429, headers={"Retry-After": "1"})
-        tier = body.service_tier or ("flex" if klass == RequestClass.OFFLINE else "default")
-        streams = [
-            tracked(state, klass, c.generate(f"{rid}-{i}", p, sp, klass, bool(body.stream)))
-            for i, (p, sp) in enumerate(zip(prompts, per_prompt, strict=True))
-        ]
-        fmt = (
-            ChatFormat(rid, c, body, tier) if chat_format else CompletionFormat(rid, c, body, tier)
-        )
-        if body.stream:
-            return StreamingResponse(sse(request, streams, fmt), media_type="text/event-stream")
+        streams = start_streams(state, c, p)
+        if p.stream:
+            return StreamingResponse(sse(request, streams, p.fmt), media_type="text/event-stream")
         try:
-            finals = await until_disconnected(
-                request, asyncio.gather(*(collect(s) for s in streams))
-            )
+            finals = await until_disconnected(request, collect_all(streams))
             if finals is None:  # the client left: its requests are aborted
                 return Response(status_code=499)
         except EngineDeadError as e:
             raise OpenAIError(503, f"the engine failed: {e}", "server_error") from e
         except ValueError as e:
             raise OpenAIError(400, str(e)) from e
-        return JSONResponse(fmt.full(finals, len(prompts)))
+        return JSONResponse(p.fmt.full(finals, len(p.prompts)))
+
+    if settings.data_dir is not None:
+        from conserve.server.batch_api import install_batch_api
+
+        install_batch_api(app, state, settings)
 
     return app
+
+
+def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
+    """A pydantic validation failure as the 400 error the endpoints answer."""
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    msg = first.get("msg", "invalid request")
+    return OpenAIError(400, f"{'.'.join(loc) or 'body'}: {msg}", param=".".join(loc) or None)
+
+
+def log_unknown(state: ServerState, body: Any) -> None:
+    for name in body.model_extra or {}:
+        if name not in state.unknown_fields:
+            state.unknown_fields.add(name)
+            log.warning("ignoring unknown request field %r (logged once)", name)
+
+
+def check_model(c: EngineClient, name: str) -> None:
+    if name != c.model_name:
+        raise OpenAIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {c.model_name!r}",
+            code="model_not_found",
+            param="model",
+        )
+
+
+@dataclass
+class Prepared:
+    """A validated request, tokenized and checked, ready to send to the engine."""
+
+    rid: str
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    klass: RequestClass
+    stream: bool
+    fmt: _Format
+
+
+def prepare_chat(c: EngineClient, body: ChatCompletionRequest, klass: RequestClass) -> Prepared:
+    check_model(c, body.model)
+    try:
+        prompt = c.tokenizer.apply_chat_template(body.template_messages())
+    except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+        raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from e
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = sampling_params(
+        body,
+        len(prompt),
+        c.max_model_len,
+        max_tokens,
+        body.top_logprobs or 0 if body.logprobs else None,
+    )
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    fmt = ChatFormat(rid, c, body, _tier(body, klass))
+    return Prepared(rid, [prompt], [params], klass, bool(body.stream), fmt)
+
+
+def prepare_completion(c: EngineClient, body: CompletionRequest, klass: RequestClass) -> Prepared:
+    check_model(c, body.model)
+    prompts = split_prompts(body.prompt, c)
+    params = [
+        sampling_params(body, len(p), c.max_model_len, body.max_tokens or 16, body.logprobs)
+        for p in prompts
+    ]
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    fmt = CompletionFormat(rid, c, body, _tier(body, klass))
+    return Prepared(rid, prompts, params, klass, bool(body.stream), fmt)
+
+
+def _tier(body, klass: RequestClass) -> str:
+    return body.service_tier or ("flex" if klass == RequestClass.OFFLINE else "default")
+
+
+ENDPOINTS = {
+    "/v1/chat/completions": (ChatCompletionRequest, prepare_chat),
+    "/v1/completions": (CompletionRequest, prepare_completion),
+}
+
+
+def start_streams(state: ServerState, c: EngineClient, p: Prepared) -> list[AsyncIterator]:
+    return [
+        tracked(state, p.klass, c.generate(f"{p.rid}-{i}", ids, sp, p.klass, p.stream))
+        for i, (ids, sp) in enumerate(zip(p.prompts, p.params, strict=True))
+    ]
+
+
+async def collect_all(streams: list[AsyncIterator[RequestDelta]]) -> list[list[RequestDelta]]:
+    """Every stream's deltas; if one fails or the caller is cancelled, the others are
+    cancelled too (which aborts their requests)."""
+    tasks = [asyncio.ensure_future(collect(s)) for s in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def answer(
+    state: ServerState,
+    c: EngineClient,
+    endpoint: str,
+    raw: Any,
+    klass: RequestClass = RequestClass.OFFLINE,
+) -> tuple[int, dict[str, Any]]:
+    """A request body (as JSON-decoded) -> (HTTP status, response or error body), exactly as
+    `POST endpoint` would answer it without streaming. Used by batch lines. Raises
+    EngineDeadError when the engine is gone (there is no answer to record then)."""
+    model_cls, prepare = ENDPOINTS[endpoint]
+    try:
+        try:
+            body = model_cls.model_validate(raw)
+        except ValidationError as e:
+            raise validation_error(e.errors()) from e
+        if body.stream:
+            raise OpenAIError(400, "stream: streaming is not available in a batch", param="stream")
+        log_unknown(state, body)
+        p = prepare(c, body, klass)
+        if not c.alive:
+            raise EngineDeadError(c.dead_reason or "the engine core is not running")
+        finals = await collect_all(start_streams(state, c, p))
+        return 200, p.fmt.full(finals, len(p.prompts))
+    except OpenAIError as e:
+        return e.status, e.body()
+    except EngineDeadError:
+        raise
+    except ValueError as e:  # the engine rejected the request
+        return 400, OpenAIError(400, str(e)).body()
 
 
 async def tracked(
