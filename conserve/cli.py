@@ -157,6 +157,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queued_offline=args.max_queued_offline_requests,
         data_dir=args.data_dir or os.environ.get("CONSERVE_DATA_DIR") or "conserve-data",
         max_file_bytes=int(args.max_file_mb * 2**20),
+        batch_order=args.batch_order,
+        planner_tflops=args.planner_tflops,
+        planner_gbs=args.planner_gbs,
     )
     serve(engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
     return 0
@@ -275,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-file-mb", type=float, default=200, help="largest file upload (413 beyond it)"
     )
+    from conserve.batch.run_file import add_batch_order_args
+
+    add_batch_order_args(serve)
     serve.set_defaults(func=cmd_serve, default_policy="conserve")
 
     prof = sub.add_parser(

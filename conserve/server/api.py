@@ -47,6 +47,11 @@ class ServerSettings:
     # the Files and Batch API are served when a data directory is given
     data_dir: str | None = None
     max_file_bytes: int = 200 << 20
+    # the order in which batch lines enter the engine (conserve.batch.planner.ORDERS), and
+    # the device figures the planner's densities are stated in (None: its per-device default)
+    batch_order: str = "blend"
+    planner_tflops: float | None = None
+    planner_gbs: float | None = None
 
 
 class ServerState:
@@ -117,7 +122,7 @@ def create_app(
         if state.batches is not None:
             from conserve.server.batch_api import start_batches
 
-            await start_batches(state, client)
+            await start_batches(state, client, settings)
         yield
         if state.batches is not None:
             await state.batches.stop()
