@@ -211,6 +211,12 @@ def cmd_bench_dtype(args: argparse.Namespace) -> int:
     return run_dtype(args)
 
 
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from conserve.bench.offline import run_offline_bench
+
+    return run_offline_bench(args)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from conserve.bench.serve import run_serve_bench
 
@@ -343,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(dt)
     add_dtype_args(dt)
     dt.set_defaults(func=cmd_bench_dtype)
+
+    from conserve.bench.offline import add_offline_args
+
+    off = bench_sub.add_parser(
+        "offline",
+        help="one mixed batch job (few-shot, documents, long generations; tasks concatenated) "
+        "run in each batch order: fcfs, dfs, blend",
+        description="Run the same mixed batch job with each --batch-order through the `batch "
+        "run` path (fresh engine each time) and report wall time, tokens/s and prefix-cache "
+        "hit rate per order, with blend/fcfs and blend/dfs ratios, under --output.",
+    )
+    add_engine_args(off)
+    add_offline_args(off)
+    off.set_defaults(func=cmd_bench_offline)
 
     from conserve.bench.serve import add_serve_args
 
