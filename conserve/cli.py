@@ -39,7 +39,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-chunk", type=int, help="tokens per request per step")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    g.add_argument("--seed", type=int, default=0, help="seed for unseeded random sampling")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for unseeded random sampling (bench offline: also the job's prompts)",
+    )
     c = p.add_argument_group("co-serving")
     c.add_argument(
         "--policy",

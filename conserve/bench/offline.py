@@ -49,7 +49,6 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
         help=f"batch orders to run, comma-separated, from {', '.join(ORDERS)}",
     )
     g.add_argument("--window", type=int, help="lines in flight (default: --max-num-seqs)")
-    g.add_argument("--job-seed", type=int, default=0, help="seed of the job's prompts")
     g.add_argument("--output", default="benchmarks/results", help="results directory")
     # a CPU-sized default: with 256 seats the whole window is one engine queue
     p.set_defaults(max_num_seqs=32)
@@ -222,7 +221,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="conserve-offline-") as tmp:
         tmp_dir = Path(tmp)
         model_name = _served_name(config)
-        job, desc = build_job(args.num_requests, tokenizer, model_name, args.job_seed)
+        job, desc = build_job(args.num_requests, tokenizer, model_name, args.seed)
         desc["window"] = args.window or config.scheduler.max_num_seqs
         job_path = tmp_dir / "job.jsonl"
         job_path.write_text("".join(json.dumps(x) + "\n" for x in job))
