@@ -34,7 +34,7 @@ from conserve.batch.runner import WAIT, OrderHook, fcfs
 from conserve.batch.validate import BatchLine
 
 ORDERS = ("fcfs", "dfs", "blend")
-DEFAULT_ORDER = "blend"
+DEFAULT_ORDER = "dfs"  # blend was slower than dfs in the first smoke runs: see docs/batch.md
 
 # A subtree is dissolved into its parent when keeping its items together saves less than this
 # fraction of its compute: (items - 1) x its span is what dissolving can cost at most (each

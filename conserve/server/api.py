@@ -49,7 +49,7 @@ class ServerSettings:
     max_file_bytes: int = 200 << 20
     # the order in which batch lines enter the engine (conserve.batch.planner.ORDERS), and
     # the device figures the planner's densities are stated in (None: its per-device default)
-    batch_order: str = "blend"
+    batch_order: str = "dfs"
     planner_tflops: float | None = None
     planner_gbs: float | None = None
 
