@@ -39,7 +39,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-chunk", type=int, help="tokens per request per step")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    g.add_argument("--seed", type=int, default=0, help="seed for unseeded random sampling")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for unseeded random sampling (bench offline: also the job's prompts)",
+    )
     c = p.add_argument_group("co-serving")
     c.add_argument(
         "--policy",
@@ -157,6 +162,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queued_offline=args.max_queued_offline_requests,
         data_dir=args.data_dir or os.environ.get("CONSERVE_DATA_DIR") or "conserve-data",
         max_file_bytes=int(args.max_file_mb * 2**20),
+        batch_order=args.batch_order,
+        planner_tflops=args.planner_tflops,
+        planner_gbs=args.planner_gbs,
     )
     serve(engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
     return 0
@@ -206,6 +214,12 @@ def cmd_bench_dtype(args: argparse.Namespace) -> int:
     from conserve.bench.dtype import run_dtype
 
     return run_dtype(args)
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from conserve.bench.offline import run_offline_bench
+
+    return run_offline_bench(args)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -275,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-file-mb", type=float, default=200, help="largest file upload (413 beyond it)"
     )
+    from conserve.batch.run_file import add_batch_order_args
+
+    add_batch_order_args(serve)
     serve.set_defaults(func=cmd_serve, default_policy="conserve")
 
     prof = sub.add_parser(
@@ -337,6 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(dt)
     add_dtype_args(dt)
     dt.set_defaults(func=cmd_bench_dtype)
+
+    from conserve.bench.offline import add_offline_args
+
+    off = bench_sub.add_parser(
+        "offline",
+        help="one mixed batch job (few-shot, documents, long generations; tasks concatenated) "
+        "run in each batch order: fcfs, dfs, blend",
+        description="Run the same mixed batch job with each --batch-order through the `batch "
+        "run` path (fresh engine each time) and report wall time, tokens/s and prefix-cache "
+        "hit rate per order, with blend/fcfs and blend/dfs ratios, under --output.",
+    )
+    add_engine_args(off)
+    add_offline_args(off)
+    off.set_defaults(func=cmd_bench_offline)
 
     from conserve.bench.serve import add_serve_args
 

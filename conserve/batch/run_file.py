@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from conserve.batch.planner import DEFAULT_ORDER, ORDERS
 from conserve.batch.results import LineResult, ResultFiles, usage_of
 from conserve.batch.runner import BatchRunner, EngineGone
 from conserve.batch.validate import parse_input
@@ -29,9 +30,37 @@ def add_batch_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--window",
         type=int,
-        help="lines in flight at once (default: 2 x --max-num-seqs)",
+        help="lines in flight at once (default: --max-num-seqs, so that the batch order, not "
+        "the engine's queue, decides what runs next)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_batch_order_args(p)
+
+
+def add_batch_order_args(p: argparse.ArgumentParser) -> None:
+    """--batch-order and the planner's device figures (`batch run` and `serve`)."""
+    g = p.add_argument_group("batch order")
+    g.add_argument(
+        "--batch-order",
+        choices=ORDERS,
+        default=DEFAULT_ORDER,
+        help="order in which batch lines enter the engine: fcfs (file order), dfs (depth "
+        "first over the prompts' prefix tree: lines sharing a prefix run together), blend "
+        "(BlendServe: the prefix tree sorted by compute density, compute-heavy and "
+        "memory-heavy lines admitted together at the job's overall density; output lengths "
+        f"from max_tokens, or measured on a 1%% sample first). Default: {DEFAULT_ORDER}",
+    )
+    g.add_argument(
+        "--planner-tflops",
+        type=float,
+        help="peak matmul TFLOP/s the planner states densities in (default: per device; "
+        "the order does not depend on it)",
+    )
+    g.add_argument(
+        "--planner-gbs",
+        type=float,
+        help="memory bandwidth GB/s the planner states densities in (default: per device)",
+    )
 
 
 def run_batch_file(args: argparse.Namespace, config) -> int:
@@ -67,7 +96,7 @@ async def _run(args, config, lines, results: ResultFiles, done: int) -> int:
     from tqdm import tqdm
 
     from conserve.server.api import ServerState
-    from conserve.server.batch_api import line_executor
+    from conserve.server.batch_api import batch_order, line_executor
     from conserve.server.client import EngineClient
 
     client = EngineClient(config)
@@ -90,7 +119,8 @@ async def _run(args, config, lines, results: ResultFiles, done: int) -> int:
         lines,
         results,
         line_executor(ServerState(), client),
-        window=args.window or 2 * config.scheduler.max_num_seqs,
+        order=batch_order(client, args.batch_order, args.planner_tflops, args.planner_gbs),
+        window=args.window or config.scheduler.max_num_seqs,
         on_results=progress,
     )
     try:

@@ -5,7 +5,14 @@ The runner knows nothing about HTTP or the engine: `execute` answers one line (t
 the CLI both pass `conserve.server.api.answer_line`, the code path of the HTTP endpoints), and
 `order` decides which pending line enters next. The default order is the file's (fcfs); a
 planner can pass any function from the pending lines to an iterable, consumed lazily: the
-runner takes the next line only when a seat in the window frees up.
+runner takes the next line only when a seat in the window frees up. The function runs in a
+worker thread (planning a large batch tokenizes every line; the event loop keeps serving).
+
+Two optional extras let an order learn as the batch runs (the BlendServe planner uses both):
+- if the iterable has `observe(custom_id, output_tokens)`, the runner calls it once per line
+  result (output_tokens None when the line failed or never ran);
+- the iterable may yield `WAIT`: nothing to start now, ask again after the next result. Yielding
+  WAIT with nothing in flight is a bug in the order (it could never be woken) and raises.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from conserve.batch.results import LineResult, ResultFiles, not_run
 from conserve.batch.validate import BatchLine
@@ -26,9 +34,28 @@ OrderHook = Callable[[list[BatchLine]], Iterable[BatchLine]]
 OnResults = Callable[[list[LineResult]], None]
 
 
+class _Wait:
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+WAIT = _Wait()  # yielded by an order: "no line to start until the next result"
+
+
+class Observer(Protocol):
+    def observe(self, custom_id: str, output_tokens: int | None) -> None: ...
+
+
 def fcfs(lines: list[BatchLine]) -> Iterable[BatchLine]:
     """File order."""
     return lines
+
+
+def output_tokens(result: LineResult) -> int | None:
+    """Completion tokens of a successful result, else None."""
+    if not result.ok or result.body is None:
+        return None
+    return (result.body.get("usage") or {}).get("completion_tokens")
 
 
 class EngineGone(RuntimeError):
@@ -81,6 +108,7 @@ class BatchRunner:
         self.on_results = on_results
         self.poll_s = poll_s
         self.started = 0  # lines sent to `execute` by this runner (not counting earlier runs)
+        self._observer: Observer | None = None
         self.max_in_flight = 0
 
     def pending(self) -> list[BatchLine]:
@@ -89,7 +117,9 @@ class BatchRunner:
     async def run(self) -> str:
         """Run every pending line. Returns "completed", "cancelled", "expired" or "stopped";
         raises EngineGone when the engine died (nothing is recorded for unfinished lines)."""
-        upcoming = iter(self.order(self.pending()))
+        plan = await asyncio.to_thread(self.order, self.pending())
+        self._observer = plan if callable(getattr(plan, "observe", None)) else None
+        upcoming = iter(plan)
         in_flight: dict[asyncio.Task, BatchLine] = {}
         exhausted = False
         try:
@@ -101,6 +131,10 @@ class BatchRunner:
                     line = next(upcoming, None)
                     if line is None:
                         exhausted = True
+                        break
+                    if line is WAIT:
+                        if not in_flight:
+                            raise RuntimeError("the order waits with no line in flight")
                         break
                     if line.custom_id in self.results.done:
                         continue  # an order hook may repeat lines; never run one twice
@@ -145,6 +179,9 @@ class BatchRunner:
 
     async def _record(self, results: list[LineResult]) -> None:
         await asyncio.to_thread(self.results.append, results)
+        if self._observer is not None:
+            for r in results:
+                self._observer.observe(r.custom_id, output_tokens(r))
         if self.on_results is not None:
             self.on_results(results)
 

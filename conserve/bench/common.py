@@ -37,6 +37,25 @@ def synthetic_requests(
     ]
 
 
+OFFLINE_TASKS = ("summary", "generation", "few-shot")
+
+
+def offline_task_request(
+    kind: str, rng: random.Random, maker, shots: list[list[int]]
+) -> tuple[list[int], int]:
+    """(prompt ids, output tokens) of one request of an offline task, prompts cut by a
+    `serve.PromptMaker`: "summary" a long document (700-1200 tokens) with a short output
+    (8-24), "generation" a short prompt (24-96) with a long output (128-256), "few-shot" one of
+    the long `shots` prefixes plus a 20-60 token question, answered in 1-4 tokens."""
+    if kind == "summary":
+        return maker.ids(rng.randint(700, 1200)), rng.randint(8, 24)
+    if kind == "generation":
+        return maker.ids(rng.randint(24, 96)), rng.randint(128, 256)
+    if kind == "few-shot":
+        return rng.choice(shots) + maker.ids(rng.randint(20, 60)), rng.randint(1, 4)
+    raise ValueError(f"unknown offline task {kind!r}")
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or "?"
     try:

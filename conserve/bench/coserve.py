@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from conserve.bench.common import OFFLINE_TASKS, offline_task_request
 from conserve.bench.serve import (
     SLO,
     TRACE_ATTRIBUTION,
@@ -130,17 +131,9 @@ def offline_job(n: int, maker: PromptMaker, seed: int) -> tuple[list[BenchReques
     reqs = []
     kinds = {"summary": 0, "generation": 0, "few-shot": 0}
     for i in range(n):
-        kind = ("summary", "generation", "few-shot")[i % 3]
+        kind = OFFLINE_TASKS[i % 3]
         kinds[kind] += 1
-        if kind == "summary":
-            p = maker.ids(rng.randint(700, 1200))
-            out = rng.randint(8, 24)
-        elif kind == "generation":
-            p = maker.ids(rng.randint(24, 96))
-            out = rng.randint(128, 256)
-        else:
-            p = shots[rng.randrange(4)] + maker.ids(rng.randint(20, 60))
-            out = rng.randint(1, 4)
+        p, out = offline_task_request(kind, rng, maker, shots)
         reqs.append(BenchRequest(i, 0.0, p, len(p), out))
     return reqs, {"offline_requests": n, "offline_kinds": kinds}
 

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conserve import __version__
 from conserve.engine.request import RequestClass
+from conserve.model.tokenizer import Tokenizer
 from conserve.sampling.params import SamplingParams
 from conserve.server.client import EngineClient, EngineDeadError
 from conserve.server.core import RequestDelta
@@ -46,6 +47,11 @@ class ServerSettings:
     # the Files and Batch API are served when a data directory is given
     data_dir: str | None = None
     max_file_bytes: int = 200 << 20
+    # the order in which batch lines enter the engine (conserve.batch.planner.ORDERS), and
+    # the device figures the planner's densities are stated in (None: its per-device default)
+    batch_order: str = "dfs"
+    planner_tflops: float | None = None
+    planner_gbs: float | None = None
 
 
 class ServerState:
@@ -116,7 +122,7 @@ def create_app(
         if state.batches is not None:
             from conserve.server.batch_api import start_batches
 
-            await start_batches(state, client)
+            await start_batches(state, client, settings)
         yield
         if state.batches is not None:
             await state.batches.stop()
@@ -306,18 +312,29 @@ class Prepared:
     fmt: _Format
 
 
-def prepare_chat(c: EngineClient, body: ChatCompletionRequest, klass: RequestClass) -> Prepared:
-    check_model(c, body.model)
+def chat_prompt_ids(tokenizer: Tokenizer, body: ChatCompletionRequest) -> list[int]:
+    """The prompt of a chat request: its messages through the model's chat template."""
     try:
-        prompt = c.tokenizer.apply_chat_template(body.template_messages())
+        return tokenizer.apply_chat_template(body.template_messages())
     except Exception as e:  # noqa: BLE001 - template errors are the caller's input
         raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from e
-    max_tokens = body.max_completion_tokens or body.max_tokens
+
+
+def requested_max_tokens(body: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """The request's output bound; None (chat without one) means up to the context window."""
+    if isinstance(body, ChatCompletionRequest):
+        return body.max_completion_tokens or body.max_tokens
+    return body.max_tokens or 16  # OpenAI's default for /v1/completions
+
+
+def prepare_chat(c: EngineClient, body: ChatCompletionRequest, klass: RequestClass) -> Prepared:
+    check_model(c, body.model)
+    prompt = chat_prompt_ids(c.tokenizer, body)
     params = sampling_params(
         body,
         len(prompt),
         c.max_model_len,
-        max_tokens,
+        requested_max_tokens(body),
         body.top_logprobs or 0 if body.logprobs else None,
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -327,9 +344,9 @@ def prepare_chat(c: EngineClient, body: ChatCompletionRequest, klass: RequestCla
 
 def prepare_completion(c: EngineClient, body: CompletionRequest, klass: RequestClass) -> Prepared:
     check_model(c, body.model)
-    prompts = split_prompts(body.prompt, c)
+    prompts = split_prompts(body.prompt, c.tokenizer)
     params = [
-        sampling_params(body, len(p), c.max_model_len, body.max_tokens or 16, body.logprobs)
+        sampling_params(body, len(p), c.max_model_len, requested_max_tokens(body), body.logprobs)
         for p in prompts
     ]
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -345,6 +362,39 @@ ENDPOINTS = {
     "/v1/chat/completions": (ChatCompletionRequest, prepare_chat),
     "/v1/completions": (CompletionRequest, prepare_completion),
 }
+
+
+@dataclass(frozen=True)
+class LineShape:
+    """What the batch planner needs of a request body: its first prompt as the endpoint
+    tokenizes it, its output bound, how many sequences it runs, and whether the output length
+    is known exactly (ignore_eos, or min_tokens up to the bound)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    copies: int  # prompts x n
+    exact: bool
+
+
+def line_shape(
+    tokenizer: Tokenizer, max_model_len: int, endpoint: str, raw: Any
+) -> LineShape | None:
+    """The shape of a batch line's body, tokenized exactly as `answer` would; None when the
+    body is invalid (the endpoint answers it with an error, at no cost)."""
+    model_cls, _ = ENDPOINTS[endpoint]
+    try:
+        body = model_cls.model_validate(raw)
+        if isinstance(body, ChatCompletionRequest):
+            prompts = [chat_prompt_ids(tokenizer, body)]
+        else:
+            prompts = split_prompts(body.prompt, tokenizer)
+    except (ValidationError, OpenAIError, ValueError, TypeError):
+        return None
+    first = prompts[0]
+    bound = requested_max_tokens(body)
+    max_tokens = max(1, max_model_len - len(first) if bound is None else bound)
+    exact = body.ignore_eos or body.min_tokens >= max_tokens
+    return LineShape(first, max_tokens, len(prompts) * body.n, exact)
 
 
 def start_streams(state: ServerState, c: EngineClient, p: Prepared) -> list[AsyncIterator]:
@@ -466,7 +516,7 @@ def sampling_params(
         raise OpenAIError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 
 
-def split_prompts(prompt, c: EngineClient) -> list[list[int]]:
+def split_prompts(prompt, tokenizer: Tokenizer) -> list[list[int]]:
     if isinstance(prompt, str):
         items: list = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -477,10 +527,10 @@ def split_prompts(prompt, c: EngineClient) -> list[list[int]]:
         raise OpenAIError(400, "prompt must not be empty", param="prompt")
     out = []
     for item in items:
-        ids = c.tokenizer.encode(item) if isinstance(item, str) else [int(t) for t in item]
+        ids = tokenizer.encode(item) if isinstance(item, str) else [int(t) for t in item]
         if not ids:
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        if any(t < 0 or t >= c.tokenizer.vocab_size for t in ids):
+        if any(t < 0 or t >= tokenizer.vocab_size for t in ids):
             raise OpenAIError(400, "prompt token ids out of range", param="prompt")
         out.append(ids)
     return out

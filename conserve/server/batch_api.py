@@ -12,11 +12,19 @@ from pydantic import BaseModel, ConfigDict
 
 from conserve.batch.files import FileRejected
 from conserve.batch.manager import COMPLETION_WINDOW_S, BatchManager
+from conserve.batch.planner import CostModel, PlannerOptions, hardware_for, make_order
 from conserve.batch.results import LineResult, answered
-from conserve.batch.runner import EngineGone, Execute
+from conserve.batch.runner import EngineGone, Execute, OrderHook
 from conserve.batch.store import FINAL
 from conserve.batch.validate import ENDPOINTS, BatchLine
-from conserve.server.api import OpenAIError, ServerSettings, ServerState, answer
+from conserve.server.api import (
+    LineShape,
+    OpenAIError,
+    ServerSettings,
+    ServerState,
+    answer,
+    line_shape,
+)
 from conserve.server.client import EngineClient, EngineDeadError
 
 
@@ -26,6 +34,28 @@ class BatchCreate(BaseModel):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+
+
+def batch_order(
+    client: EngineClient,
+    name: str,
+    peak_tflops: float | None = None,
+    bandwidth_gbs: float | None = None,
+) -> OrderHook:
+    """The runner's order hook `name` (fcfs, dfs, blend) for this engine: lines tokenized by
+    the endpoints' own code, costs from the served model, its dtype and device."""
+    hardware = hardware_for(
+        client.device,
+        peak_tflops * 1e12 if peak_tflops else None,
+        bandwidth_gbs * 1e9 if bandwidth_gbs else None,
+    )
+    cost = CostModel.for_model(client.model_config, client.dtype, hardware)
+
+    def shape_of(line: BatchLine) -> LineShape | None:
+        return line_shape(client.tokenizer, client.max_model_len, line.url, line.body)
+
+    options = PlannerOptions(block_size=client.config.cache.block_size)
+    return make_order(name, shape_of, cost, options)
 
 
 def line_executor(state: ServerState, client: EngineClient) -> Execute:
@@ -41,13 +71,18 @@ def line_executor(state: ServerState, client: EngineClient) -> Execute:
     return execute
 
 
-async def start_batches(state: ServerState, client: EngineClient) -> None:
+async def start_batches(state: ServerState, client: EngineClient, settings: ServerSettings) -> None:
     """Called by the app's lifespan once the engine is up: resume unfinished batches."""
     assert state.batches is not None
+    state.batches.order = batch_order(
+        client, settings.batch_order, settings.planner_tflops, settings.planner_gbs
+    )
     await state.batches.start(
         line_executor(state, client),
         client.model_name,
-        default_window=2 * client.config.scheduler.max_num_seqs,
+        # about max_num_seqs lines in flight: the engine's own queue stays short, so the
+        # batch order (not the queue) decides what the scheduler admits next
+        default_window=client.config.scheduler.max_num_seqs,
         stop_if=lambda: state.draining,
     )
 

@@ -21,6 +21,7 @@ from typing import Any
 from conserve.config import EngineConfig
 from conserve.engine.output import RequestOutput
 from conserve.engine.request import RequestClass
+from conserve.model.config import ModelConfig
 from conserve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class Ready:
     policy: str
     tpot_slo: float | None
     ttft_slo: float | None
+    # the model's shape and where it runs: the batch planner's cost model reads them
+    model_config: ModelConfig | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
 
 
 @dataclass
@@ -230,6 +235,9 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
             sc.policy,
             sc.tpot_slo,
             sc.ttft_slo,
+            engine.model_config,
+            engine.config.dtype,
+            engine.config.device,
         )
     )
     inbox: queue.SimpleQueue = queue.SimpleQueue()

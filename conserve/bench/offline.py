@@ -1,0 +1,250 @@
+"""`conserve bench offline`: one mixed batch job run in each batch order (fcfs, dfs, blend).
+
+The job concatenates three tasks the way a user concatenates datasets into one batch file:
+all few-shot exam questions (sharing 4 long prefixes, 1-4 output tokens), then all long
+documents to summarize (700-1200 prompt tokens, 8-24 output tokens), then all short prompts
+with long generations (24-96 prompt tokens, 128-256 output tokens); shuffled within each task.
+Lines are /v1/completions bodies with token-id prompts, ignore_eos and min_tokens = max_tokens,
+so every order computes exactly the same tokens.
+
+Each order runs through the path of `conserve batch run`: a fresh engine core behind
+`EngineClient`, lines answered by the endpoints' code (`line_executor`), `BatchRunner` with the
+order's hook and a window of --window lines (default --max-num-seqs), results appended to a
+result file. Reported per order: wall time of the runner, total (prompt + output) tokens/s,
+the engine's prefix-cache hit rate (prompt tokens found in the cache / prompt tokens looked
+up, as /metrics counts them), and ratios against fcfs and dfs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from conserve.bench.common import (
+    OFFLINE_TASKS,
+    machine_info,
+    md_table,
+    offline_task_request,
+    write_results,
+)
+
+TASK_ORDER = ("few-shot", "summary", "generation")  # the order the tasks are concatenated in
+assert set(TASK_ORDER) == set(OFFLINE_TASKS)
+
+
+def add_offline_args(p: argparse.ArgumentParser) -> None:
+    from conserve.batch.planner import ORDERS
+
+    g = p.add_argument_group("offline job")
+    g.add_argument("--num-requests", type=int, default=600, help="lines in the job")
+    g.add_argument(
+        "--order",
+        default=",".join(ORDERS),
+        help=f"batch orders to run, comma-separated, from {', '.join(ORDERS)}",
+    )
+    g.add_argument("--window", type=int, help="lines in flight (default: --max-num-seqs)")
+    g.add_argument("--output", default="benchmarks/results", help="results directory")
+    # a CPU-sized default: with 256 seats the whole window is one engine queue
+    p.set_defaults(max_num_seqs=32)
+
+
+def build_job(n: int, tokenizer, model: str, seed: int) -> tuple[list[dict[str, Any]], dict]:
+    """Batch input lines (as dicts) of the mixed job; tasks one after the other."""
+    from conserve.bench.serve import PromptMaker
+
+    maker = PromptMaker(tokenizer, seed)
+    rng = random.Random(seed + 17)
+    shots = [maker.ids(600) for _ in range(4)]
+    counts = {k: n // 3 + (1 if i < n % 3 else 0) for i, k in enumerate(TASK_ORDER)}
+    lines: list[dict[str, Any]] = []
+    for kind in TASK_ORDER:
+        task = [offline_task_request(kind, rng, maker, shots) for _ in range(counts[kind])]
+        rng.shuffle(task)
+        for i, (prompt, out) in enumerate(task):
+            body = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": out,
+                "min_tokens": out,
+                "ignore_eos": True,
+                "temperature": 0,
+            }
+            url = "/v1/completions"
+            lines.append({"custom_id": f"{kind}-{i}", "method": "POST", "url": url, "body": body})
+    prompt_tokens = sum(len(x["body"]["prompt"]) for x in lines)
+    output_tokens = sum(x["body"]["max_tokens"] for x in lines)
+    desc = {
+        "num_requests": len(lines),
+        "tasks": counts,
+        "task_order": "concatenated: " + ", then ".join(TASK_ORDER) + " (shuffled within a task)",
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+    }
+    return lines, desc
+
+
+async def _run_order(args, config, order: str, job_path: Path, out_dir: Path) -> dict[str, Any]:
+    from conserve.batch.results import ResultFiles
+    from conserve.batch.runner import BatchRunner
+    from conserve.batch.validate import parse_input
+    from conserve.server.api import ServerState
+    from conserve.server.batch_api import batch_order, line_executor
+    from conserve.server.client import EngineClient
+
+    parsed = parse_input(job_path.read_bytes(), endpoint=None)
+    assert not parsed.errors, parsed.errors[:3]
+    client = EngineClient(config)
+    client.start(asyncio.get_running_loop())
+    try:
+        execute = line_executor(ServerState(), client)
+        await _warm_up(execute, client)
+        before = await client.stats()
+        out = out_dir / f"{order}.jsonl"
+        results = ResultFiles(out, out)
+        runner = BatchRunner(
+            parsed.lines,
+            results,
+            execute,
+            order=batch_order(client, order),
+            window=args.window or config.scheduler.max_num_seqs,
+        )
+        start = time.monotonic()
+        status = await runner.run()
+        wall = time.monotonic() - start
+        after = await client.stats()
+        c = results.counts
+        results.close()
+    finally:
+        client.shutdown()
+    queries = after.prefix_queries - before.prefix_queries
+    hits = after.prefix_hits - before.prefix_hits
+    return {
+        "order": order,
+        "status": status,
+        "completed": c.completed,
+        "failed": c.failed,
+        "wall_s": wall,
+        "prompt_tokens": c.input_tokens,
+        "output_tokens": c.output_tokens,
+        "tokens_per_s": (c.input_tokens + c.output_tokens) / wall,
+        "prefix_queries": queries,
+        "prefix_hits": hits,
+        "prefix_hit_rate": hits / queries if queries else 0.0,
+        "preemptions": after.num_preemptions - before.num_preemptions,
+        "max_in_flight": runner.max_in_flight,
+    }
+
+
+async def _warm_up(execute, client) -> None:
+    """Two tiny requests so the first timed step does not pay one-off start-up costs."""
+    from conserve.batch.validate import BatchLine
+
+    body = {"model": client.model_name, "prompt": [300, 301, 302], "max_tokens": 2}
+    await asyncio.gather(
+        *(execute(BatchLine(0, f"warm{i}", "/v1/completions", body)) for i in (0, 1))
+    )
+
+
+def render(runs: list[dict], desc: dict, info: dict, ratios: dict, config) -> str:
+    rows = [
+        [
+            r["order"],
+            f"{r['wall_s']:.1f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{100 * r['prefix_hit_rate']:.1f}% ({r['prefix_hits']}/{r['prefix_queries']})",
+            r["preemptions"],
+            f"{r['completed']}/{r['completed'] + r['failed']}",
+        ]
+        for r in runs
+    ]
+    table = md_table(
+        ["order", "wall s", "tokens/s (prompt+output)", "prefix-cache hits", "preempt", "ok"], rows
+    )
+    sc = config.scheduler
+    tasks = ", ".join(f"{k} {v}" for k, v in desc["tasks"].items())
+    lines = [
+        "# Offline batch order: fcfs vs dfs vs blend",
+        "",
+        f"- date: {info['date']}; machine: {info['cpu']}, {info['cores']} cores; "
+        f"torch {info['torch']}",
+        f"- command: `{info['command']}`",
+        f"- engine: model {config.model}, dtype {config.dtype}, max_num_seqs {sc.max_num_seqs}, "
+        f"max_num_batched_tokens {sc.max_num_batched_tokens}, policy {sc.policy}, "
+        f"window {desc['window']}",
+        f"- job: {desc['num_requests']} lines ({tasks}), "
+        f"{desc['prompt_tokens']} prompt + {desc['output_tokens']} output tokens; the tasks are "
+        f"{desc['task_order']}, as a user would concatenate datasets",
+        "- each order: a fresh engine, the `conserve batch run` path (engine core, "
+        "BatchRunner, endpoint code); output lengths exact (ignore_eos, min_tokens)",
+        "",
+        table,
+        "",
+    ]
+    lines += [f"- {k}: {v:.3f}" for k, v in ratios.items()]
+    return "\n".join(lines) + "\n"
+
+
+def ratios_of(runs: list[dict]) -> dict[str, float]:
+    by = {r["order"]: r for r in runs}
+    out: dict[str, float] = {}
+    if "blend" not in by:
+        return out
+    b = by["blend"]
+    for base in ("fcfs", "dfs"):
+        if base in by:
+            out[f"throughput blend/{base}"] = b["tokens_per_s"] / by[base]["tokens_per_s"]
+            if by[base]["prefix_hits"]:
+                out[f"prefix hits blend/{base}"] = b["prefix_hits"] / by[base]["prefix_hits"]
+    return out
+
+
+def run_offline_bench(args: argparse.Namespace) -> int:
+    from conserve.batch.planner import ORDERS
+    from conserve.cli import engine_config
+    from conserve.model.loader import resolve_model
+    from conserve.model.tokenizer import Tokenizer
+
+    orders = [o.strip() for o in args.order.split(",") if o.strip()]
+    bad = [o for o in orders if o not in ORDERS]
+    if bad:
+        print(f"conserve: error: unknown order(s) {', '.join(bad)}; choose from {ORDERS}")
+        return 2
+    config = engine_config(args).resolved()
+    info = machine_info()
+    tokenizer = Tokenizer.load(resolve_model(config.model))
+    with tempfile.TemporaryDirectory(prefix="conserve-offline-") as tmp:
+        tmp_dir = Path(tmp)
+        model_name = _served_name(config)
+        job, desc = build_job(args.num_requests, tokenizer, model_name, args.seed)
+        desc["window"] = args.window or config.scheduler.max_num_seqs
+        job_path = tmp_dir / "job.jsonl"
+        job_path.write_text("".join(json.dumps(x) + "\n" for x in job))
+        runs = []
+        for order in orders:
+            r = asyncio.run(_run_order(args, config, order, job_path, tmp_dir))
+            print(
+                f"{order}: {r['wall_s']:.1f} s, {r['tokens_per_s']:.0f} tok/s, "
+                f"prefix hits {100 * r['prefix_hit_rate']:.1f}%",
+                flush=True,
+            )
+            runs.append(r)
+    ratios = ratios_of(runs)
+    md = render(runs, desc, info, ratios, config)
+    data = {"machine": info, "job": desc, "runs": runs, "ratios": ratios}
+    path = write_results(args.output, "offline", md, data)
+    print(md)
+    print(f"results: {path}")
+    return 0
+
+
+def _served_name(config) -> str:
+    """The model name the engine answers to (what a batch line's `model` must say)."""
+    from conserve.model.loader import resolve_model
+
+    return resolve_model(config.model).name
