@@ -208,6 +208,18 @@ def cmd_bench_dtype(args: argparse.Namespace) -> int:
     return run_dtype(args)
 
 
+def cmd_bench_preempt(args: argparse.Namespace) -> int:
+    from conserve.bench.preempt import run_preempt
+
+    return run_preempt(args)
+
+
+def cmd_bench_pause(args: argparse.Namespace) -> int:
+    from conserve.bench.pause import run_pause
+
+    return run_pause(args)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from conserve.bench.serve import run_serve_bench
 
@@ -337,6 +349,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(dt)
     add_dtype_args(dt)
     dt.set_defaults(func=cmd_bench_dtype)
+
+    from conserve.bench.preempt import add_preempt_args
+
+    pr = bench_sub.add_parser(
+        "preempt",
+        help="layer-wise preemption: online wait during a long offline prefill, per safepoint "
+        "interval and against priority; safepoint overhead",
+        description="In-process, on one engine: an offline request prefills a long prompt in one "
+        "step and an online request arrives at a random moment of it (from another thread, as "
+        "in the server). Reports the distribution of the online request's wait before its own "
+        "prefill starts and its TTFT, for policy conserve with a safepoint every k layers and "
+        "for priority; the cost of the stop checks when nothing is preempted; and whether the "
+        "preempted offline request's greedy tokens equal an uninterrupted run's.",
+    )
+    add_engine_args(pr)
+    add_preempt_args(pr)
+    pr.set_defaults(func=cmd_bench_preempt)
+
+    from conserve.bench.pause import add_pause_args
+
+    pa = bench_sub.add_parser(
+        "pause",
+        help="memory pressure: resuming paused offline requests from the host tier against "
+        "recompute, per context length; offline throughput under an online stream",
+        description="In-process, on two engines (host tier on, host tier off = recompute): "
+        "offline requests paused by an online request that needs their KV blocks, resumed "
+        "after it; the resume time per context length and the scheduler's restore/recompute "
+        "counters; then an offline job under a stream of online requests in a small KV pool, "
+        "offline tokens/s with each, and the time spent copying checkpoints.",
+    )
+    add_engine_args(pa)
+    add_pause_args(pa)
+    pa.set_defaults(func=cmd_bench_pause)
 
     from conserve.bench.serve import add_serve_args
 
