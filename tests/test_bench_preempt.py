@@ -62,7 +62,8 @@ def test_bench_preempt_writes_waits_per_setting_and_overhead(
     text = md.read_text()
     assert "conserve k=1" in text and "priority" in text and "Safepoint overhead" in text
     d = json.loads(js.read_text())
-    assert d["machine"]["command"].startswith("conserve ") and d["machine"]["date"]
+    assert d["machine"]["command"].startswith("conserve bench preempt --model")
+    assert d["machine"]["date"]
     assert d["num_layers"] == 3 and d["reference_runs_agree"]
     assert [s["setting"] for s in d["settings"]] == ["conserve k=1", "conserve k=2", "priority"]
     for s in d["settings"]:

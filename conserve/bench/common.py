@@ -37,7 +37,9 @@ def synthetic_requests(
     ]
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(argv: list[str] | None = None) -> dict[str, Any]:
+    """Machine, date and the exact command (`argv`: the arguments after `conserve`; default
+    this process's)."""
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -54,7 +56,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "command": "conserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "conserve " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
     }
 
 

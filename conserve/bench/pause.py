@@ -266,7 +266,7 @@ def pressure_run(
 
 
 def run_pause(args: argparse.Namespace) -> int:
-    info = machine_info()
+    info = machine_info(args.argv)
     contexts = [int(x) for x in args.contexts.split(",") if x.strip()]
     bs = args.block_size
     longest = max(contexts) + args.generated + args.after
@@ -297,10 +297,8 @@ def run_pause(args: argparse.Namespace) -> int:
             print(f"[pause] {m}, context {n}: resume {r['resume_ms']:.0f} ms", flush=True)
     # part 2 on engines with a small pool (rebuilt: the pool size is fixed at start-up)
     del engines
-    jobs = [
-        random_prompt(rng, rng.randint(args.job_prompt_len * 3 // 4, args.job_prompt_len * 5 // 4), vocab)
-        for _ in range(args.job_requests)
-    ]
+    lo, hi = args.job_prompt_len * 3 // 4, args.job_prompt_len * 5 // 4
+    jobs = [random_prompt(rng, rng.randint(lo, hi), vocab) for _ in range(args.job_requests)]
     budget2 = max(args.max_num_batched_tokens, max(map(len, jobs)))
     engines = {
         m: build_engine(args, m == "host tier", args.job_pool_blocks, budget2) for m in MODES
@@ -421,6 +419,7 @@ def render(d: dict[str, Any]) -> str:
     ]
     rows = []
     for m, x in p["by_mode"].items():
+        ttft = x["online_ttft_ms"]
         rows.append(
             [
                 m,
@@ -434,7 +433,7 @@ def render(d: dict[str, Any]) -> str:
                 x["blocks_checkpointed"],
                 f"{x['checkpoint_ms_per_step']:.2f}",
                 f"{x['checkpoint_share'] * 100:.1f}%",
-                f"{x['online_ttft_ms'].get('p50', 0):.0f} / {x['online_ttft_ms'].get('p99', 0):.0f}",
+                f"{ttft.get('p50', 0):.0f} / {ttft.get('p99', 0):.0f}",
                 f"{x['tokens_equal']}/{p['job_requests']}",
             ]
         )

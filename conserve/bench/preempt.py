@@ -238,7 +238,7 @@ def _spread(r: list[float]) -> dict[str, float]:
 
 def run_preempt(args: argparse.Namespace) -> int:
     ks = [int(x) for x in args.safepoints.split(",") if x.strip()]
-    info = machine_info()
+    info = machine_info(args.argv)
     engine, clock = build_engine(args)
     runner = clock.inner
     num_layers = len(runner.model.layers)
@@ -396,8 +396,11 @@ def render(d: dict[str, Any]) -> str:
     for label, v in o.items():
         if not isinstance(v, dict):
             continue
-        cells = [f"{v['ratio'][k]['median']:.3f} [{v['ratio'][k]['min']:.3f}, "
-                 f"{v['ratio'][k]['max']:.3f}]" for k in ks]
+        cells = [
+            f"{v['ratio'][k]['median']:.3f} [{v['ratio'][k]['min']:.3f}, "
+            f"{v['ratio'][k]['max']:.3f}]"
+            for k in ks
+        ]
         rows.append([label, str(v["reps"]), f"{v['no_check_ms']:.1f}", *cells])
     lines.append(md_table(["step", "reps", "no check ms", *[f"k={k}" for k in ks]], rows))
     return "\n".join(lines) + "\n"
