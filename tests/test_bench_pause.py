@@ -30,8 +30,8 @@ def test_bench_pause_resumes_from_the_host_tier_and_recomputes_without_it(
     args = ["--model", str(tiny_llama_dir), "--dtype", "float32"]
     args += ["--latency-profile", linear_profile, "--tpot-slo", "0.01", "--ttft-slo", "1.0"]
     args += ["--host-kv-gb", "0.01", "--contexts", "64,200", "--generated", "5"]
-    args += ["--job-requests", "4", "--job-prompt-len", "96", "--job-output-len", "12"]
-    args += ["--job-pool-blocks", "24", "--online-interval", "0.01"]
+    args += ["--job-requests", "4", "--job-prompt-len", "96", "--job-output-len", "40"]
+    args += ["--job-pool-blocks", "24", "--online-interval", "0.002"]
     args += ["--online-prompt-len", "48", "--online-output-len", "4", "--output", str(out)]
     assert main(["bench", "pause", *args]) == 0
     (md,) = out.glob("pause-*.md")
@@ -52,10 +52,11 @@ def test_bench_pause_resumes_from_the_host_tier_and_recomputes_without_it(
         assert c["tokens_restored"] == 0 and c["pauses"] == 0
         assert c["tokens_recomputed"] == ctx - 1
     p = d["pressure"]
-    h, c = p["by_mode"]["host tier"], p["by_mode"]["recompute"]
-    assert h["tokens_equal"] == c["tokens_equal"] == 4
-    assert h["offline_preemptions"] > 0 and c["offline_preemptions"] > 0
-    assert h["online_preemptions"] == c["online_preemptions"] == 0
-    assert h["blocks_checkpointed"] > 0 and c["blocks_checkpointed"] == 0
-    assert c["tokens_restored"] == 0 and c["pauses"] == 0
-    assert h["checkpoint_calls"] == h["steps"] > 0
+    assert len(p["by_mode"]["host tier"]) == len(p["by_mode"]["recompute"]) == 2
+    for h, c in zip(p["by_mode"]["host tier"], p["by_mode"]["recompute"], strict=True):
+        assert h["tokens_equal"] == c["tokens_equal"] == 4
+        assert h["min_agreeing_prefix"] == c["min_agreeing_prefix"] == 40
+        assert h["offline_preemptions"] > 0 and c["offline_preemptions"] > 0
+        assert h["blocks_checkpointed"] > 0 and c["blocks_checkpointed"] == 0
+        assert c["tokens_restored"] == 0 and c["pauses"] == 0
+        assert h["checkpoint_calls"] == h["steps"] > 0
