@@ -18,6 +18,7 @@ Every paused offline request's greedy tokens are compared with an uninterrupted 
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import time
 from dataclasses import replace
@@ -304,7 +305,8 @@ def run_pause(args: argparse.Namespace) -> int:
             resume[m].append(r)
             print(f"[pause] {m}, context {n}: resume {r['resume_ms']:.0f} ms", flush=True)
     # part 2 on engines with a small pool (rebuilt: the pool size is fixed at start-up)
-    del engines
+    del engines, counters
+    gc.collect()  # free the first engines' KV and host tiers before building the next
     lo, hi = args.job_prompt_len * 3 // 4, args.job_prompt_len * 5 // 4
     jobs = [random_prompt(rng, rng.randint(lo, hi), vocab) for _ in range(args.job_requests)]
     budget2 = max(args.max_num_batched_tokens, max(map(len, jobs)))
