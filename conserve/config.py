@@ -68,7 +68,8 @@ class EngineConfig:
     # decode attention: auto (compiled CPU kernel on CPU when it builds, else torch) | torch |
     # cpu-kernel
     attention: str = "auto"
-    # layer-wise preemption: check for arriving online work every this many layers
+    # layer-wise preemption: check for arriving online work every this many layers; the check
+    # is free on the CPU and the wait is about k layers (docs/benchmarks.md, bench preempt)
     safepoint_every: int = 1
     # latency profile for the conserve policy: "auto" (cached, measured on first use) or a path
     latency_profile: str = "auto"

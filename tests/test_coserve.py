@@ -170,3 +170,39 @@ def test_request_stop_from_another_thread_stops_a_long_offline_step(tiny_llama_d
     eng.abort("off")
     eng.check_integrity()
     assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks
+
+
+def test_request_stop_stops_a_step_that_overruns_its_prediction(tiny_llama_dir, linear_profile):
+    """The latency model predicts 1 ms for a step that takes about 0.15 s (a loaded machine,
+    a stale profile): once layers have run, the monitor extrapolates the remaining time from
+    them instead of trusting the prediction, which says the step should be over already."""
+    llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=2048)
+    eng = llm.engine
+    for layer in eng.runner.model.layers:
+        fwd = layer.forward
+
+        def slow(*a, _fwd=fwd, **k):
+            time.sleep(0.05)
+            return _fwd(*a, **k)
+
+        layer.forward = slow
+    eng.add_request("off", list(range(300, 800)), GREEDY, RequestClass.OFFLINE)
+    eng.latency.coef[:] = 0
+    eng.latency.coef[FEATURES.index("const")] = 0.001  # predicted: 1 ms
+    results = []
+
+    def monitor() -> None:
+        deadline = time.monotonic() + 30
+        while eng.runner.progress == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)  # wait until the first layer is done: the prediction has expired
+        results.append(eng.request_stop(16))
+
+    t = threading.Thread(target=monitor)
+    t.start()
+    assert eng.step() == []
+    t.join()
+    assert results == [True] and eng.num_layer_preemptions == 1
+    assert eng.layer_preemptions[0][1] == 2  # stopped at the next safepoint
+    assert eng.runner.progress == 0.0  # reset between steps
+    eng.abort("off")
+    eng.check_integrity()

@@ -56,7 +56,9 @@ def offline_task_request(
     raise ValueError(f"unknown offline task {kind!r}")
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(argv: list[str] | None = None) -> dict[str, Any]:
+    """Machine, date and the exact command (`argv`: the arguments after `conserve`; default
+    this process's)."""
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -73,7 +75,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "command": "conserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "conserve " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
     }
 
 
@@ -91,3 +93,57 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def distribution(values: list[float]) -> dict[str, float | int]:
+    """n, mean, p50, p90, p99 and max of `values` (linear interpolation; p99 of a few dozen
+    samples is close to the max)."""
+    import numpy as np
+
+    if not values:
+        return {"n": 0}
+    a = np.asarray(values, dtype=float)
+    out: dict[str, float | int] = {"n": len(values), "mean": float(a.mean())}
+    for q in (50, 90, 99):
+        out[f"p{q}"] = float(np.percentile(a, q))
+    out["max"] = float(a.max())
+    return out
+
+
+class StepClock:
+    """Wraps an engine's runner and records when each step starts, and which requests and how
+    many tokens it carries. Benchmarks use it to see when a request's own step begins."""
+
+    def __init__(self, runner: Any) -> None:
+        import threading
+
+        self.inner = runner
+        self.steps: list[tuple[float, dict[str, int]]] = []  # (perf_counter, id -> tokens)
+        self.started = threading.Event()  # set at the start of the first step after reset()
+
+    def reset(self) -> None:
+        self.steps.clear()
+        self.started.clear()
+
+    def execute(self, batch: Any, stop: Any = None) -> Any:
+        import time
+
+        self.steps.append((time.perf_counter(), {c.request_id: c.num_tokens for c in batch.chunks}))
+        self.started.set()
+        return self.inner.execute(batch) if stop is None else self.inner.execute(batch, stop)
+
+    def first_start(self, request_id: str, after: float = 0.0) -> float | None:
+        """When the first step carrying `request_id` that started at or after `after` began."""
+        return next((t for t, ids in self.steps if t >= after and request_id in ids), None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def random_prompt(rng: random.Random, n: int, vocab_size: int) -> list[int]:
+    """`n` random token ids (ids 0-255 avoided: special and byte tokens)."""
+    return [rng.randrange(256, vocab_size) for _ in range(n)]
+
+
+def info_lines(info: dict[str, Any]) -> list[str]:
+    return [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in info.items()]

@@ -283,6 +283,11 @@ class Engine:
             return False
         now = time.monotonic()
         remaining = step.start + step.predicted - now
+        # Once layers have run, extrapolate from them: a step that overruns its prediction (a
+        # loaded machine, a stale profile) would otherwise never be stopped.
+        done = getattr(self.runner, "progress", 0.0)
+        if done > 0:
+            remaining = (now - step.start) * (1 - done) / done
         sc = self.config.scheduler
         own = self.latency.predict(BatchShape().with_chunk(0, prompt_len)) if prompt_len else 0.0
         limit = min(sc.tpot_slo or 0.0, (sc.ttft_slo or 0.0) - own)

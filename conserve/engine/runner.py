@@ -45,6 +45,9 @@ class ModelRunner:
         self.workspace = Workspace()
         self.kernels = kernels
         self.safepoint_every = max(1, safepoint_every)
+        # fraction of the running step's layers finished (0 between steps); read by the
+        # preemption monitor from another thread to estimate the step's remaining time
+        self.progress = 0.0
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, stop: Callable[[], bool] | None = None) -> StepResult:
@@ -71,10 +74,15 @@ class ModelRunner:
         attention = PagedAttention(self.kv, meta, self.scale, self.workspace, self.kernels)
         h = self.model.embed(input_ids)
         every = self.safepoint_every
-        for i, layer in enumerate(self.model.layers):
-            if stop is not None and i % every == 0 and i and stop():
-                raise IterationPreempted(i)
-            h = layer(h, cos, sin, attention)
+        n = len(self.model.layers)
+        try:
+            for i, layer in enumerate(self.model.layers):
+                if stop is not None and i % every == 0 and i and stop():
+                    raise IterationPreempted(i)
+                self.progress = i / n
+                h = layer(h, cos, sin, attention)
+        finally:
+            self.progress = 0.0
         if not sample_rows:
             return torch.empty(0, self.model.config.vocab_size), []
         rows = torch.tensor([r for r, _ in sample_rows], device=self.device)

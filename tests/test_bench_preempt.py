@@ -1,0 +1,83 @@
+"""`conserve bench preempt` end to end at toy size (tiny random-weight model, a linear latency
+profile): the results files exist and hold what the docs promise; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conserve.cli import main
+from conserve.engine.latency import FEATURES, LatencyModel
+
+
+@pytest.fixture
+def linear_profile(tmp_path):
+    coef = np.zeros(len(FEATURES))
+    coef[FEATURES.index("const")] = 0.002
+    coef[FEATURES.index("tokens")] = 0.0001
+    path = tmp_path / "profile.json"
+    LatencyModel(coef).save(path)
+    return str(path)
+
+
+def test_bench_preempt_writes_waits_per_setting_and_overhead(
+    tiny_llama_dir, linear_profile, tmp_path
+):
+    out = tmp_path / "results"
+    rc = main(
+        [
+            "bench",
+            "preempt",
+            "--model",
+            str(tiny_llama_dir),
+            "--dtype",
+            "float32",
+            "--latency-profile",
+            linear_profile,
+            "--tpot-slo",
+            "0.01",
+            "--ttft-slo",
+            "1.0",
+            "--offline-prompt-len",
+            "512",
+            "--online-prompt-len",
+            "16",
+            "--trials",
+            "4",
+            "--check-trials",
+            "2",
+            "--safepoints",
+            "1,2",
+            "--overhead-reps",
+            "2",
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    (md,) = out.glob("preempt-*.md")
+    (js,) = out.glob("preempt-*.json")
+    text = md.read_text()
+    assert "conserve k=1" in text and "priority" in text and "Safepoint overhead" in text
+    d = json.loads(js.read_text())
+    assert d["machine"]["command"].startswith("conserve bench preempt --model")
+    assert d["machine"]["date"]
+    assert d["num_layers"] == 3 and d["reference_runs_agree"]
+    assert [s["setting"] for s in d["settings"]] == ["conserve k=1", "conserve k=2", "priority"]
+    for s in d["settings"]:
+        assert len(s["trials"]) == 4 and s["wait_ms"]["n"] == 4
+        # at least the first two run to the end (more when the step ended before the arrival)
+        assert s["tokens_checked"] >= 2 and s["tokens_equal"] == s["tokens_checked"]
+        for t in s["trials"]:
+            assert 0 <= t["wait_ms"] <= t["ttft_ms"]
+            layer = t["stopped_before_layer"]
+            assert layer is None or (t["stop_requested"] and 1 <= layer < 3)
+        assert s["layer_preemptions"] <= s["stop_requests"]
+    prio = d["settings"][-1]
+    assert prio["layer_preemptions"] == 0 and prio["stop_requests"] == 0  # never preemptible
+    o = d["overhead"]
+    assert o["check_ns"] > 0
+    for label in ("prefill 512", "16 decodes @ 512"):
+        assert set(o[label]["ratio"]) == {"1", "2"} and o[label]["ratio"]["1"]["median"] > 0
