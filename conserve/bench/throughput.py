@@ -92,6 +92,11 @@ def run_throughput(args: argparse.Namespace) -> int:
             {"batch": b, "step_ms": step_ms, "matmul_ceiling_ms": ceil_ms}
         )
         print(f"decode batch {b}: {step_ms:.1f} ms/step, matmuls alone {ceil_ms:.1f} ms")
+    floor_s = workload_matmul_floor_s(llm, n_prompt, len(reqs), args.output_len)
+    results["matmul_floor"] = {"seconds": floor_s, "tokens_per_s": (n_prompt + n_out) / floor_s}
+    print(
+        f"matmul floor of the workload: {floor_s:.1f} s, {(n_prompt + n_out) / floor_s:.0f} tok/s"
+    )
     source = resolve_model(eng.config.model)
     del llm, eng, outs
 
@@ -173,15 +178,46 @@ def decode_step_ms(llm: LLM, batch: int, prompt_len: int, steps: int = 8) -> flo
     return statistics.median(times) * 1e3
 
 
+def workload_matmul_floor_s(llm: LLM, prompt_tokens: int, requests: int, output_len: int) -> float:
+    """Seconds the model's linear layers alone need for the whole workload, at the engine's own
+    step sizes: the prompts in full steps of max_num_batched_tokens rows (the vocabulary
+    projection only for the one row per request that samples), then `output_len` decode steps
+    of all requests at once (as many as max_num_seqs allows). No attention, no sampling, no
+    overhead: an upper bound on the tokens/s of any engine built on these matmul kernels."""
+    sc = llm.engine.config.scheduler
+    chunk = sc.max_num_batched_tokens
+    seats = min(requests, sc.max_num_seqs)
+    prefill_step = matmul_ceiling_ms(llm, chunk, lm_head_rows=0) / 1e3
+    sample_rows = matmul_ceiling_ms(llm, seats, layers=False) / 1e3
+    decode_step = matmul_ceiling_ms(llm, seats) / 1e3
+    waves = -(-requests // seats)
+    prefill = prompt_tokens / chunk * prefill_step + waves * sample_rows
+    return prefill + waves * output_len * decode_step
+
+
 @torch.inference_mode()
-def matmul_ceiling_ms(llm: LLM, batch: int, reps: int = 5) -> float:
+def matmul_ceiling_ms(
+    llm: LLM, batch: int, reps: int = 5, lm_head_rows: int | None = None, layers: bool = True
+) -> float:
     """Time of the model's own linear layers alone (same weights, layout and dtype) for one
-    decode step at this batch size: the floor any engine built on these kernels pays."""
+    decode step at this batch size: the floor any engine built on these kernels pays.
+    `lm_head_rows` (default: the batch) rows go through the vocabulary projection;
+    `layers=False` times only that projection."""
     model = llm.engine.runner.model
-    mods = [
-        m for layer in model.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
-    ] + [model.lm_head]
-    inputs = [torch.randn(batch, m.weight_t.shape[0], dtype=m.weight_t.dtype) for m in mods]
+    mods = (
+        [m for layer in model.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        if layers
+        else []
+    )
+    rows = [batch] * len(mods)
+    head = batch if lm_head_rows is None else lm_head_rows
+    if head:
+        mods.append(model.lm_head)
+        rows.append(head)
+    inputs = [
+        torch.randn(n, m.weight_t.shape[0], dtype=m.weight_t.dtype)
+        for m, n in zip(mods, rows, strict=True)
+    ]
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -207,6 +243,10 @@ def _markdown(results: dict, decode_rows: list, hf_rows: list, vllm_note: str) -
         "|---|---|---|",
         f"| conserve | {ours:.0f} | 1.00 |",
     ]
+    floor = results.get("matmul_floor")
+    if floor:
+        f = floor["tokens_per_s"]
+        lines.append(f"| linear layers alone (floor of this workload) | {f:.0f} | {ours / f:.2f} |")
     if "transformers_best_tokens_per_s" in results:
         hf = results["transformers_best_tokens_per_s"]
         lines.append(f"| transformers (best padded batch) | {hf:.0f} | {ours / hf:.2f} |")
