@@ -224,7 +224,7 @@ def _window_run(seq: list[Planned], window: int, feedback: bool) -> list[float]:
     """A runner with `window` seats: heavy lines (density > 10) take 1 tick, light ones 10;
     each tick the finished lines leave and the seats refill. The in-flight mix's relative
     error against rho_root, per tick while both kinds are left to emit."""
-    scan = DualScan(seq)
+    scan = DualScan(seq, feedback)
     by_line = {p.line: p for p in seq}
     heavy_left = sum(1 for p in seq if p.density > 10)
     flying: dict[int, int] = {}  # line -> tick it finishes

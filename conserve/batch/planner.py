@@ -336,11 +336,17 @@ def take_left(left: Flight, right: Flight, next_left: Planned, next_right: Plann
 
 class DualScan:
     """Emits every line of `seq` (sorted compute-heavy first) exactly once, from either end.
-    `finished(line)` takes a line out of flight; without it, "in flight" is everything
-    emitted, and the scan keeps the cumulative mix at the job's density instead."""
 
-    def __init__(self, seq: list[Planned]) -> None:
+    With `feedback`, `finished(line)` takes a line out of flight and the split balances what
+    is in flight. Without it (the default), "in flight" is everything emitted so far: the
+    cumulative mix stays at the job's density, so both ends run out together. Balancing only
+    what is in flight let the short compute-heavy lines (which finish in a few steps) drain
+    the left end early, leaving a tail of long generations with nothing to pair with (seen on
+    the bench offline job); the cumulative rule cannot drift that way."""
+
+    def __init__(self, seq: list[Planned], feedback: bool = False) -> None:
         self.seq = seq
+        self.feedback = feedback
         self.lo, self.hi = 0, len(seq) - 1
         total_c, total_m = sum(p.compute for p in seq), sum(p.memory for p in seq)
         self.rho_root = _ratio(total_c, total_m)
@@ -364,7 +370,7 @@ class DualScan:
 
     def finished(self, line: int) -> None:
         item = self.flying.pop(line, None)
-        if item is not None:
+        if item is not None and self.feedback:
             side, p = item
             side.add(p, -1)
 
@@ -380,6 +386,7 @@ class PlannerOptions:
     min_lines_to_sample: int = MIN_LINES_TO_SAMPLE
     split_threshold: float = SPLIT_THRESHOLD
     seed: int = 0
+    scan_feedback: bool = False  # DualScan: balance what is in flight, not what was emitted
 
 
 def dfs_order(shapes: Sequence[Shape | None], block_size: int = 16) -> list[int]:
@@ -431,7 +438,7 @@ class BlendOrder:
             yield self.lines[i]
         while self.waiting:
             yield WAIT
-        self.scan = DualScan(self._plan())
+        self.scan = DualScan(self._plan(), self.options.scan_feedback)
         while (j := self.scan.next()) is not None:
             yield self.lines[self.valid[j]]
 

@@ -46,7 +46,9 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--order",
         default=",".join(ORDERS),
-        help=f"batch orders to run, comma-separated, from {', '.join(ORDERS)}",
+        help=f"batch orders to run, comma-separated, from {', '.join(ORDERS)}, or "
+        "blend-inflight (blend whose dual scan balances the lines in flight instead of all "
+        "lines emitted so far: an ablation)",
     )
     g.add_argument("--window", type=int, help="lines in flight (default: --max-num-seqs)")
     g.add_argument("--output", default="benchmarks/results", help="results directory")
@@ -193,14 +195,14 @@ def render(runs: list[dict], desc: dict, info: dict, ratios: dict, config) -> st
 def ratios_of(runs: list[dict]) -> dict[str, float]:
     by = {r["order"]: r for r in runs}
     out: dict[str, float] = {}
-    if "blend" not in by:
-        return out
-    b = by["blend"]
-    for base in ("fcfs", "dfs"):
-        if base in by:
-            out[f"throughput blend/{base}"] = b["tokens_per_s"] / by[base]["tokens_per_s"]
+    for name in ("blend", "blend-inflight"):
+        b = by.get(name)
+        for base in ("fcfs", "dfs"):
+            if b is None or base not in by:
+                continue
+            out[f"throughput {name}/{base}"] = b["tokens_per_s"] / by[base]["tokens_per_s"]
             if by[base]["prefix_hits"]:
-                out[f"prefix hits blend/{base}"] = b["prefix_hits"] / by[base]["prefix_hits"]
+                out[f"prefix hits {name}/{base}"] = b["prefix_hits"] / by[base]["prefix_hits"]
     return out
 
 
@@ -211,7 +213,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     from conserve.model.tokenizer import Tokenizer
 
     orders = [o.strip() for o in args.order.split(",") if o.strip()]
-    bad = [o for o in orders if o not in ORDERS]
+    bad = [o for o in orders if o not in (*ORDERS, "blend-inflight")]
     if bad:
         print(f"conserve: error: unknown order(s) {', '.join(bad)}; choose from {ORDERS}")
         return 2

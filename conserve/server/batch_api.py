@@ -54,8 +54,10 @@ def batch_order(
     def shape_of(line: BatchLine) -> LineShape | None:
         return line_shape(client.tokenizer, client.max_model_len, line.url, line.body)
 
-    options = PlannerOptions(block_size=client.config.cache.block_size)
-    return make_order(name, shape_of, cost, options)
+    # "blend-inflight" (bench offline's ablation): the dual scan balances the lines in flight
+    feedback = name == "blend-inflight"
+    options = PlannerOptions(block_size=client.config.cache.block_size, scan_feedback=feedback)
+    return make_order("blend" if feedback else name, shape_of, cost, options)
 
 
 def line_executor(state: ServerState, client: EngineClient) -> Execute:
