@@ -141,6 +141,26 @@ def test_conserve_keeps_predicted_step_time_inside_the_tpot_budget() -> None:
     s.check_integrity()
 
 
+def test_conserve_step_with_an_online_prefill_takes_offline_decodes_only() -> None:
+    s, r = make("conserve", budget=256)
+    s.add(req("dec", OFFLINE, 8, 50))
+    s.add(req("pre", OFFLINE, 600, 2))
+    step(s, r)  # "dec" prefilled, "pre" under way: both running
+    assert {x.request_id for x in s.running} == {"dec", "pre"}
+    s.add(req("on", ONLINE, 20, 4))
+    batch = step(s, r)  # the online prefill step
+    offline = {c.request_id: c.num_tokens for c in batch.chunks if c.offline}
+    assert batch.chunks[0].request_id == "on" and offline == {"dec": 1}
+    s.add(req("late", OFFLINE, 30, 2))
+    batch = step(s, r)  # online decodes now: offline prefill chunks are back, within budget
+    offline = {c.request_id: c.num_tokens for c in batch.chunks if c.offline}
+    assert offline.get("dec") == 1 and offline.get("pre", 0) > 1
+    assert s.latency.predict(batch.shape) <= TPOT_SLO * 0.9 + 1e-9
+    while s.num_unfinished:
+        step(s, r)
+    s.check_integrity()
+
+
 def test_offline_is_not_starved_once_online_load_stops() -> None:
     s, r = make("conserve", budget=256)
     s.add(req("off", OFFLINE, 600, 2))

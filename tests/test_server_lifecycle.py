@@ -25,7 +25,8 @@ def _body(model: str, n_tokens: int, stream: bool = False) -> dict:
 
 
 def test_full_queue_gets_429_with_retry_after():
-    proc, base = start_server("--max-queued-requests", "1")
+    # one seat, so that requests really queue behind each other however fast the machine is
+    proc, base = start_server("--max-queued-requests", "1", "--max-num-seqs", "1")
     try:
         model = httpx.get(f"{base}/v1/models", headers=AUTH).json()["data"][0]["id"]
 
@@ -33,8 +34,8 @@ def test_full_queue_gets_429_with_retry_after():
             async with httpx.AsyncClient(timeout=120) as ac:
                 return await asyncio.gather(
                     *(
-                        ac.post(f"{base}/v1/completions", json=_body(model, 8), headers=AUTH)
-                        for _ in range(6)
+                        ac.post(f"{base}/v1/completions", json=_body(model, 32), headers=AUTH)
+                        for _ in range(8)
                     )
                 )
 

@@ -14,7 +14,9 @@ Policies (`SchedulerConfig.policy`):
   request, which is recomputed later: priority scheduling at iteration granularity.
 - `conserve`: as `priority`, but while online work exists offline decodes and prefill chunks
   are added only while the *predicted* step time (the latency model) stays inside the TPOT SLO
-  minus a margin; a prefill chunk is cut to the size that fits. With no online work, offline
+  minus a margin; a prefill chunk is cut to the size that fits. A step that carries an online
+  prefill chunk takes offline decodes only, so a new online request's first token does not
+  wait for offline prompt tokens. With no online work, offline
   work gets the whole token budget. Such a step is marked preemptible: the engine may stop it
   between layers when an online request arrives.
 
@@ -54,6 +56,9 @@ class _Plan:
     preempted: list[str] = field(default_factory=list)
     shape: BatchShape = field(default_factory=BatchShape)
     time_limit: float | None = None  # seconds, for offline chunks
+    # offline work limited to decodes: the step already carries an online prefill, whose
+    # first token (TTFT) should not wait for offline prompt tokens
+    offline_decodes_only: bool = False
     num_offline: int = 0
 
 
@@ -144,6 +149,7 @@ class Scheduler:
             if not (self.config.policy == "online-only" and online_present):
                 if self.config.policy == "conserve" and online_present:
                     plan.time_limit = self.tpot_budget
+                    plan.offline_decodes_only = any(c.num_tokens > 1 for c in plan.chunks)
                 self._run(plan, [r for r in self.running if r.request_class is OFFLINE])
                 if not plan.preempted:
                     self._admit(plan, _heads(self.queues[OFFLINE]))
@@ -172,9 +178,10 @@ class Scheduler:
                 return
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this plan
-            n = min(
-                request.num_tokens - request.num_computed_tokens, plan.budget, self.config.chunk_cap
-            )
+            left = request.num_tokens - request.num_computed_tokens
+            if plan.offline_decodes_only and left > 1 and request.request_class is OFFLINE:
+                continue
+            n = min(left, plan.budget, self.config.chunk_cap)
             n = self._fit(plan, request, request.num_computed_tokens, n)
             if n == 0:
                 continue
@@ -191,6 +198,8 @@ class Scheduler:
         for request in queue:  # the consumer pops each head it starts, or returns
             if plan.budget <= 0:
                 return
+            if plan.offline_decodes_only and request.request_class is OFFLINE:
+                return  # a new start computes prompt tokens
             if len(self.running) >= self.config.max_num_seqs and not self._free_seat(plan, request):
                 return
             prefix = self.kv.find_prefix(request.token_ids)
