@@ -201,3 +201,19 @@ def server():
     proc, base = start_server("--max-body-mb", "1", "--max-file-mb", "1")
     yield base
     stop_server(proc)
+
+
+@pytest.fixture
+def linear_profile(tmp_path) -> str:
+    """A latency profile file of a linear model (2 ms + 0.1 ms per token), for engines whose
+    policy needs one without profiling."""
+    import numpy as np
+
+    from conserve.engine.latency import FEATURES, LatencyModel
+
+    coef = np.zeros(len(FEATURES))
+    coef[FEATURES.index("const")] = 0.002
+    coef[FEATURES.index("tokens")] = 0.0001
+    path = tmp_path / "profile.json"
+    LatencyModel(coef).save(path)
+    return str(path)

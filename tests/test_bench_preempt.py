@@ -5,21 +5,7 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pytest
-
 from conserve.cli import main
-from conserve.engine.latency import FEATURES, LatencyModel
-
-
-@pytest.fixture
-def linear_profile(tmp_path):
-    coef = np.zeros(len(FEATURES))
-    coef[FEATURES.index("const")] = 0.002
-    coef[FEATURES.index("tokens")] = 0.0001
-    path = tmp_path / "profile.json"
-    LatencyModel(coef).save(path)
-    return str(path)
 
 
 def test_bench_preempt_writes_waits_per_setting_and_overhead(

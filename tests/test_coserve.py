@@ -8,24 +8,13 @@ import random
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from conserve import LLM, SamplingParams
-from conserve.engine.latency import FEATURES, LatencyModel
+from conserve.engine.latency import FEATURES
 from conserve.engine.request import RequestClass
 
 GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-
-
-@pytest.fixture
-def linear_profile(tmp_path):
-    coef = np.zeros(len(FEATURES))
-    coef[FEATURES.index("const")] = 0.002
-    coef[FEATURES.index("tokens")] = 0.0001
-    path = tmp_path / "profile.json"
-    LatencyModel(coef).save(path)
-    return str(path)
 
 
 def conserve_llm(folder, profile, **kw) -> LLM:
