@@ -118,20 +118,24 @@ def test_preemption_under_memory_pressure_keeps_greedy_tokens(
     eng.check_integrity()
 
 
+def slow_layers(eng, seconds: float = 0.05) -> None:
+    """Make every layer of the engine's model sleep `seconds` before it runs."""
+    for layer in eng.runner.model.layers:
+        fwd = layer.forward
+
+        def slow(*a, _fwd=fwd, **k):
+            time.sleep(seconds)
+            return _fwd(*a, **k)
+
+        layer.forward = slow
+
+
 def test_request_stop_from_another_thread_stops_a_long_offline_step(tiny_llama_dir, linear_profile):
     """The monitor path: while an offline-only step runs, `request_stop` (called the way the
     engine core's pipe thread calls it) stops it at the next safepoint."""
     llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=2048)
     eng = llm.engine
-    # slow the layers down so the step outlives the call from the other thread
-    for layer in eng.runner.model.layers:
-        fwd = layer.forward
-
-        def slow(*a, _fwd=fwd, **k):
-            time.sleep(0.05)
-            return _fwd(*a, **k)
-
-        layer.forward = slow
+    slow_layers(eng)  # so the step outlives the call from the other thread
     eng.add_request("off", list(range(300, 1800)), GREEDY, RequestClass.OFFLINE)
     eng.latency.coef[:] = 0
     eng.latency.coef[FEATURES.index("const")] = 10.0  # predicted: far beyond any SLO
@@ -167,14 +171,7 @@ def test_request_stop_stops_a_step_that_overruns_its_prediction(tiny_llama_dir, 
     them instead of trusting the prediction, which says the step should be over already."""
     llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=2048)
     eng = llm.engine
-    for layer in eng.runner.model.layers:
-        fwd = layer.forward
-
-        def slow(*a, _fwd=fwd, **k):
-            time.sleep(0.05)
-            return _fwd(*a, **k)
-
-        layer.forward = slow
+    slow_layers(eng)
     eng.add_request("off", list(range(300, 800)), GREEDY, RequestClass.OFFLINE)
     eng.latency.coef[:] = 0
     eng.latency.coef[FEATURES.index("const")] = 0.001  # predicted: 1 ms
