@@ -192,3 +192,31 @@ def test_request_stop_stops_a_step_that_overruns_its_prediction(tiny_llama_dir, 
     assert eng.runner.progress == 0.0  # reset between steps
     eng.abort("off")
     eng.check_integrity()
+
+
+def test_an_arrival_between_steps_stops_the_next_offline_step(tiny_llama_dir, linear_profile):
+    """An online request announced while no step runs (the loop is applying the last step or
+    planning the next) has not been taken in by the plan: the next offline step stops at its
+    first safepoint instead of running in full. Once the loop takes the request in, steps
+    are not stopped on its account any more."""
+    llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=2048)
+    eng = llm.engine
+    eng.add_request("off", list(range(300, 1000)), GREEDY, RequestClass.OFFLINE)
+    eng.latency.coef[:] = 0
+    eng.latency.coef[FEATURES.index("const")] = 10.0  # predicted: far beyond any SLO
+    assert eng.announce_online(16) is False  # nothing is running yet
+    assert eng.step() == []
+    assert eng.num_layer_preemptions == 1
+    assert eng.layer_preemptions[0][1] == 1  # at the first safepoint
+    assert eng.scheduler.requests["off"].num_computed_tokens == 0
+    eng.online_received()
+    eng.add_request("on", list(range(300, 316)), GREEDY, RequestClass.ONLINE)
+    eng.step()  # the online prefill, with no offline prompt tokens beside it
+    assert eng.num_layer_preemptions == 1
+    assert eng.scheduler.requests["on"].num_computed_tokens == 16
+    eng.abort("on")
+    eng.step()  # offline alone again: nobody is waiting, so nothing stops it
+    assert eng.num_layer_preemptions == 1
+    assert eng.scheduler.requests["off"].num_computed_tokens > 0
+    eng.abort("off")
+    eng.check_integrity()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -100,6 +101,13 @@ class Engine:
         self._stop_seq = -1
         self._step_seq = 0
         self.num_layer_preemptions = 0
+        # Online arrivals the monitor was told about (`announce_online`) and those the loop
+        # has taken in (`online_received`); any gap is a request no plan has seen yet, which
+        # may stop a step that starts before the loop takes it in.
+        self._stop_lock = threading.Lock()
+        self._announced = 0
+        self._received = 0
+        self._pending_prompt_len: int | None = None
         # (seconds from the stop request to the stopped step, layers run) (bounded)
         self.layer_preemptions: deque[tuple[float, int]] = deque(maxlen=10_000)
 
@@ -263,7 +271,12 @@ class Engine:
             return self.runner.execute(batch)
         self._step_seq += 1  # also counts stopped steps, so a stale stop request never matches
         step = _Step(self._step_seq, time.monotonic(), batch.predicted_s or 0.0)
-        self._current = step
+        with self._stop_lock:
+            self._current = step
+            if self._announced > self._received:
+                # An online request arrived after this plan was made (while the previous step
+                # was applied or this one planned): it may stop this step right away.
+                self._request_stop_locked(self._pending_prompt_len)
         return self.runner.execute(batch, lambda: self._stop_seq == step.seq)
 
     def _observe(self, batch: ScheduledBatch, seconds: float) -> None:
@@ -273,11 +286,30 @@ class Engine:
         if self.latency.num_observed % self.refit_every == 0:
             self.latency.refit()
 
+    def announce_online(self, prompt_len: int) -> bool:
+        """The monitor's entry point, called from another thread as an online request of
+        `prompt_len` tokens arrives and before the loop calls `add_request` for it (and then
+        `online_received`). Stops the running step as `request_stop` does; if no step is
+        running, the next one to start is checked instead, unless the request is in its plan."""
+        with self._stop_lock:
+            self._announced += 1
+            self._pending_prompt_len = prompt_len
+            return self._request_stop_locked(prompt_len)
+
+    def online_received(self) -> None:
+        """The loop has taken in one announced online request (added or rejected it)."""
+        with self._stop_lock:
+            self._received += 1
+
     def request_stop(self, prompt_len: int | None = None) -> bool:
         """An online request (of `prompt_len` tokens) has arrived: stop the running step at its
         next safepoint if it carries offline work and finishing it would delay the online
         request too much: longer than the TPOT SLO, or past the TTFT SLO once the request's
         own prefill is added. Safe to call from another thread while `step` runs."""
+        with self._stop_lock:
+            return self._request_stop_locked(prompt_len)
+
+    def _request_stop_locked(self, prompt_len: int | None) -> bool:
         step = self._current
         if step is None or self.latency is None:
             return False

@@ -210,7 +210,7 @@ def _read_pipe(conn: Connection, inbox: queue.SimpleQueue, engine: Any) -> None:
             inbox.put(Shutdown())
             return
         if isinstance(msg, AddRequest) and msg.request_class is RequestClass.ONLINE:
-            engine.request_stop(len(msg.prompt_token_ids))
+            engine.announce_online(len(msg.prompt_token_ids))
         inbox.put(msg)
         if isinstance(msg, Shutdown):
             return
@@ -257,6 +257,8 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
             if isinstance(msg, Shutdown):
                 return
             if isinstance(msg, AddRequest):
+                if msg.request_class is RequestClass.ONLINE:
+                    engine.online_received()
                 try:
                     engine.add_request(
                         msg.request_id,
