@@ -94,6 +94,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "and threads; measured on first use, about a minute) or a file from `conserve profile`",
     )
     g.add_argument(
+        "--step-log",
+        metavar="PATH",
+        help="append one JSON line per engine step to PATH (when it ran, its online and "
+        "offline tokens, predicted and measured time, layer where it was stopped): for "
+        "explaining latencies",
+    )
+    g.add_argument(
         "--attention",
         default="auto",
         choices=["auto", "torch", "cpu-kernel"],
@@ -115,6 +122,7 @@ def engine_config(args: argparse.Namespace):
         attention=args.attention,
         safepoint_every=args.safepoint_every,
         latency_profile=args.latency_profile,
+        step_log=args.step_log,
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

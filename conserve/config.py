@@ -73,6 +73,8 @@ class EngineConfig:
     safepoint_every: int = 1
     # latency profile for the conserve policy: "auto" (cached, measured on first use) or a path
     latency_profile: str = "auto"
+    # diagnostics: append one JSON line per step (times, tokens by class, prediction) here
+    step_log: str | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 

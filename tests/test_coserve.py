@@ -4,6 +4,7 @@ preempted steps commit nothing and leave no KV behind."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -194,12 +195,17 @@ def test_request_stop_stops_a_step_that_overruns_its_prediction(tiny_llama_dir, 
     eng.check_integrity()
 
 
-def test_an_arrival_between_steps_stops_the_next_offline_step(tiny_llama_dir, linear_profile):
+def test_an_arrival_between_steps_stops_the_next_offline_step(
+    tiny_llama_dir, linear_profile, tmp_path
+):
     """An online request announced while no step runs (the loop is applying the last step or
     planning the next) has not been taken in by the plan: the next offline step stops at its
     first safepoint instead of running in full. Once the loop takes the request in, steps
-    are not stopped on its account any more."""
-    llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=2048)
+    are not stopped on its account any more. The step log records all of it."""
+    log = tmp_path / "steps.jsonl"
+    llm = conserve_llm(
+        tiny_llama_dir, linear_profile, max_num_batched_tokens=2048, step_log=str(log)
+    )
     eng = llm.engine
     eng.add_request("off", list(range(300, 1000)), GREEDY, RequestClass.OFFLINE)
     eng.latency.coef[:] = 0
@@ -220,3 +226,15 @@ def test_an_arrival_between_steps_stops_the_next_offline_step(tiny_llama_dir, li
     assert eng.scheduler.requests["off"].num_computed_tokens > 0
     eng.abort("off")
     eng.check_integrity()
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    added = [r for r in recs if "added" in r]
+    steps = [r for r in recs if "run_s" in r]
+    assert [(r["added"], r["class"], r["prompt_len"]) for r in added] == [
+        ("off", "offline", 700),
+        ("on", "online", 16),
+    ]
+    assert [r["stopped_at_layer"] for r in steps] == [1, None, None]
+    assert steps[0]["offline"] == [1, 700] and steps[0]["online"] == [0, 0]
+    assert steps[1]["online"] == [1, 16] and steps[1]["online_prefill_ids"] == ["on"]
+    assert steps[1]["offline"] == [0, 0]  # offline decodes only beside an online prefill
+    assert all(r["t"] >= added[0]["t"] and r["run_s"] > 0 for r in steps)

@@ -21,6 +21,7 @@ import random
 import re
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,7 @@ class RunResult:
     offline: list[RequestRecord]
     window_s: float
     engine: dict[str, float]
+    steps: dict[str, Any] | None = None  # what the engine's step log says (conserve only)
 
 
 def token_times(rec: RequestRecord) -> list[float]:
@@ -173,10 +175,11 @@ async def run_mixed(
     online: list[BenchRequest],
     offline: list[BenchRequest],
     api_key: str | None = None,
-) -> tuple[list[RequestRecord], list[RequestRecord], float]:
+) -> tuple[list[RequestRecord], list[RequestRecord], float, float]:
     """Offline requests all at time 0, online ones at their arrival times; when the last online
     request has finished, the offline ones still running are cancelled (their connections
-    close, so the server aborts them)."""
+    close, so the server aborts them). Returns the records, the window's length and its
+    start on the `time.monotonic()` clock."""
     import httpx
 
     url = base_url + "/v1/completions"
@@ -186,6 +189,7 @@ async def run_mixed(
     off_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, 0.0) for r in offline]
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600, connect=60)) as c:
         t0 = time.perf_counter()
+        t0_monotonic = time.monotonic()  # the clock of the engine's step log
         off_tasks = []
         for r, rec in zip(offline, off_recs, strict=True):
             body = request_body(r, model, "completions") | {"priority": 1}
@@ -204,7 +208,7 @@ async def run_mixed(
         for t in off_tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-    return on_recs, off_recs, window
+    return on_recs, off_recs, window, t0_monotonic
 
 
 def scrape(base_url: str) -> dict[str, float]:
@@ -231,6 +235,7 @@ def one_run(
     server: LaunchedServer,
     online: list[BenchRequest],
     offline: list[BenchRequest],
+    step_log: Path | None = None,
 ) -> RunResult:
     try:
         server.wait_healthy(900)
@@ -238,12 +243,77 @@ def one_run(
         # warm up the server without measuring: one short request
         asyncio.run(run_mixed(server.base_url, model, online[:1], []))
         before = scrape(server.base_url)
-        on, off, window = asyncio.run(run_mixed(server.base_url, model, online, offline))
+        on, off, window, t0 = asyncio.run(run_mixed(server.base_url, model, online, offline))
         after = scrape(server.base_url)
     finally:
         server.stop()
     engine = {k: after[k] - before.get(k, 0.0) for k in after}
-    return RunResult(label, on, off, window, engine)
+    steps = None
+    if step_log is not None and step_log.exists():
+        steps = step_log_summary(step_log, t0, window)
+    return RunResult(label, on, off, window, engine, steps)
+
+
+def step_log_summary(path: Path, t0: float, window: float) -> dict[str, Any]:
+    """Where the engine's time went during the run's window, from its `--step-log`: time
+    spent in steps by kind, compute thrown away by stopped steps, and for online requests
+    the time from reaching the engine to the end of the step that computed their prompt
+    (the engine's part of TTFT) and what ran meanwhile."""
+    import json
+
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if t0 <= r["t"] <= t0 + window]
+    steps = [r for r in recs if "run_s" in r]
+    added = {r["added"]: r["t"] for r in recs if r.get("class") == "online"}
+    done: dict[str, float] = {}
+    for r in steps:
+        if r["stopped_at_layer"] is None:
+            for rid in r["online_prefill_ids"]:
+                done[rid] = r["t"] + r["run_s"] + r["apply_s"]
+    engine_ttft = sorted(done[k] - added[k] for k in done if k in added)
+    # per online request: seconds of offline-carrying steps that ran while it waited
+    blocked = []
+    for rid, t_add in added.items():
+        if rid not in done:
+            continue
+        b = sum(
+            min(r["t"] + r["run_s"], done[rid]) - max(r["t"], t_add)
+            for r in steps
+            if r["offline"][0] and r["t"] < done[rid] and r["t"] + r["run_s"] > t_add
+        )
+        blocked.append(max(0.0, b))
+
+    def pct(v: list[float], q: float) -> float | None:
+        return float(np.percentile(np.asarray(v) * 1e3, q)) if v else None
+
+    stopped = [r for r in steps if r["stopped_at_layer"] is not None]
+    kinds = {"online only": 0.0, "mixed": 0.0, "offline only": 0.0}
+    for r in steps:
+        if r["stopped_at_layer"] is not None:
+            continue
+        key = "mixed" if r["online"][0] and r["offline"][0] else "online only"
+        kinds["offline only" if not r["online"][0] else key] += r["run_s"]
+    preds = [(r["predicted_s"], r["run_s"]) for r in steps if r["predicted_s"] and not
+             r["stopped_at_layer"]]  # fmt: skip
+    err = [abs(p - m) / m for p, m in preds if m > 0]
+    return {
+        "steps": len(steps),
+        "engine_ttft_ms": {
+            "median": pct(engine_ttft, 50),
+            "p99": pct(engine_ttft, 99),
+            "max": pct(engine_ttft, 100),
+        },  # fmt: skip
+        "offline_blocking_ms": {
+            "median": pct(blocked, 50),
+            "p99": pct(blocked, 99),
+            "max": pct(blocked, 100),
+        },  # fmt: skip
+        "busy_s": {k: round(v, 2) for k, v in kinds.items()},
+        "stopped_steps": len(stopped),
+        "stopped_compute_s": round(sum(r["run_s"] for r in stopped), 2),
+        "plan_apply_s": round(sum(r["plan_s"] + r["apply_s"] for r in steps), 2),
+        "prediction_error_median": float(np.median(err)) if err else None,
+    }
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -270,6 +340,17 @@ def describe(r: RunResult, slo: SLO) -> dict[str, Any]:
         "offline_output_tok_s": out / r.window_s,
         "offline_started": sum(1 for x in r.offline if x.ttft_s is not None),
         "engine": r.engine,
+        "steps": r.steps,
+        "online_requests": [
+            {
+                "sent_s": round(x.sent_s, 4),
+                "prompt_len": x.prompt_len,
+                "output_len": x.output_len,
+                "ttft_ms": None if x.ttft_s is None else round(x.ttft_s * 1e3, 1),
+                "tpot_ms": None if x.tpot_s is None else round(x.tpot_s * 1e3, 2),
+            }
+            for x in r.online
+        ],
     }
 
 
@@ -344,6 +425,45 @@ def render(results: list[dict], info: dict, desc: dict, slo: SLO, plots: list[st
             f"- vllm priority: TTFT p99 {vp['ttft_ms']['p99'] / va['ttft_ms']['p99']:.2f}x "
             f"alone, TPOT p99 {vp['tpot_ms']['p99'] / va['tpot_ms']['p99']:.2f}x alone"
         )
+    logged = [r for r in results if r.get("steps")]
+    if logged:
+        lines += ["", "Engine step logs (`--step-log`; times inside the window):", ""]
+        rows = []
+        for r in logged:
+            st = r["steps"]
+            t, b, busy = st["engine_ttft_ms"], st["offline_blocking_ms"], st["busy_s"]
+            err = st["prediction_error_median"]
+            rows.append(
+                [
+                    r["label"],
+                    _ms(t["median"]) + " / " + _ms(t["p99"]) + " / " + _ms(t["max"]),
+                    _ms(b["p99"]) + " / " + _ms(b["max"]),
+                    f"{st['stopped_steps']} ({st['stopped_compute_s']:.1f} s)",
+                    " / ".join(f"{busy[k]:.0f}" for k in ("online only", "mixed", "offline only")),
+                    f"{st['plan_apply_s']:.1f}",
+                    "" if err is None else f"{err:.0%}",
+                ]
+            )
+        lines.append(
+            md_table(
+                [
+                    "run",
+                    "engine TTFT p50/p99/max ms",
+                    "behind offline p99/max ms",
+                    "stopped steps (compute lost)",
+                    "busy s: online / mixed / offline",
+                    "plan+apply s",
+                    "step prediction error (median)",
+                ],
+                rows,
+            )
+        )
+        lines += [
+            "",
+            "Engine TTFT: from the request reaching the engine to the end of the step that "
+            "computed its prompt. Behind offline: the part of that spent while steps carrying "
+            "offline work ran.",
+        ]
     if plots:
         lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
     return "\n".join(lines) + "\n"
@@ -456,6 +576,8 @@ def run_coserve(args: argparse.Namespace) -> int:
         labels.remove("online alone")
         labels.insert(0, "online alone")  # its latencies set the SLOs of the others
     runs: list[RunResult] = []
+    logs = Path(tempfile.mkdtemp(prefix="conserve-coserve-"))
+    print(f"[coserve] engine step logs: {logs}", file=sys.stderr)
     for label in labels:
         if runs and runs[-1].label == "online alone" and args.slo_source == "alone":
             slo_t, slo_p = slos_from_alone(runs[-1], args.slo_scale, args.ttft_slo, args.tpot_slo)
@@ -469,14 +591,18 @@ def run_coserve(args: argparse.Namespace) -> int:
             slo_args += ["--ttft-slo", str(slo_t)]
         if slo_p:
             slo_args += ["--tpot-slo", str(slo_p)]
-        server = launch_conserve(args.model, dtype, ["--policy", policy, *slo_args, *extra])
+        step_log = logs / f"{re.sub(r'[^a-z0-9]+', '-', label)}.jsonl"
+        log_args = ["--step-log", str(step_log)]
+        server = launch_conserve(
+            args.model, dtype, ["--policy", policy, *slo_args, *log_args, *extra]
+        )
         from_alone = args.slo_source == "alone" and label == "online alone"
         if (slo_t is None or slo_p is None) and not from_alone:
             server.wait_healthy(900)
             t, p = server_slos(server.base_url)
             slo_t, slo_p = slo_t or t, slo_p or p
         print(f"[coserve] {label}: policy {policy}", file=sys.stderr, flush=True)
-        runs.append(one_run(label, server, online, offline if with_offline else []))
+        runs.append(one_run(label, server, online, offline if with_offline else [], step_log))
         print(f"[coserve] {label}: done in {runs[-1].window_s:.0f} s", file=sys.stderr)
     vpy = None if args.skip_vllm else vllm_python(args.vllm_python)
     if vpy:
@@ -506,6 +632,10 @@ def run_coserve(args: argparse.Namespace) -> int:
     print(md)
     print(f"results: {out / f'coserve-{stamp}.md'}")
     return 0
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
 
 
 def _nan(x: Any) -> Any:

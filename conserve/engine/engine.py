@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -108,6 +109,7 @@ class Engine:
         self._announced = 0
         self._received = 0
         self._pending_prompt_len: int | None = None
+        self.step_log = None  # a text file: one JSON line per step (EngineConfig.step_log)
         # (seconds from the stop request to the stopped step, layers run) (bounded)
         self.layer_preemptions: deque[tuple[float, int]] = deque(maxlen=10_000)
 
@@ -165,6 +167,8 @@ class Engine:
         )
         engine = Engine(cfg, tokenizer, scheduler, runner, max_len, source.name, model_cfg)
         engine.model_source = str(source)
+        if cfg.step_log:
+            engine.step_log = open(cfg.step_log, "a", buffering=1)  # noqa: SIM115 - engine-long
         if cfg.scheduler.policy == "conserve":
             engine.use_latency_model(_load_latency_model(engine, cfg.latency_profile))
         return engine
@@ -215,6 +219,9 @@ class Engine:
             self._seq_to_group[seq_id] = (group, state)
             self.scheduler.add(req)
         self._groups[request_id] = group
+        if self.step_log is not None:
+            rec = {"t": round(now, 6), "added": request_id, "class": request_class.value}
+            self.step_log.write(json.dumps(rec | {"prompt_len": len(ids)}) + "\n")
 
     def validate_prompt(self, ids: Sequence[int], params: SamplingParams) -> None:
         if not ids:
@@ -245,9 +252,11 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t_plan = time.monotonic()
         batch = self.scheduler.schedule()  # plan
         if batch.empty:
             return []
+        t_exec = time.monotonic()
         try:
             result = self._execute(batch)  # execute
         except IterationPreempted as e:
@@ -257,6 +266,8 @@ class Engine:
             self.num_layer_preemptions += 1
             wait = time.monotonic() - done.stop_requested_at if done.stop_requested_at else 0.0
             self.layer_preemptions.append((wait, e.layer))
+            if self.step_log is not None:
+                self._log_step(batch, t_plan, t_exec, time.monotonic() - t_exec, e.layer)
             return []
         finally:
             self._current = None
@@ -264,7 +275,28 @@ class Engine:
         self.step_times.append(result.elapsed_s)
         if self.latency is not None and batch.shape is not None:
             self._observe(batch, result.elapsed_s)
-        return self._apply(batch, result)  # apply
+        outputs = self._apply(batch, result)  # apply
+        if self.step_log is not None:
+            self._log_step(batch, t_plan, t_exec, result.elapsed_s, None)
+        return outputs
+
+    def _log_step(
+        self, batch: ScheduledBatch, t_plan: float, t_exec: float, ran: float, stop: int | None
+    ) -> None:
+        on = [c for c in batch.chunks if not c.offline]
+        off = [c for c in batch.chunks if c.offline]
+        rec = {
+            "t": round(t_exec, 6),  # time.monotonic() when the step started computing
+            "plan_s": round(t_exec - t_plan, 6),
+            "run_s": round(ran, 6),
+            "apply_s": round(time.monotonic() - t_exec - ran, 6),
+            "predicted_s": None if batch.predicted_s is None else round(batch.predicted_s, 6),
+            "online": [len(on), sum(c.num_tokens for c in on)],  # [chunks, tokens]
+            "offline": [len(off), sum(c.num_tokens for c in off)],
+            "online_prefill_ids": [c.request_id for c in on if c.num_tokens > 1],
+            "stopped_at_layer": stop,
+        }
+        self.step_log.write(json.dumps(rec) + "\n")
 
     def _execute(self, batch: ScheduledBatch) -> StepResult:
         if not batch.preemptible:
