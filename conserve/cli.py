@@ -74,6 +74,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="offline work fills steps up to the TPOT SLO minus this fraction",
     )
     c.add_argument(
+        "--offline-step-s",
+        type=float,
+        help="conserve policy, no online work: offline prompt chunks are cut to this "
+        "predicted step time, seconds (default: ten times a one-token step; longer steps are "
+        "no faster and lose more work when an online arrival stops them)",
+    )
+    c.add_argument(
         "--safepoint-every",
         type=int,
         default=1,
@@ -131,6 +138,7 @@ def engine_config(args: argparse.Namespace):
             tpot_slo=args.tpot_slo,
             ttft_slo=args.ttft_slo,
             slo_margin=args.slo_margin,
+            offline_step_s=args.offline_step_s,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

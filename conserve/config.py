@@ -23,6 +23,9 @@ class SchedulerConfig:
     tpot_slo: float | None = None  # seconds; None: derived from the latency profile
     ttft_slo: float | None = None
     slo_margin: float = 0.1  # offline work fills the TPOT SLO minus this fraction
+    # conserve, no online work: predicted seconds per step for offline prompt chunks (None:
+    # ten times a one-token step, from the latency profile)
+    offline_step_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -37,6 +40,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be positive")
         if not 0 <= self.slo_margin < 1:
             raise ValueError("slo_margin must be in [0, 1)")
+        if self.offline_step_s is not None and not self.offline_step_s > 0:
+            raise ValueError("offline_step_s must be positive")
 
     @property
     def chunk_cap(self) -> int:

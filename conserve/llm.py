@@ -22,7 +22,7 @@ class LLM:
     """Runs the engine in this process. Keyword arguments override `EngineConfig` fields;
     `block_size`, `num_blocks`, `kv_cache_gb`, `enable_prefix_caching` go to the cache config and
     `max_num_seqs`, `max_num_batched_tokens`, `max_prefill_chunk`, `policy`, `tpot_slo`,
-    `ttft_slo`, `slo_margin` to the scheduler config."""
+    `ttft_slo`, `slo_margin`, `offline_step_s` to the scheduler config."""
 
     def __init__(self, model: str | None = "default", **kwargs: Any) -> None:
         cache_keys = {
@@ -40,6 +40,7 @@ class LLM:
             "tpot_slo",
             "ttft_slo",
             "slo_margin",
+            "offline_step_s",
         }
         cache = CacheConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in cache_keys})
         sched = SchedulerConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in sched_keys})

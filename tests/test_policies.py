@@ -31,12 +31,22 @@ def linear_model(const_ms: float = 10.0, per_token_ms: float = 1.0) -> LatencyMo
     return LatencyModel(coef)
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def make(
     policy: str,
     num_blocks: int = 256,
     budget: int = 512,
     max_num_seqs: int = 16,
     prefix_caching: bool = True,
+    clock: FakeClock | None = None,
+    offline_step_s: float | None = None,
 ) -> tuple[Scheduler, FakeRunner]:
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
@@ -44,9 +54,11 @@ def make(
         policy=policy,
         tpot_slo=TPOT_SLO,
         ttft_slo=1.0,
+        offline_step_s=offline_step_s,
     )
     kv = KVCacheManager(num_blocks, BS, prefix_caching)
-    scheduler = Scheduler(config, kv, linear_model())
+    # The clock stands still unless a test moves it: no online request is ever behind.
+    scheduler = Scheduler(config, kv, linear_model(), clock=clock or FakeClock())
     return scheduler, FakeRunner(scheduler)
 
 
@@ -173,7 +185,71 @@ def test_offline_is_not_starved_once_online_load_stops() -> None:
         steps += 1
         if "on" not in s.requests:
             assert any(c.request_id == "off" for c in batch.chunks)
-    assert steps <= 6  # 600 tokens at 256 per step once online is gone, plus the tail
+    # Once online is gone, offline prompt chunks fill the idle-step limit (10 x the 11 ms
+    # one-token step: 100 tokens), so 600 tokens take 6 steps, plus the tail.
+    assert s.offline_step_limit == pytest.approx(0.11)
+    assert steps <= 600 // 100 + 2
+
+
+def test_conserve_idle_offline_steps_are_cut_to_the_step_limit_but_decodes_are_not() -> None:
+    """No online work: every offline decode runs, then prompt chunks up to the step limit
+    (50 ms here), or a quarter of it on top of decodes that already exceed it."""
+    s, r = make("conserve", num_blocks=4096, budget=512, max_num_seqs=64, offline_step_s=0.05)
+    for i in range(60):
+        s.add(req(f"r{i}", OFFLINE, 20, 100))
+    saw_cut = saw_floor = False
+    while s.num_unfinished:
+        decoders = {q.request_id for q in s.running if q.num_output_tokens > 0}
+        batch = step(s, r)
+        assert batch.preemptible
+        decodes = [c for c in batch.chunks if c.request_id in decoders]
+        prompt = [c for c in batch.chunks if c.request_id not in decoders]
+        assert {c.request_id for c in decodes} == decoders  # decodes are never cut
+        shape = s.latency.predict
+        if prompt:
+            t_dec = 0.010 + 0.001 * len(decodes) if decodes else 0.0
+            limit = max(0.05, t_dec + 0.0125)
+            assert shape(batch.shape) <= limit + 1e-9
+            saw_floor |= t_dec > 0.05
+            if prompt[-1].sample is None:  # the last chunk was cut: nothing more fitted
+                assert shape(batch.shape.with_chunk(0, 1, False)) > limit
+                saw_cut = True
+    assert saw_cut and saw_floor
+    s.check_integrity()
+
+
+def test_conserve_gives_a_late_online_request_its_time_back() -> None:
+    """An online request loses 150 ms after its first token (say, to another request's long
+    prompt). The steps after it carry less offline work until its TPOT is back inside the
+    budget, and it ends inside it; with a fixed per-step budget it would end 1.6% over."""
+    clock = FakeClock()
+    s, r = make("conserve", budget=512, clock=clock)
+    for i in range(4):
+        s.add(req(f"off{i}", OFFLINE, 8, 200))
+    step(s, r)  # the offline requests are decoding
+    on = req("on", ONLINE, 8, 40)
+    s.add(on)
+    step(s, r)  # its prompt: the first token, stamped at clock.now
+    first = on.first_token_time
+    clock.now += 0.15
+    base = TPOT_SLO * 0.9
+    offline_per_step = []
+    while "on" in s.requests:
+        budget = s.tpot_budget
+        assert budget == pytest.approx(max(0.0, min(base, base * on.num_output_tokens - (
+            clock.now - first))))  # fmt: skip
+        batch = step(s, r)
+        offline = [c for c in batch.chunks if c.offline]
+        if offline:
+            assert s.latency.predict(batch.shape) <= budget + 1e-9
+        offline_per_step.append(len(offline))
+        if "on" in s.requests:
+            last = clock.now + s.latency.predict(batch.shape)
+        clock.now += s.latency.predict(batch.shape)
+    assert offline_per_step[0] == 0  # 150 ms behind: no offline work at all
+    assert offline_per_step[-1] == 4  # caught up: the whole budget again
+    tpot = (last - first) / 39
+    assert tpot <= base + 1e-9
 
 
 def test_online_only_holds_offline_while_online_work_exists() -> None:
@@ -190,8 +266,9 @@ def test_online_only_holds_offline_while_online_work_exists() -> None:
 
 @pytest.mark.parametrize("policy", ["priority", "conserve"])
 def test_online_request_preempts_offline_for_blocks_and_offline_recomputes(policy) -> None:
-    # 40 blocks of 4 tokens: the offline request holds 30 of them
-    s, r = make(policy, num_blocks=40, budget=512)
+    # 40 blocks of 4 tokens: the offline request holds 30 of them (its whole prompt in one
+    # step: the idle-step limit is set high enough)
+    s, r = make(policy, num_blocks=40, budget=512, offline_step_s=1.0)
     off = req("off", OFFLINE, 120, 8)
     s.add(off)
     step(s, r)
@@ -339,7 +416,7 @@ def test_paused_offline_request_resumes_from_host_tier_and_recomputes_only_the_t
     from conserve.kv.host_tier import HostKVStore
 
     # no prefix cache: the paused request's KV can come back from the host tier only
-    s, r = make("conserve", num_blocks=40, budget=512, prefix_caching=False)
+    s, r = make("conserve", num_blocks=40, budget=512, prefix_caching=False, offline_step_s=1.0)
     s.host = HostKVStore(64, BS, FakeMover(r))
     off = req("off", OFFLINE, 117, 6)  # 29 full blocks + 1 token
     s.add(off)
@@ -373,7 +450,7 @@ def test_paused_offline_request_resumes_from_host_tier_and_recomputes_only_the_t
 def test_host_tier_that_is_full_falls_back_to_recompute() -> None:
     from conserve.kv.host_tier import HostKVStore
 
-    s, r = make("conserve", num_blocks=40, budget=512, prefix_caching=False)
+    s, r = make("conserve", num_blocks=40, budget=512, prefix_caching=False, offline_step_s=1.0)
     s.host = HostKVStore(3, BS, FakeMover(r))  # room for 3 of the 29 blocks
     s.add(req("off", OFFLINE, 117, 4))
     step(s, r)

@@ -84,6 +84,14 @@ def add_coserve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-output-len", type=int, default=64)
     o = p.add_argument_group("offline job")
     o.add_argument("--offline-requests", type=int, default=300)
+    o.add_argument(
+        "--offline-via",
+        choices=("requests", "batch"),
+        default="requests",
+        help="send the offline job as requests with `priority: 1` (the default), or as one "
+        "Batch API file (conserve runs only; offline tokens are then those of whole lines "
+        "finished inside the window)",
+    )
     o.add_argument("--seed", type=int, default=0)
     s = p.add_argument_group(
         "SLOs (given to every conserve server, and used for attainment)",
@@ -155,6 +163,7 @@ class RunResult:
     window_s: float
     engine: dict[str, float]
     steps: dict[str, Any] | None = None  # what the engine's step log says (conserve only)
+    batch: dict[str, Any] | None = None  # the offline job's result when it ran as a batch
 
 
 def token_times(rec: RequestRecord) -> list[float]:
@@ -211,6 +220,97 @@ async def run_mixed(
     return on_recs, off_recs, window, t0_monotonic
 
 
+def batch_line_body(r: BenchRequest, model: str) -> dict[str, Any]:
+    """The offline request as a Batch API line's body: no streaming, same lengths."""
+    body = request_body(r, model, "completions")
+    body.pop("stream_options")
+    return body | {"stream": False}
+
+
+async def run_mixed_batch(
+    base_url: str,
+    model: str,
+    online: list[BenchRequest],
+    offline: list[BenchRequest],
+    api_key: str | None = None,
+) -> tuple[list[RequestRecord], dict[str, Any], float, float]:
+    """As `run_mixed`, but the offline job is one Batch API file, uploaded and submitted at
+    time 0. When the last online request has finished, the batch is cancelled (lines already
+    done stay in its output file). Returns the online records, what the batch finished (lines,
+    prompt and completion tokens from the output file's usage), the window and its start on
+    the `time.monotonic()` clock."""
+    import json
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url + "/v1/completions"
+    on_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, r.arrival_s) for r in online]
+    jsonl = "".join(
+        json.dumps(
+            {
+                "custom_id": f"offline-{r.index}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": batch_line_body(r, model),
+            }
+        )
+        + "\n"
+        for r in offline
+    )
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+
+    async def submit(c: httpx.AsyncClient) -> str:
+        f = await c.post(
+            base_url + "/v1/files",
+            headers=headers,
+            files={"file": ("offline.jsonl", jsonl.encode())},
+            data={"purpose": "batch"},
+        )
+        f.raise_for_status()
+        b = await c.post(
+            base_url + "/v1/batches",
+            headers=headers,
+            json={
+                "input_file_id": f.json()["id"],
+                "endpoint": "/v1/completions",
+                "completion_window": "24h",
+            },
+        )
+        b.raise_for_status()
+        return b.json()["id"]
+
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600, connect=60)) as c:
+        t0 = time.perf_counter()
+        t0_monotonic = time.monotonic()
+        batch = asyncio.create_task(submit(c))
+        on_tasks = []
+        for r, rec in zip(online, on_recs, strict=True):
+            delay = t0 + r.arrival_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = request_body(r, model, "completions")
+            on_tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
+        await asyncio.gather(*on_tasks)
+        window = time.perf_counter() - t0
+        batch_id = await batch
+        await c.post(f"{base_url}/v1/batches/{batch_id}/cancel", headers=headers)
+        while True:
+            b = (await c.get(f"{base_url}/v1/batches/{batch_id}", headers=headers)).json()
+            if b["status"] in ("cancelled", "completed", "failed", "expired"):
+                break
+            await asyncio.sleep(0.2)
+        done = {"batch_status": b["status"], "lines": 0, "prompt_tokens": 0, "output_tokens": 0}
+        if b.get("output_file_id"):
+            out = await c.get(f"{base_url}/v1/files/{b['output_file_id']}/content", headers=headers)
+            for line in out.text.splitlines():
+                usage = json.loads(line)["response"]["body"].get("usage") or {}
+                done["lines"] += 1
+                done["prompt_tokens"] += usage.get("prompt_tokens", 0)
+                done["output_tokens"] += usage.get("completion_tokens", 0)
+    return on_recs, done, window, t0_monotonic
+
+
 def scrape(base_url: str) -> dict[str, float]:
     """Counters of interest from /metrics (conserve only)."""
     import httpx
@@ -236,14 +336,22 @@ def one_run(
     online: list[BenchRequest],
     offline: list[BenchRequest],
     step_log: Path | None = None,
+    as_batch: bool = False,
 ) -> RunResult:
+    batch = None
     try:
         server.wait_healthy(900)
         model = served_model(server.base_url, None)
         # warm up the server without measuring: one short request
         asyncio.run(run_mixed(server.base_url, model, online[:1], []))
         before = scrape(server.base_url)
-        on, off, window, t0 = asyncio.run(run_mixed(server.base_url, model, online, offline))
+        if as_batch and offline:
+            on, batch, window, t0 = asyncio.run(
+                run_mixed_batch(server.base_url, model, online, offline)
+            )
+            off = []
+        else:
+            on, off, window, t0 = asyncio.run(run_mixed(server.base_url, model, online, offline))
         after = scrape(server.base_url)
     finally:
         server.stop()
@@ -251,7 +359,7 @@ def one_run(
     steps = None
     if step_log is not None and step_log.exists():
         steps = step_log_summary(step_log, t0, window)
-    return RunResult(label, on, off, window, engine, steps)
+    return RunResult(label, on, off, window, engine, steps, batch)
 
 
 def step_log_summary(path: Path, t0: float, window: float) -> dict[str, Any]:
@@ -328,6 +436,10 @@ def describe(r: RunResult, slo: SLO) -> dict[str, Any]:
     s = summarize(r.online, r.window_s, slo)
     off_tok = sum(offline_tokens(x, r.window_s) for x in r.offline)
     out = sum(len([t for t in token_times(x) if t <= r.window_s]) for x in r.offline)
+    started = sum(1 for x in r.offline if x.ttft_s is not None)
+    if r.batch is not None:  # whole lines finished by the end of the window
+        off_tok = r.batch["prompt_tokens"] + r.batch["output_tokens"]
+        out, started = r.batch["output_tokens"], r.batch["lines"]
     return {
         "label": r.label,
         "window_s": r.window_s,
@@ -338,7 +450,8 @@ def describe(r: RunResult, slo: SLO) -> dict[str, Any]:
         "slo_attainment": s.get("slo_attainment"),
         "offline_tok_s": off_tok / r.window_s,
         "offline_output_tok_s": out / r.window_s,
-        "offline_started": sum(1 for x in r.offline if x.ttft_s is not None),
+        "offline_started": started,
+        "offline_batch": r.batch,
         "engine": r.engine,
         "steps": r.steps,
         "online_requests": [
@@ -569,7 +682,7 @@ def run_coserve(args: argparse.Namespace) -> int:
     maker = PromptMaker(tok, args.seed)
     online, desc = online_requests(args, maker)
     offline, odesc = offline_job(args.offline_requests, maker, args.seed)
-    desc |= odesc | {"dtype": dtype}
+    desc |= odesc | {"offline_via": args.offline_via, "dtype": dtype}
     extra = shlex.split(args.conserve_args)
     slo_t, slo_p = args.ttft_slo, args.tpot_slo
     if args.slo_source == "alone" and "online alone" in labels:
@@ -592,7 +705,7 @@ def run_coserve(args: argparse.Namespace) -> int:
         if slo_p:
             slo_args += ["--tpot-slo", str(slo_p)]
         step_log = logs / f"{re.sub(r'[^a-z0-9]+', '-', label)}.jsonl"
-        log_args = ["--step-log", str(step_log)]
+        log_args = ["--step-log", str(step_log), "--data-dir", str(step_log.with_suffix(".data"))]
         server = launch_conserve(
             args.model, dtype, ["--policy", policy, *slo_args, *log_args, *extra]
         )
@@ -602,7 +715,8 @@ def run_coserve(args: argparse.Namespace) -> int:
             t, p = server_slos(server.base_url)
             slo_t, slo_p = slo_t or t, slo_p or p
         print(f"[coserve] {label}: policy {policy}", file=sys.stderr, flush=True)
-        runs.append(one_run(label, server, online, offline if with_offline else [], step_log))
+        job = offline if with_offline else []
+        runs.append(one_run(label, server, online, job, step_log, args.offline_via == "batch"))
         print(f"[coserve] {label}: done in {runs[-1].window_s:.0f} s", file=sys.stderr)
     vpy = None if args.skip_vllm else vllm_python(args.vllm_python)
     if vpy:

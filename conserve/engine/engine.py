@@ -364,13 +364,10 @@ class Engine:
     def _apply(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
         advanced = self.scheduler.update(batch, result)
         self.scheduler.checkpoint_offline()
-        now = time.monotonic()
         touched: dict[str, _Group] = {}
         eos = self.tokenizer.eos_token_ids
         for req in advanced:
             group, seq = self._seq_to_group[req.request_id]
-            if req.first_token_time is None:
-                req.first_token_time = now
             seq.on_token(result.sampled[req.request_id])
             status = stop_status(req, eos, self.max_model_len)
             if seq.incremental and seq.check_stop_strings():

@@ -14,11 +14,15 @@ Policies (`SchedulerConfig.policy`):
   request, which is recomputed later: priority scheduling at iteration granularity.
 - `conserve`: as `priority`, but while online work exists offline decodes and prefill chunks
   are added only while the *predicted* step time (the latency model) stays inside the TPOT SLO
-  minus a margin; a prefill chunk is cut to the size that fits. A step that carries an online
+  minus a margin; a prefill chunk is cut to the size that fits. The budget is smaller when a
+  running online request is behind its TPOT SLO (its tokens so far took longer than the
+  budget on average, e.g. while another request's prompt was computed): the steps after it
+  give that time back. A step that carries an online
   prefill chunk takes offline decodes only, so a new online request's first token does not
-  wait for offline prompt tokens. With no online work, offline
-  work gets the whole token budget. Such a step is marked preemptible: the engine may stop it
-  between layers when an online request arrives.
+  wait for offline prompt tokens. With no online work, offline work gets the token budget,
+  its prompt chunks cut to a predicted step time (`offline_step_limit`) that is efficient but
+  not so long that a stop throws much away. A step with offline work is marked preemptible:
+  the engine may stop it between layers when an online request arrives.
 
 When a request needs a block and none is free, a running request not yet scheduled in this step
 is preempted: the newest one (fcfs), the newest offline one first (other policies). Its blocks
@@ -28,8 +32,9 @@ to be recomputed.
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from conserve.config import SchedulerConfig
@@ -69,8 +74,10 @@ class Scheduler:
         kv: KVCacheManager,
         latency: LatencyModel | None = None,
         host: HostKVStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.clock = clock  # stamps first tokens; online requests' TPOT budgets read it
         self.kv = kv
         self.latency = latency
         self.host = host  # checkpoints of offline requests (conserve policy)
@@ -84,13 +91,40 @@ class Scheduler:
         self.tokens_restored = 0  # copied back from the host tier instead
         self._next_key = 0
         self._front_key = 0
+        self._offline_step_s: float | None = None  # derived from the latency model once
 
     @property
     def tpot_budget(self) -> float | None:
-        """Predicted seconds an offline-carrying step may take while online work exists."""
+        """Predicted seconds an offline-carrying step may take while online work exists: the
+        TPOT SLO minus the margin, less for an online request that is behind it."""
         if self.config.tpot_slo is None or self.latency is None:
             return None
-        return self.config.tpot_slo * (1 - self.config.slo_margin)
+        base = self.config.tpot_slo * (1 - self.config.slo_margin)
+        now = self.clock()
+        budget = base
+        for r in self.running:
+            if r.request_class is ONLINE and r.first_token_time is not None:
+                # After this step the request's TPOT is (now + step - first) / k, with k
+                # tokens after its first: keep that inside the budget. A request that lost
+                # time (to another request's prompt, say) gets it back from offline work.
+                k = r.num_output_tokens
+                budget = min(budget, base * k - (now - r.first_token_time))
+        return max(budget, 0.0)
+
+    @property
+    def offline_step_limit(self) -> float | None:
+        """Predicted seconds of a conserve step with no online work: its offline prompt
+        chunks are cut to fit (its decodes are not; prompt chunks then get a quarter of it
+        on top of them). Long enough that the fixed cost of a step (a one-token step) is at
+        most a tenth of it; longer would not be faster, and a step stopped for an arriving
+        online request loses the work it has done."""
+        if self.config.offline_step_s is not None:
+            return self.config.offline_step_s
+        if self.latency is None:
+            return None
+        if self._offline_step_s is None:
+            self._offline_step_s = 10 * self.latency.predict(BatchShape().with_chunk(0, 1))
+        return self._offline_step_s
 
     # -- queue ------------------------------------------------------------------------------
     @property
@@ -147,10 +181,19 @@ class Scheduler:
             self._run(plan, [r for r in self.running if r.request_class is ONLINE])
             self._admit(plan, _heads(self.queues[ONLINE]))
             if not (self.config.policy == "online-only" and online_present):
+                offline = [r for r in self.running if r.request_class is OFFLINE]
                 if self.config.policy == "conserve" and online_present:
                     plan.time_limit = self.tpot_budget
                     plan.offline_decodes_only = any(c.num_tokens > 1 for c in plan.chunks)
-                self._run(plan, [r for r in self.running if r.request_class is OFFLINE])
+                elif self.config.policy == "conserve" and self.offline_step_limit is not None:
+                    # no online work: every decode, then prompt chunks up to the step limit
+                    # (and at least a quarter of it, so that new requests keep starting)
+                    decodes = [r for r in offline if r.num_tokens - r.num_computed_tokens == 1]
+                    self._run(plan, decodes)
+                    offline = [r for r in offline if r.request_id not in plan.scheduled]
+                    limit = self.offline_step_limit
+                    plan.time_limit = max(limit, self.latency.predict(plan.shape) + limit / 4)
+                self._run(plan, offline)
                 if not plan.preempted:
                     self._admit(plan, _heads(self.queues[OFFLINE]))
         predicted = self.latency.predict(plan.shape) if self.latency and plan.chunks else None
@@ -379,6 +422,8 @@ class Scheduler:
             self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
             sampled = result.sampled.get(chunk.request_id)
             if sampled is not None:
+                if request.first_token_time is None:
+                    request.first_token_time = self.clock()
                 request.token_ids.append(sampled.token_id)
                 advanced.append(request)
         return advanced
