@@ -468,3 +468,30 @@ def test_host_tier_that_is_full_falls_back_to_recompute() -> None:
     assert s.tokens_restored == 12 * s.num_pauses and s.num_pauses >= 1
     assert s.tokens_recomputed >= 116 - 12
     s.check_integrity()
+
+
+def test_conserve_budget_shrinks_when_budgeted_steps_run_over_their_prediction() -> None:
+    """Steps planned under the online budget that take 30% longer than predicted make the
+    scheduler plan the next ones for 1/1.3 of the budget; steps faster than predicted never
+    enlarge it."""
+    s, r = make("conserve", budget=512)
+    s.add(req("on", ONLINE, 8, 60))
+    for i in range(6):
+        s.add(req(f"off{i}", OFFLINE, 300, 60))
+    base = TPOT_SLO * 0.9
+    batch = step(s, r)
+    while not batch.online_budget:  # until offline work runs under the online budget
+        batch = step(s, r)
+    assert s.tpot_budget == pytest.approx(base)
+    for _ in range(10):
+        s.observe_budgeted(0.05, 0.04)  # faster than predicted
+    assert s.prediction_scale == 1.0 and s.tpot_budget == pytest.approx(base)
+    for _ in range(64):
+        s.observe_budgeted(0.05, 0.065)
+    assert s.prediction_scale == pytest.approx(1.3)
+    assert s.tpot_budget == pytest.approx(base / 1.3)
+    batch = step(s, r)
+    assert batch.online_budget and any(c.offline for c in batch.chunks)
+    assert s.latency.predict(batch.shape) <= base / 1.3 + 1e-9
+    assert s.latency.predict(batch.shape) > base / 1.3 - 0.002  # filled: one more would not fit
+    s.check_integrity()

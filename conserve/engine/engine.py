@@ -295,6 +295,8 @@ class Engine:
             "offline": [len(off), sum(c.num_tokens for c in off)],
             "online_prefill_ids": [c.request_id for c in on if c.num_tokens > 1],
             "stopped_at_layer": stop,
+            "online_budget": batch.online_budget,
+            "prediction_scale": round(self.scheduler.prediction_scale, 4),
         }
         self.step_log.write(json.dumps(rec) + "\n")
 
@@ -315,6 +317,8 @@ class Engine:
         self.latency.observe(batch.shape, seconds)
         if batch.predicted_s is not None:
             self.step_predictions.append((batch.predicted_s, seconds))
+            if batch.online_budget:
+                self.scheduler.observe_budgeted(batch.predicted_s, seconds)
         if self.latency.num_observed % self.refit_every == 0:
             self.latency.refit()
 

@@ -61,6 +61,7 @@ class _Plan:
     preempted: list[str] = field(default_factory=list)
     shape: BatchShape = field(default_factory=BatchShape)
     time_limit: float | None = None  # seconds, for offline chunks
+    online_budget: bool = False  # the time limit is the online TPOT budget
     # offline work limited to decodes: the step already carries an online prefill, whose
     # first token (TTFT) should not wait for offline prompt tokens
     offline_decodes_only: bool = False
@@ -92,6 +93,11 @@ class Scheduler:
         self._next_key = 0
         self._front_key = 0
         self._offline_step_s: float | None = None  # derived from the latency model once
+        # measured / predicted time of recent steps that ran under the online TPOT budget:
+        # the budget is divided by a high quantile of it, so a model that under-predicts the
+        # shapes co-serving produces (many offline decodes beside online ones) is corrected
+        self._budget_errors: deque[float] = deque(maxlen=64)
+        self.prediction_scale = 1.0
 
     @property
     def tpot_budget(self) -> float | None:
@@ -109,7 +115,18 @@ class Scheduler:
                 # time (to another request's prompt, say) gets it back from offline work.
                 k = r.num_output_tokens
                 budget = min(budget, base * k - (now - r.first_token_time))
-        return max(budget, 0.0)
+        return max(budget, 0.0) / self.prediction_scale
+
+    def observe_budgeted(self, predicted: float, measured: float) -> None:
+        """A step planned under the online TPOT budget took `measured` seconds against the
+        `predicted`: update `prediction_scale` (the 90th percentile of measured / predicted
+        over the last 64 such steps, between 1 and 2)."""
+        if predicted <= 0:
+            return
+        self._budget_errors.append(measured / predicted)
+        ranked = sorted(self._budget_errors)
+        p90 = ranked[min(len(ranked) - 1, int(0.9 * len(ranked)))]
+        self.prediction_scale = min(2.0, max(1.0, p90))
 
     @property
     def offline_step_limit(self) -> float | None:
@@ -183,7 +200,7 @@ class Scheduler:
             if not (self.config.policy == "online-only" and online_present):
                 offline = [r for r in self.running if r.request_class is OFFLINE]
                 if self.config.policy == "conserve" and online_present:
-                    plan.time_limit = self.tpot_budget
+                    plan.time_limit, plan.online_budget = self.tpot_budget, True
                     plan.offline_decodes_only = any(c.num_tokens > 1 for c in plan.chunks)
                 elif self.config.policy == "conserve" and self.offline_step_limit is not None:
                     # no online work: every decode, then prompt chunks up to the step limit
@@ -203,6 +220,7 @@ class Scheduler:
             predicted_s=predicted,
             preemptible=self.config.policy == "conserve" and plan.num_offline > 0,
             shape=plan.shape,
+            online_budget=plan.num_offline > 0 and plan.online_budget,
         )
 
     def _fcfs_order(self) -> Iterable[Request]:
