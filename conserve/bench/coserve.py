@@ -516,9 +516,12 @@ def render(results: list[dict], info: dict, desc: dict, slo: SLO, plots: list[st
         lines += ["", "Ratios (same run):", ""]
         busy = alone["engine"].get("busy_s")
         if busy:
+            share = busy / alone["window_s"]
             lines.append(
-                f"- online load alone kept the engine busy {busy / alone['window_s']:.0%} "
-                "of the time"
+                f"- online load alone kept the engine busy {share:.0%} of the time: offline "
+                f"work can get at most about {1 - share:.0%} of non-preemptive's throughput "
+                "here, as online steps keep their own cost and an offline token added to "
+                "one costs about what it costs elsewhere (docs/benchmarks.md)"
             )
         for r in results:
             if r["label"] in ("online alone",) or r["label"].startswith("vllm"):
