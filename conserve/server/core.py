@@ -1,8 +1,9 @@
 """The engine core: its own process, running the engine loop.
 
 The API process sends requests and aborts through a pipe; the core answers with one message per
-engine step holding every request's new tokens and text. HTTP parsing, tokenization and
-streaming happen in the API process, so they never stall an iteration.
+engine step holding every streaming request's new tokens and text (a request that does not
+stream gets its first token, then everything else when it finishes). HTTP parsing,
+tokenization and streaming happen in the API process, so they never stall an iteration.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ class _Sent:
     # Characters held back while a stop string could still be forming at the end of the text
     # (it would be cut from the output once complete): longest stop string - 1.
     holdback: int = 0
+    # Without streaming the API process needs only the first token (it ends the request's
+    # time in the queue) and the end; the deltas between are merged into the last one.
+    stream: bool = True
     text_len: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[int] = field(default_factory=list)
@@ -268,7 +272,8 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
                         msg.stream,
                     )
                     stops = msg.params.stop
-                    sent[msg.request_id] = _Sent(holdback=max(map(len, stops), default=1) - 1)
+                    holdback = max(map(len, stops), default=1) - 1
+                    sent[msg.request_id] = _Sent(holdback=holdback, stream=msg.stream)
                 except ValueError as e:
                     conn.send(Rejected(msg.request_id, str(e)))
             elif isinstance(msg, Abort):
@@ -287,7 +292,7 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
         deltas = []
         for out in outputs:
             state = sent.get(out.request_id)
-            if state is None:
+            if state is None or (not state.stream and state.text_len and not out.finished):
                 continue
             deltas.append(delta_of(out, state))
             if out.finished:
