@@ -77,13 +77,23 @@ def add_coserve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("online load (a trace from ../shared/workloads/)")
     g.add_argument("--trace", default="conv", help="conv, code or a CSV path")
     g.add_argument("--trace-start", type=float, default=0.0, help="seconds into the trace")
-    g.add_argument("--online-requests", type=int, default=48)
-    g.add_argument("--online-rate", type=float, default=0.3, help="mean online requests/s")
+    g.add_argument("--online-requests", type=int, default=120)
+    g.add_argument(
+        "--online-rate",
+        type=float,
+        default=0.5,
+        help="mean online requests/s (0.5: the engine is busy about 25%% of the time alone here)",
+    )
     g.add_argument("--length-scale", type=float, default=0.125, help="trace lengths x this")
     g.add_argument("--max-prompt-len", type=int, default=512)
     g.add_argument("--max-output-len", type=int, default=64)
     o = p.add_argument_group("offline job")
-    o.add_argument("--offline-requests", type=int, default=300)
+    o.add_argument(
+        "--offline-requests",
+        type=int,
+        default=1000,
+        help="requests in the offline job (enough to outlast the online trace)",
+    )
     o.add_argument(
         "--offline-via",
         choices=("requests", "batch"),
