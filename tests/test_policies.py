@@ -192,9 +192,15 @@ def test_offline_is_not_starved_once_online_load_stops() -> None:
 
 
 def test_conserve_idle_offline_steps_are_cut_to_the_step_limit_but_decodes_are_not() -> None:
-    """No online work: every offline decode runs, then prompt chunks up to the step limit
-    (50 ms here), or a quarter of it on top of decodes that already exceed it."""
-    s, r = make("conserve", num_blocks=4096, budget=512, max_num_seqs=64, offline_step_s=0.05)
+    """No online work, but online requests seen recently: every offline decode runs, then
+    prompt chunks up to the step limit (50 ms here), or a quarter of it on top of decodes
+    that already exceed it. A minute after the last online request, steps are full again."""
+    clock = FakeClock()
+    s, r = make(
+        "conserve", num_blocks=4096, budget=512, max_num_seqs=64, offline_step_s=0.05, clock=clock
+    )
+    s.add(req("on", ONLINE, 8, 1))
+    step(s, r)  # the online request, done
     for i in range(60):
         s.add(req(f"r{i}", OFFLINE, 20, 100))
     saw_cut = saw_floor = False
@@ -215,6 +221,10 @@ def test_conserve_idle_offline_steps_are_cut_to_the_step_limit_but_decodes_are_n
                 assert shape(batch.shape.with_chunk(0, 1, False)) > limit
                 saw_cut = True
     assert saw_cut and saw_floor
+    clock.now += 61.0  # no online request for a minute: full steps
+    for i in range(30):
+        s.add(req(f"late{i}", OFFLINE, 20, 2))
+    assert step(s, r).num_tokens == 512
     s.check_integrity()
 
 

@@ -19,9 +19,10 @@ Policies (`SchedulerConfig.policy`):
   budget on average, e.g. while another request's prompt was computed): the steps after it
   give that time back. A step that carries an online
   prefill chunk takes offline decodes only, so a new online request's first token does not
-  wait for offline prompt tokens. With no online work, offline work gets the token budget,
-  its prompt chunks cut to a predicted step time (`offline_step_limit`) that is efficient but
-  not so long that a stop throws much away. A step with offline work is marked preemptible:
+  wait for offline prompt tokens. With no online work, offline work gets the token budget;
+  while online requests have been seen in the last minute, its prompt chunks are cut to a
+  predicted step time (`offline_step_limit`) that is efficient but not so long that a stop
+  throws much away. A step with offline work is marked preemptible:
   the engine may stop it between layers when an online request arrives.
 
 When a request needs a block and none is free, a running request not yet scheduled in this step
@@ -45,6 +46,9 @@ from conserve.kv.host_tier import HostKVStore
 from conserve.kv.manager import KVCacheManager, PrefixHit
 
 ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
+# conserve: offline steps are kept short (`offline_step_limit`) only while online requests
+# have been seen this recently (seconds); a server running batch work alone gets full steps
+ONLINE_RECENT_S = 60.0
 
 
 def _heads(queue: deque[Request]) -> Iterable[Request]:
@@ -93,6 +97,7 @@ class Scheduler:
         self._next_key = 0
         self._front_key = 0
         self._offline_step_s: float | None = None  # derived from the latency model once
+        self._last_online = float("-inf")  # clock() when online work was last seen
         # measured / predicted time of recent steps that ran under the online TPOT budget:
         # the budget is divided by a high quantile of it, so a model that under-predicts the
         # shapes co-serving produces (many offline decodes beside online ones) is corrected
@@ -128,6 +133,12 @@ class Scheduler:
         p90 = ranked[min(len(ranked) - 1, int(0.9 * len(ranked)))]
         self.prediction_scale = min(2.0, max(1.0, p90))
 
+    def _short_offline_steps(self) -> bool:
+        """Online requests were seen in the last ONLINE_RECENT_S seconds (more may come, and
+        a step they stop loses its work), and there is a step limit to apply."""
+        recent = self.clock() - self._last_online <= ONLINE_RECENT_S
+        return recent and self.offline_step_limit is not None
+
     @property
     def offline_step_limit(self) -> float | None:
         """Predicted seconds of a conserve step with no online work: its offline prompt
@@ -161,6 +172,8 @@ class Scheduler:
         self._next_key += 1
         request.queue_key = self._next_key
         self.queues[request.request_class].append(request)
+        if request.request_class is ONLINE:
+            self._last_online = self.clock()
 
     def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish (or abort) a request wherever it is and release its KV blocks."""
@@ -195,6 +208,8 @@ class Scheduler:
                 self._admit(plan, self._fcfs_order())
         else:
             online_present = self.has_online_work()
+            if online_present:
+                self._last_online = self.clock()
             self._run(plan, [r for r in self.running if r.request_class is ONLINE])
             self._admit(plan, _heads(self.queues[ONLINE]))
             if not (self.config.policy == "online-only" and online_present):
@@ -202,7 +217,7 @@ class Scheduler:
                 if self.config.policy == "conserve" and online_present:
                     plan.time_limit, plan.online_budget = self.tpot_budget, True
                     plan.offline_decodes_only = any(c.num_tokens > 1 for c in plan.chunks)
-                elif self.config.policy == "conserve" and self.offline_step_limit is not None:
+                elif self.config.policy == "conserve" and self._short_offline_steps():
                     # no online work: every decode, then prompt chunks up to the step limit
                     # (and at least a quarter of it, so that new requests keep starting)
                     decodes = [r for r in offline if r.num_tokens - r.num_computed_tokens == 1]
