@@ -504,4 +504,18 @@ def test_conserve_budget_shrinks_when_budgeted_steps_run_over_their_prediction()
     assert batch.online_budget and any(c.offline for c in batch.chunks)
     assert s.latency.predict(batch.shape) <= base / 1.3 + 1e-9
     assert s.latency.predict(batch.shape) > base / 1.3 - 0.002  # filled: one more would not fit
+    # Steps on time again (say, online-only steps while the budget had no room for offline
+    # work) bring the scale back down.
+    for _ in range(64):
+        s.observe_budgeted(0.05, 0.05)
+    assert s.prediction_scale == 1.0
     s.check_integrity()
+
+
+def test_one_slow_budgeted_step_does_not_shrink_the_budget() -> None:
+    s, _ = make("conserve")
+    s.observe_budgeted(0.03, 0.06)
+    assert s.prediction_scale == 1.0  # fewer than 8 observations
+    for _ in range(7):
+        s.observe_budgeted(0.03, 0.03)
+    assert s.prediction_scale == 1.0  # one in eight: above the 90th percentile

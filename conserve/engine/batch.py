@@ -49,7 +49,7 @@ class ScheduledBatch:
     # tokens are then not committed)
     preemptible: bool = False
     shape: BatchShape | None = None
-    # offline work was fitted into the online TPOT budget (conserve, online work present)
+    # planned under the online TPOT budget (conserve, online work present)
     online_budget: bool = False
 
     @property

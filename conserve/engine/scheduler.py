@@ -98,9 +98,11 @@ class Scheduler:
         self._front_key = 0
         self._offline_step_s: float | None = None  # derived from the latency model once
         self._last_online = float("-inf")  # clock() when online work was last seen
-        # measured / predicted time of recent steps that ran under the online TPOT budget:
-        # the budget is divided by a high quantile of it, so a model that under-predicts the
-        # shapes co-serving produces (many offline decodes beside online ones) is corrected
+        # measured / predicted time of recent steps planned under the online TPOT budget
+        # (with offline work in them or not: a budget too small for any offline work must
+        # still hear that steps are on time again): the budget is divided by a high quantile
+        # of it, so a model that under-predicts the shapes co-serving produces (many offline
+        # decodes beside online ones) is corrected
         self._budget_errors: deque[float] = deque(maxlen=64)
         self.prediction_scale = 1.0
 
@@ -125,12 +127,14 @@ class Scheduler:
     def observe_budgeted(self, predicted: float, measured: float) -> None:
         """A step planned under the online TPOT budget took `measured` seconds against the
         `predicted`: update `prediction_scale` (the 90th percentile of measured / predicted
-        over the last 64 such steps, between 1 and 2)."""
+        over the last 64 such steps, between 1 and 2; 1 until there are 8)."""
         if predicted <= 0:
             return
         self._budget_errors.append(measured / predicted)
+        if len(self._budget_errors) < 8:
+            return
         ranked = sorted(self._budget_errors)
-        p90 = ranked[min(len(ranked) - 1, int(0.9 * len(ranked)))]
+        p90 = ranked[int(0.9 * (len(ranked) - 1))]
         self.prediction_scale = min(2.0, max(1.0, p90))
 
     def _short_offline_steps(self) -> bool:
@@ -235,7 +239,7 @@ class Scheduler:
             predicted_s=predicted,
             preemptible=self.config.policy == "conserve" and plan.num_offline > 0,
             shape=plan.shape,
-            online_budget=plan.num_offline > 0 and plan.online_budget,
+            online_budget=plan.online_budget,
         )
 
     def _fcfs_order(self) -> Iterable[Request]:
