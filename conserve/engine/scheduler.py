@@ -13,17 +13,17 @@ Policies (`SchedulerConfig.policy`):
   the token budget. An online request that needs a seat or blocks preempts the newest offline
   request, which is recomputed later: priority scheduling at iteration granularity.
 - `conserve`: as `priority`, but while online work exists offline decodes and prefill chunks
-  are added only while the *predicted* step time (the latency model) stays inside the TPOT SLO
-  minus a margin; a prefill chunk is cut to the size that fits. The budget is smaller when a
-  running online request is behind its TPOT SLO (its tokens so far took longer than the
-  budget on average, e.g. while another request's prompt was computed): the steps after it
-  give that time back. A step that carries an online
-  prefill chunk takes offline decodes only, so a new online request's first token does not
-  wait for offline prompt tokens. With no online work, offline work gets the token budget;
-  while online requests have been seen in the last minute, its prompt chunks are cut to a
-  predicted step time (`offline_step_limit`) that is efficient but not so long that a stop
-  throws much away. A step with offline work is marked preemptible:
-  the engine may stop it between layers when an online request arrives.
+  are added only while the *predicted* step time (the latency model) stays inside the TPOT
+  budget: the SLO minus a margin, less for a running online request that is behind it (its
+  tokens so far took longer than that on average, e.g. while another request's prompt was
+  computed, so the steps after give the time back), and divided by `prediction_scale` (how
+  much recent budgeted steps overran their prediction). A prefill chunk is cut to the size
+  that fits. A step that carries an online prefill chunk takes offline decodes only, so a
+  new online request's first token does not wait for offline prompt tokens. With no online
+  work, offline work gets the token budget; while online requests have been seen in the last
+  minute, its prompt chunks are cut to a predicted step time (`offline_step_limit`) that is
+  efficient but not so long that a stop throws much away. A step with offline work is marked
+  preemptible: the engine may stop it between layers when an online request arrives.
 
 When a request needs a block and none is free, a running request not yet scheduled in this step
 is preempted: the newest one (fcfs), the newest offline one first (other policies). Its blocks
