@@ -76,9 +76,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--offline-step-s",
         type=float,
-        help="conserve policy, no online work: offline prompt chunks are cut to this "
-        "predicted step time, seconds (default: ten times a one-token step; longer steps are "
-        "no faster and lose more work when an online arrival stops them)",
+        help="conserve policy, no online work but online requests in the last minute: "
+        "offline prompt chunks are cut to this predicted step time, seconds (default: ten "
+        "times a one-token step; longer steps are hardly faster and lose more work when an "
+        "online arrival stops them)",
     )
     c.add_argument(
         "--safepoint-every",
