@@ -188,6 +188,28 @@ def token_times(rec: RequestRecord) -> list[float]:
     return out
 
 
+async def replay_online(
+    c,
+    url: str,
+    headers: dict,
+    model: str,
+    online: list[BenchRequest],
+    recs: list[RequestRecord],
+    t0: float,
+) -> float:
+    """Send the online requests at their arrival times (seconds after `t0`, a
+    `time.perf_counter()` value), wait for all of them; returns the window's length."""
+    tasks = []
+    for r, rec in zip(online, recs, strict=True):
+        delay = t0 + r.arrival_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        body = request_body(r, model, "completions")
+        tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - t0
+
+
 async def run_mixed(
     base_url: str,
     model: str,
@@ -213,15 +235,7 @@ async def run_mixed(
         for r, rec in zip(offline, off_recs, strict=True):
             body = request_body(r, model, "completions") | {"priority": 1}
             off_tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
-        on_tasks = []
-        for r, rec in zip(online, on_recs, strict=True):
-            delay = t0 + r.arrival_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = request_body(r, model, "completions")
-            on_tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
-        await asyncio.gather(*on_tasks)
-        window = time.perf_counter() - t0
+        window = await replay_online(c, url, headers, model, online, on_recs, t0)
         for t in off_tasks:
             t.cancel()
         for t in off_tasks:
@@ -294,15 +308,7 @@ async def run_mixed_batch(
         t0 = time.perf_counter()
         t0_monotonic = time.monotonic()
         batch = asyncio.create_task(submit(c))
-        on_tasks = []
-        for r, rec in zip(online, on_recs, strict=True):
-            delay = t0 + r.arrival_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = request_body(r, model, "completions")
-            on_tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
-        await asyncio.gather(*on_tasks)
-        window = time.perf_counter() - t0
+        window = await replay_online(c, url, headers, model, online, on_recs, t0)
         batch_id = await batch
         await c.post(f"{base_url}/v1/batches/{batch_id}/cancel", headers=headers)
         while True:
