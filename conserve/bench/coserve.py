@@ -737,6 +737,9 @@ def run_coserve(args: argparse.Namespace) -> int:
         job = offline if with_offline else []
         runs.append(one_run(label, server, online, job, step_log, args.offline_via == "batch"))
         print(f"[coserve] {label}: done in {runs[-1].window_s:.0f} s", file=sys.stderr)
+    if args.slo_source == "alone" and runs and runs[-1].label == "online alone":
+        # the alone run was the last conserve run: its SLOs still judge the vllm runs
+        slo_t, slo_p = slos_from_alone(runs[-1], args.slo_scale, args.ttft_slo, args.tpot_slo)
     vpy = None if args.skip_vllm else vllm_python(args.vllm_python)
     if vpy:
         from conserve.bench.peers import export_hf_folder
