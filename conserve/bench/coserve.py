@@ -411,27 +411,32 @@ def step_log_summary(path: Path, t0: float, window: float) -> dict[str, Any]:
         return float(np.percentile(np.asarray(v) * 1e3, q)) if v else None
 
     stopped = [r for r in steps if r["stopped_at_layer"] is not None]
+    finished = [r for r in steps if r["stopped_at_layer"] is None]
     kinds = {"online only": 0.0, "mixed": 0.0, "offline only": 0.0}
-    for r in steps:
-        if r["stopped_at_layer"] is not None:
-            continue
-        key = "mixed" if r["online"][0] and r["offline"][0] else "online only"
-        kinds["offline only" if not r["online"][0] else key] += r["run_s"]
-    preds = [(r["predicted_s"], r["run_s"]) for r in steps if r["predicted_s"] and not
-             r["stopped_at_layer"]]  # fmt: skip
-    err = [abs(p - m) / m for p, m in preds if m > 0]
+    for r in finished:
+        if not r["online"][0]:
+            kinds["offline only"] += r["run_s"]
+        elif r["offline"][0]:
+            kinds["mixed"] += r["run_s"]
+        else:
+            kinds["online only"] += r["run_s"]
+    err = [
+        abs(r["predicted_s"] - r["run_s"]) / r["run_s"]
+        for r in finished
+        if r["predicted_s"] and r["run_s"] > 0
+    ]
     return {
         "steps": len(steps),
         "engine_ttft_ms": {
             "median": pct(engine_ttft, 50),
             "p99": pct(engine_ttft, 99),
             "max": pct(engine_ttft, 100),
-        },  # fmt: skip
+        },
         "offline_blocking_ms": {
             "median": pct(blocked, 50),
             "p99": pct(blocked, 99),
             "max": pct(blocked, 100),
-        },  # fmt: skip
+        },
         "busy_s": {k: round(v, 2) for k, v in kinds.items()},
         "stopped_steps": len(stopped),
         "stopped_compute_s": round(sum(r["run_s"] for r in stopped), 2),
