@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import tempfile
 import time
@@ -87,6 +88,7 @@ def build_job(n: int, tokenizer, model: str, seed: int) -> tuple[list[dict[str, 
         "task_order": "concatenated: " + ", then ".join(TASK_ORDER) + " (shuffled within a task)",
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
+        "max_output_tokens": max(x["body"]["max_tokens"] for x in lines),
     }
     return lines, desc
 
@@ -140,6 +142,8 @@ async def _run_order(args, config, order: str, job_path: Path, out_dir: Path) ->
         "prefix_hit_rate": hits / queries if queries else 0.0,
         "preemptions": after.num_preemptions - before.num_preemptions,
         "max_in_flight": runner.max_in_flight,
+        "steps": len(after.step_times),
+        "busy_s": sum(after.step_times),
     }
 
 
@@ -153,6 +157,56 @@ async def _warm_up(execute, client) -> None:
     )
 
 
+def order_headroom(run: dict, desc: dict, seats: int, budget: int, fixed_s: float) -> dict:
+    """The most any order of the job could speed up `run`, holding its prefix-cache hits.
+
+    Under the engine's latency model a step costs a fixed part plus parts per token, per
+    sequence and per attended key; an order changes how the tokens are grouped into steps,
+    not how many are computed nor the context each attends. So an order can save at most the
+    fixed cost of the steps it avoids. No order runs fewer steps than the largest of:
+    - output tokens / seats: a request holds a seat for at least one step per output token;
+    - computed tokens / --max-num-batched-tokens, computed tokens being the prompt tokens not
+      found in the cache plus all output tokens but each request's last;
+    - the longest output: one token per step.
+    `fixed_s` is the per-step cost counted as saveable: the latency profile's fixed part plus
+    this run's time between steps (wall minus busy) per step, so the ceiling is generous."""
+    computed = (
+        run["prompt_tokens"] - run["prefix_hits"] + run["output_tokens"] - run["completed"]
+    )
+    bounds = {
+        "seats": math.ceil(run["output_tokens"] / seats),
+        "tokens": math.ceil(computed / budget),
+        "longest output": desc["max_output_tokens"],
+    }
+    least = max(bounds.values())
+    per_step = fixed_s + max(0.0, run["wall_s"] - run["busy_s"]) / max(1, run["steps"])
+    saveable = per_step * max(0, run["steps"] - least)
+    return {
+        "step_bounds": bounds,
+        "least_steps": least,
+        "binding": max(bounds, key=bounds.get),
+        "per_step_s": per_step,
+        "saveable_s": saveable,
+        "max_speedup": run["wall_s"] / (run["wall_s"] - saveable),
+    }
+
+
+def fixed_step_cost(config) -> float:
+    """The fixed part of a step in this engine's latency profile (seconds): the profile cached
+    for this model, dtype, device and threads, measured now (about a minute) if there is none.
+    A throwaway engine with a small KV pool finds it; the profile does not depend on the pool."""
+    from dataclasses import replace
+
+    from conserve.engine.engine import Engine
+    from conserve.engine.profiler import load_or_build
+
+    small = replace(config, cache=replace(config.cache, num_blocks=64, kv_cache_gb=None))
+    engine = Engine.from_config(small)
+    from conserve.engine.latency import FEATURES
+
+    return float(load_or_build(engine).coef[FEATURES.index("const")])
+
+
 def render(runs: list[dict], desc: dict, info: dict, ratios: dict, config) -> str:
     rows = [
         [
@@ -162,11 +216,25 @@ def render(runs: list[dict], desc: dict, info: dict, ratios: dict, config) -> st
             f"{100 * r['prefix_hit_rate']:.1f}% ({r['prefix_hits']}/{r['prefix_queries']})",
             r["preemptions"],
             f"{r['completed']}/{r['completed'] + r['failed']}",
+            f"{r['steps']} ({r['headroom']['least_steps']}, {r['headroom']['binding']})",
+            f"{r['busy_s']:.1f}",
+            f"{r['headroom']['saveable_s']:.1f} s, {r['headroom']['max_speedup']:.3f}x",
         ]
         for r in runs
     ]
     table = md_table(
-        ["order", "wall s", "tokens/s (prompt+output)", "prefix-cache hits", "preempt", "ok"], rows
+        [
+            "order",
+            "wall s",
+            "tokens/s (prompt+output)",
+            "prefix-cache hits",
+            "preempt",
+            "ok",
+            "steps (fewest any order, bound)",
+            "busy s",
+            "most any order can save",
+        ],
+        rows,
     )
     sc = config.scheduler
     tasks = ", ".join(f"{k} {v}" for k, v in desc["tasks"].items())
@@ -189,6 +257,16 @@ def render(runs: list[dict], desc: dict, info: dict, ratios: dict, config) -> st
         "",
     ]
     lines += [f"- {k}: {v:.3f}" for k, v in ratios.items()]
+    lines += [
+        "",
+        "How much order can matter here: a step costs a fixed part (here "
+        f"{1000 * desc['fixed_step_s']:.1f} ms, the latency profile's constant) plus parts per "
+        "token, sequence and attended key that no order changes (at equal prefix hits). An "
+        "order saves at most the fixed part, plus the time between steps, of each step it "
+        "avoids, and no order runs fewer steps than output tokens / seats, computed tokens / "
+        "token budget, or the longest output. 'most any order can save' is that ceiling for "
+        "each run.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -220,16 +298,22 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     config = engine_config(args).resolved()
     info = machine_info()
     tokenizer = Tokenizer.load(resolve_model(config.model))
+    fixed_s = fixed_step_cost(config)
     with tempfile.TemporaryDirectory(prefix="conserve-offline-") as tmp:
         tmp_dir = Path(tmp)
         model_name = _served_name(config)
         job, desc = build_job(args.num_requests, tokenizer, model_name, args.seed)
         desc["window"] = args.window or config.scheduler.max_num_seqs
+        desc["fixed_step_s"] = fixed_s
+        sc = config.scheduler
         job_path = tmp_dir / "job.jsonl"
         job_path.write_text("".join(json.dumps(x) + "\n" for x in job))
         runs = []
         for order in orders:
             r = asyncio.run(_run_order(args, config, order, job_path, tmp_dir))
+            r["headroom"] = order_headroom(
+                r, desc, sc.max_num_seqs, sc.max_num_batched_tokens, fixed_s
+            )
             print(
                 f"{order}: {r['wall_s']:.1f} s, {r['tokens_per_s']:.0f} tok/s, "
                 f"prefix hits {100 * r['prefix_hit_rate']:.1f}%",
