@@ -66,3 +66,40 @@ def test_ratios_compare_blend_with_fcfs_and_dfs():
     assert r["throughput blend/fcfs"] == pytest.approx(1.21)
     assert r["throughput blend/dfs"] == pytest.approx(1.1)
     assert r["prefix hits blend/dfs"] == pytest.approx(0.96)
+
+
+def test_doc_qa_lines_share_their_document_and_shuffling_mixes_tasks(default_tokenizer):
+    from conserve.bench.offline import QUESTIONS_PER_DOC
+
+    lines, desc = build_job(
+        24, default_tokenizer, "m", seed=1, tasks=("doc-qa", "generation"), arrange="shuffled"
+    )
+    assert desc["tasks"] == {"doc-qa": 12, "generation": 12}
+    qa = [x["body"]["prompt"] for x in lines if x["custom_id"].startswith("doc-qa")]
+    # 12 questions over 2 documents: each document is the start of 6 prompts
+    firsts = {tuple(p[:64]) for p in qa}
+    assert len(firsts) == 12 // QUESTIONS_PER_DOC
+    kinds = [x["custom_id"].split("-")[0] for x in lines]
+    assert kinds != sorted(kinds, key=kinds.index)  # not one task after the other
+
+
+def test_rounds_rotate_which_order_goes_first_and_medians_pick_the_middle_run():
+    from conserve.bench.offline import median_runs, rounds
+
+    assert rounds(["fcfs", "dfs", "blend"], 4) == [
+        ["fcfs", "dfs", "blend"],
+        ["dfs", "blend", "fcfs"],
+        ["blend", "fcfs", "dfs"],
+        ["fcfs", "dfs", "blend"],
+    ]
+    runs = [
+        {"order": "fcfs", "tokens_per_s": 90.0},
+        {"order": "dfs", "tokens_per_s": 120.0},
+        {"order": "fcfs", "tokens_per_s": 100.0},
+        {"order": "fcfs", "tokens_per_s": 130.0},
+        {"order": "dfs", "tokens_per_s": 100.0},
+    ]
+    assert [(r["order"], r["tokens_per_s"]) for r in median_runs(runs)] == [
+        ("fcfs", 100.0),
+        ("dfs", 100.0),
+    ]

@@ -469,3 +469,94 @@ def test_request_and_config_validation() -> None:
         SchedulerConfig(max_prefill_chunk=0)
     assert SchedulerConfig(max_num_batched_tokens=32).chunk_cap == 32
     assert SchedulerConfig(max_num_batched_tokens=32, max_prefill_chunk=8).chunk_cap == 8
+
+
+def _sharing(rid: str, shared: list[int], tail: int, max_tokens: int, **kw) -> Request:
+    base = 100 * (sum(map(ord, rid)) % 50 + 1) + 50_000
+    prompt = shared + list(range(base, base + tail))
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0), **kw)
+
+
+def test_a_request_waits_for_a_shared_prefix_being_computed_instead_of_computing_it_twice():
+    from conserve.engine.scheduler import SHARED_PREFIX_MIN_BLOCKS
+
+    scheduler, runner = make_scheduler(budget=64)
+    shared = list(range(700, 700 + 6 * BS))  # 6 blocks, more than SHARED_PREFIX_MIN_BLOCKS
+    assert 6 >= SHARED_PREFIX_MIN_BLOCKS
+    a, b = _sharing("a", shared, 6, 2), _sharing("b", shared, 6, 2)
+    c = make_request("c", 8, 2)  # shares nothing: may start past the waiting b
+    for r in (a, b, c):
+        scheduler.add(r)
+    first = step(scheduler, runner)
+    assert shape(first) == [("a", 0, 30, True), ("c", 0, 8, True)]
+    assert [r.request_id for r in scheduler.waiting] == ["b"]
+    second = step(scheduler, runner)
+    assert ("b", 24, 6, True) in shape(second)  # only its own tail
+    assert b.num_cached_tokens == 24
+    run_all(scheduler, runner)
+    assert a.output_token_ids == b.output_token_ids == expected_output(30, 2)
+    assert (scheduler.kv.prefix_queries, scheduler.kv.prefix_hits) == (30 + 30 + 8, 24)
+    assert scheduler.num_shared_waits == 1
+    assert_idle(scheduler)
+
+
+def test_a_long_shared_prefix_in_chunks_is_waited_for_until_it_is_cached():
+    scheduler, runner = make_scheduler(budget=16)
+    shared = list(range(700, 700 + 12 * BS))
+    a, b = _sharing("a", shared, 4, 1), _sharing("b", shared, 4, 1)
+    scheduler.add(a)
+    scheduler.add(b)
+    # a computes 16 tokens per step; b starts once the whole shared part is cached
+    assert [shape(step(scheduler, runner)) for _ in range(4)] == [
+        [("a", 0, 16, False)],
+        [("a", 16, 16, False)],
+        [("a", 32, 16, False)],
+        [("a", 48, 4, True), ("b", 48, 4, True)],
+    ]
+    assert b.output_token_ids == a.output_token_ids == expected_output(52, 1)
+    assert_idle(scheduler)
+
+
+def test_short_shared_prefixes_and_an_aborted_owner_do_not_hold_anyone_back():
+    scheduler, runner = make_scheduler(budget=64)
+    short = list(range(700, 700 + 2 * BS))  # below SHARED_PREFIX_MIN_BLOCKS
+    a, b = _sharing("a", short, 4, 1), _sharing("b", short, 4, 1)
+    scheduler.add(a)
+    scheduler.add(b)
+    assert [c[0] for c in shape(step(scheduler, runner))] == ["a", "b"]
+    run_all(scheduler, runner)
+    assert_idle(scheduler)
+    # the owner leaves before its prompt is cached: the waiting request starts from what is
+    scheduler, runner = make_scheduler(budget=8)
+    shared = list(range(900, 900 + 6 * BS))
+    a, b = _sharing("a", shared, 4, 1), _sharing("b", shared, 4, 1)
+    scheduler.add(a)
+    scheduler.add(b)
+    assert shape(step(scheduler, runner)) == [("a", 0, 8, False)]
+    scheduler.finish("a", RequestStatus.FINISHED_ABORTED)
+    assert shape(step(scheduler, runner)) == [("b", 8, 8, False)]
+    run_all(scheduler, runner)
+    assert b.output_token_ids == expected_output(28, 1)
+    assert_idle(scheduler)
+
+
+def test_an_online_request_never_waits_behind_an_offline_one():
+    from conserve.engine.request import RequestClass
+
+    def run(owner_class: RequestClass) -> list:
+        config = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=16, policy="priority")
+        scheduler = Scheduler(config, KVCacheManager(64, BS))
+        runner = FakeRunner(scheduler)
+        shared = list(range(700, 700 + 12 * BS))
+        scheduler.add(_sharing("owner", shared, 4, 1, request_class=owner_class))
+        assert shape(step(scheduler, runner)) == [("owner", 0, 16, False)]
+        scheduler.add(_sharing("on", shared, 4, 1))
+        chunks = shape(step(scheduler, runner))
+        run_all(scheduler, runner)
+        assert_idle(scheduler)
+        return chunks
+
+    # behind an online owner it waits (the owner computes the shared blocks this step) ...
+    assert run(RequestClass.ONLINE) == [("owner", 16, 16, False)]
+    # ... but an offline owner's prefill can be held back, so it starts at once
+    assert run(RequestClass.OFFLINE) == [("on", 16, 16, False)]

@@ -1,18 +1,21 @@
 """`conserve bench offline`: one mixed batch job run in each batch order (fcfs, dfs, blend).
 
-The job concatenates three tasks the way a user concatenates datasets into one batch file:
-all few-shot exam questions (sharing 4 long prefixes, 1-4 output tokens), then all long
+The default job concatenates three tasks the way a user concatenates datasets into one batch
+file: all few-shot exam questions (sharing 4 long prefixes, 1-4 output tokens), then all long
 documents to summarize (700-1200 prompt tokens, 8-24 output tokens), then all short prompts
 with long generations (24-96 prompt tokens, 128-256 output tokens); shuffled within each task.
-Lines are /v1/completions bodies with token-id prompts, ignore_eos and min_tokens = max_tokens,
-so every order computes exactly the same tokens.
+`--tasks` adds "doc-qa" (six questions about each of many long documents) and `--arrange
+shuffled` mixes all lines. Lines are /v1/completions bodies with token-id prompts, ignore_eos
+and min_tokens = max_tokens, so every order computes exactly the same tokens.
 
 Each order runs through the path of `conserve batch run`: a fresh engine core behind
 `EngineClient`, lines answered by the endpoints' code (`line_executor`), `BatchRunner` with the
 order's hook and a window of --window lines (default --max-num-seqs), results appended to a
-result file. Reported per order: wall time of the runner, total (prompt + output) tokens/s,
-the engine's prefix-cache hit rate (prompt tokens found in the cache / prompt tokens looked
-up, as /metrics counts them), and ratios against fcfs and dfs.
+result file. Reported per run: wall time of the runner, total (prompt + output) tokens/s, the
+engine's prefix-cache hit rate (prompt tokens found in the cache / prompt tokens looked up, as
+/metrics counts them), engine steps and busy time, and the ceiling of what any order could
+save on that run (`order_headroom`). With --repeat the orders run in rotated rounds and the
+ratios compare each order's median run.
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ from conserve.bench.common import (
     write_results,
 )
 
-TASK_ORDER = ("few-shot", "summary", "generation")  # the order the tasks are concatenated in
+TASK_ORDER = ("few-shot", "summary", "generation")  # the default tasks, concatenated so
 assert set(TASK_ORDER) == set(OFFLINE_TASKS)
+# "doc-qa": several questions about one long document (a prefix shared by a few lines each,
+# across many documents: what a prefix-aware order keeps together and file order may not)
+TASKS = (*TASK_ORDER, "doc-qa")
+QUESTIONS_PER_DOC = 6
+ARRANGEMENTS = ("concatenated", "shuffled")
 
 
 def add_offline_args(p: argparse.ArgumentParser) -> None:
@@ -51,23 +59,65 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
         "blend-inflight (blend whose dual scan balances the lines in flight instead of all "
         "lines emitted so far: an ablation)",
     )
+    g.add_argument(
+        "--tasks",
+        default=",".join(TASK_ORDER),
+        help=f"tasks in the job, comma-separated, from {', '.join(TASKS)}; the lines are "
+        "split evenly between them",
+    )
+    g.add_argument(
+        "--arrange",
+        choices=ARRANGEMENTS,
+        default="concatenated",
+        help="concatenated: the tasks one after the other, as a user concatenates datasets; "
+        "shuffled: every line at a random place",
+    )
+    g.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each order; each round rotates which order goes first, and the report "
+        "compares medians (this machine's run-to-run noise is several percent)",
+    )
     g.add_argument("--window", type=int, help="lines in flight (default: --max-num-seqs)")
     g.add_argument("--output", default="benchmarks/results", help="results directory")
     # a CPU-sized default: with 256 seats the whole window is one engine queue
     p.set_defaults(max_num_seqs=32)
 
 
-def build_job(n: int, tokenizer, model: str, seed: int) -> tuple[list[dict[str, Any]], dict]:
-    """Batch input lines (as dicts) of the mixed job; tasks one after the other."""
+def task_requests(
+    kind: str, count: int, rng: random.Random, maker, shots: list[list[int]]
+) -> list[tuple[list[int], int]]:
+    """`count` (prompt ids, output tokens) of one task. "doc-qa": documents of 600-900 tokens,
+    QUESTIONS_PER_DOC questions of 20-40 tokens about each, answered in 16-48 tokens."""
+    if kind != "doc-qa":
+        return [offline_task_request(kind, rng, maker, shots) for _ in range(count)]
+    docs = [maker.ids(rng.randint(600, 900)) for _ in range(-(-count // QUESTIONS_PER_DOC))]
+    return [
+        (docs[i // QUESTIONS_PER_DOC] + maker.ids(rng.randint(20, 40)), rng.randint(16, 48))
+        for i in range(count)
+    ]
+
+
+def build_job(
+    n: int,
+    tokenizer,
+    model: str,
+    seed: int,
+    tasks: tuple[str, ...] = TASK_ORDER,
+    arrange: str = "concatenated",
+) -> tuple[list[dict[str, Any]], dict]:
+    """Batch input lines (as dicts) of the mixed job: the tasks one after the other (each
+    shuffled within) or all lines shuffled."""
     from conserve.bench.serve import PromptMaker
 
     maker = PromptMaker(tokenizer, seed)
     rng = random.Random(seed + 17)
     shots = [maker.ids(600) for _ in range(4)]
-    counts = {k: n // 3 + (1 if i < n % 3 else 0) for i, k in enumerate(TASK_ORDER)}
+    counts = {k: n // len(tasks) + (1 if i < n % len(tasks) else 0) for i, k in enumerate(tasks)}
     lines: list[dict[str, Any]] = []
-    for kind in TASK_ORDER:
-        task = [offline_task_request(kind, rng, maker, shots) for _ in range(counts[kind])]
+    for kind in tasks:
+        task = task_requests(kind, counts[kind], rng, maker, shots)
         rng.shuffle(task)
         for i, (prompt, out) in enumerate(task):
             body = {
@@ -80,12 +130,18 @@ def build_job(n: int, tokenizer, model: str, seed: int) -> tuple[list[dict[str, 
             }
             url = "/v1/completions"
             lines.append({"custom_id": f"{kind}-{i}", "method": "POST", "url": url, "body": body})
+    if arrange == "shuffled":
+        rng.shuffle(lines)
+        how = "shuffled together"
+    else:
+        how = "concatenated: " + ", then ".join(tasks) + " (shuffled within a task)"
     prompt_tokens = sum(len(x["body"]["prompt"]) for x in lines)
     output_tokens = sum(x["body"]["max_tokens"] for x in lines)
     desc = {
         "num_requests": len(lines),
         "tasks": counts,
-        "task_order": "concatenated: " + ", then ".join(TASK_ORDER) + " (shuffled within a task)",
+        "arrange": arrange,
+        "task_order": how,
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "max_output_tokens": max(x["body"]["max_tokens"] for x in lines),
@@ -93,7 +149,9 @@ def build_job(n: int, tokenizer, model: str, seed: int) -> tuple[list[dict[str, 
     return lines, desc
 
 
-async def _run_order(args, config, order: str, job_path: Path, out_dir: Path) -> dict[str, Any]:
+async def _run_order(
+    args, config, order: str, job_path: Path, out_dir: Path, tag: str = ""
+) -> dict[str, Any]:
     from conserve.batch.results import ResultFiles
     from conserve.batch.runner import BatchRunner
     from conserve.batch.validate import parse_input
@@ -109,7 +167,7 @@ async def _run_order(args, config, order: str, job_path: Path, out_dir: Path) ->
         execute = line_executor(ServerState(), client)
         await _warm_up(execute, client)
         before = await client.stats()
-        out = out_dir / f"{order}.jsonl"
+        out = out_dir / f"{order}{tag}.jsonl"  # a fresh result file: nothing is done yet
         results = ResultFiles(out, out)
         runner = BatchRunner(
             parsed.lines,
@@ -191,51 +249,54 @@ def order_headroom(run: dict, desc: dict, seats: int, budget: int, fixed_s: floa
     }
 
 
-def fixed_step_cost(config) -> float:
-    """The fixed part of a step in this engine's latency profile (seconds): the profile cached
-    for this model, dtype, device and threads, measured now (about a minute) if there is none.
-    A throwaway engine with a small KV pool finds it; the profile does not depend on the pool."""
+def fixed_step_cost(config) -> tuple[float, int]:
+    """The fixed part of a step in this engine's latency profile (seconds), and the KV blocks
+    the real engine will have. The profile is the one cached for this model, dtype, device and
+    threads, measured now (about a minute) if there is none; a throwaway engine with a small KV
+    pool finds it (the profile does not depend on the pool)."""
     from dataclasses import replace
 
     from conserve.engine.engine import Engine
     from conserve.engine.profiler import load_or_build
 
-    small = replace(config, cache=replace(config.cache, num_blocks=64, kv_cache_gb=None))
-    engine = Engine.from_config(small)
+    from conserve.engine.engine import _num_blocks
     from conserve.engine.latency import FEATURES
 
-    return float(load_or_build(engine).coef[FEATURES.index("const")])
+    small = replace(config, cache=replace(config.cache, num_blocks=64, kv_cache_gb=None))
+    engine = Engine.from_config(small)
+    blocks = _num_blocks(config, engine.model_config)
+    return float(load_or_build(engine).coef[FEATURES.index("const")]), blocks
 
 
-def render(runs: list[dict], desc: dict, info: dict, ratios: dict, config) -> str:
-    rows = [
-        [
-            r["order"],
-            f"{r['wall_s']:.1f}",
-            f"{r['tokens_per_s']:.0f}",
-            f"{100 * r['prefix_hit_rate']:.1f}% ({r['prefix_hits']}/{r['prefix_queries']})",
-            r["preemptions"],
-            f"{r['completed']}/{r['completed'] + r['failed']}",
-            f"{r['steps']} ({r['headroom']['least_steps']}, {r['headroom']['binding']})",
-            f"{r['busy_s']:.1f}",
-            f"{r['headroom']['saveable_s']:.1f} s, {r['headroom']['max_speedup']:.3f}x",
-        ]
-        for r in runs
+def _row(r: dict) -> list:
+    h = r["headroom"]
+    return [
+        r["order"] if "round" not in r else f"{r['order']} (round {r['round']})",
+        f"{r['wall_s']:.1f}",
+        f"{r['tokens_per_s']:.0f}",
+        f"{100 * r['prefix_hit_rate']:.1f}% ({r['prefix_hits']}/{r['prefix_queries']})",
+        r["preemptions"],
+        f"{r['completed']}/{r['completed'] + r['failed']}",
+        f"{r['steps']} ({h['least_steps']}, {h['binding']})",
+        f"{r['busy_s']:.1f}",
+        f"{h['saveable_s']:.1f} s, {h['max_speedup']:.3f}x",
     ]
-    table = md_table(
-        [
-            "order",
-            "wall s",
-            "tokens/s (prompt+output)",
-            "prefix-cache hits",
-            "preempt",
-            "ok",
-            "steps (fewest any order, bound)",
-            "busy s",
-            "most any order can save",
-        ],
-        rows,
-    )
+
+
+HEADERS = [
+    "order",
+    "wall s",
+    "tokens/s (prompt+output)",
+    "prefix-cache hits",
+    "preempt",
+    "ok",
+    "steps (fewest any order, bound)",
+    "busy s",
+    "most any order can save",
+]
+
+
+def render(runs: list[dict], medians: list[dict], desc: dict, info: dict, ratios: dict, config):
     sc = config.scheduler
     tasks = ", ".join(f"{k} {v}" for k, v in desc["tasks"].items())
     lines = [
@@ -246,16 +307,25 @@ def render(runs: list[dict], desc: dict, info: dict, ratios: dict, config) -> st
         f"- command: `{info['command']}`",
         f"- engine: model {config.model}, dtype {config.dtype}, max_num_seqs {sc.max_num_seqs}, "
         f"max_num_batched_tokens {sc.max_num_batched_tokens}, policy {sc.policy}, "
-        f"window {desc['window']}",
+        f"window {desc['window']}, KV cache {desc['kv_blocks']} blocks of "
+        f"{config.cache.block_size} tokens",
         f"- job: {desc['num_requests']} lines ({tasks}), "
         f"{desc['prompt_tokens']} prompt + {desc['output_tokens']} output tokens; the tasks are "
-        f"{desc['task_order']}, as a user would concatenate datasets",
+        f"{desc['task_order']}",
         "- each order: a fresh engine, the `conserve batch run` path (engine core, "
         "BatchRunner, endpoint code); output lengths exact (ignore_eos, min_tokens)",
         "",
-        table,
+        md_table(HEADERS, [_row(r) for r in runs]),
         "",
     ]
+    if len(medians) < len(runs):
+        lines += [
+            f"Median run of each order ({desc['repeat']} rounds, each starting with a "
+            "different order):",
+            "",
+            md_table(HEADERS, [_row(r) for r in medians]),
+            "",
+        ]
     lines += [f"- {k}: {v:.3f}" for k, v in ratios.items()]
     lines += [
         "",
@@ -270,7 +340,22 @@ def render(runs: list[dict], desc: dict, info: dict, ratios: dict, config) -> st
     return "\n".join(lines) + "\n"
 
 
+def median_runs(runs: list[dict]) -> list[dict]:
+    """Per order (first-run order kept), the run with the median throughput (the lower
+    middle one for an even count)."""
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["order"], []).append(r)
+    out = []
+    for rs in by.values():
+        rs = sorted(rs, key=lambda r: r["tokens_per_s"])
+        out.append(rs[(len(rs) - 1) // 2])
+    return out
+
+
 def ratios_of(runs: list[dict]) -> dict[str, float]:
+    """blend (and blend-inflight) against fcfs and dfs: throughput and prefix-cache hits.
+    `runs` holds one run per order (use `median_runs` first)."""
     by = {r["order"]: r for r in runs}
     out: dict[str, float] = {}
     for name in ("blend", "blend-inflight"):
@@ -284,6 +369,12 @@ def ratios_of(runs: list[dict]) -> dict[str, float]:
     return out
 
 
+def rounds(orders: list[str], repeat: int) -> list[list[str]]:
+    """The orders of each round, rotated so that each order goes first in turn (the first
+    engine of an invocation can run a few percent slower or faster than the rest)."""
+    return [orders[i % len(orders) :] + orders[: i % len(orders)] for i in range(repeat)]
+
+
 def run_offline_bench(args: argparse.Namespace) -> int:
     from conserve.batch.planner import ORDERS
     from conserve.cli import engine_config
@@ -295,33 +386,49 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     if bad:
         print(f"conserve: error: unknown order(s) {', '.join(bad)}; choose from {ORDERS}")
         return 2
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        print(f"conserve: error: unknown task(s) {', '.join(bad)}; choose from {TASKS}")
+        return 2
+    if args.repeat < 1:
+        print("conserve: error: --repeat must be at least 1")
+        return 2
     config = engine_config(args).resolved()
     info = machine_info()
     tokenizer = Tokenizer.load(resolve_model(config.model))
-    fixed_s = fixed_step_cost(config)
+    fixed_s, kv_blocks = fixed_step_cost(config)
     with tempfile.TemporaryDirectory(prefix="conserve-offline-") as tmp:
         tmp_dir = Path(tmp)
         model_name = _served_name(config)
-        job, desc = build_job(args.num_requests, tokenizer, model_name, args.seed)
+        job, desc = build_job(
+            args.num_requests, tokenizer, model_name, args.seed, tasks, args.arrange
+        )
         desc["window"] = args.window or config.scheduler.max_num_seqs
         desc["fixed_step_s"] = fixed_s
+        desc["kv_blocks"] = kv_blocks
+        desc["repeat"] = args.repeat
         sc = config.scheduler
         job_path = tmp_dir / "job.jsonl"
         job_path.write_text("".join(json.dumps(x) + "\n" for x in job))
         runs = []
-        for order in orders:
-            r = asyncio.run(_run_order(args, config, order, job_path, tmp_dir))
-            r["headroom"] = order_headroom(
-                r, desc, sc.max_num_seqs, sc.max_num_batched_tokens, fixed_s
-            )
-            print(
-                f"{order}: {r['wall_s']:.1f} s, {r['tokens_per_s']:.0f} tok/s, "
-                f"prefix hits {100 * r['prefix_hit_rate']:.1f}%",
-                flush=True,
-            )
-            runs.append(r)
-    ratios = ratios_of(runs)
-    md = render(runs, desc, info, ratios, config)
+        for i, names in enumerate(rounds(orders, args.repeat)):
+            for order in names:
+                r = asyncio.run(_run_order(args, config, order, job_path, tmp_dir, f"-{i}"))
+                r["headroom"] = order_headroom(
+                    r, desc, sc.max_num_seqs, sc.max_num_batched_tokens, fixed_s
+                )
+                if args.repeat > 1:
+                    r["round"] = i + 1
+                print(
+                    f"{order}: {r['wall_s']:.1f} s, {r['tokens_per_s']:.0f} tok/s, "
+                    f"prefix hits {100 * r['prefix_hit_rate']:.1f}%",
+                    flush=True,
+                )
+                runs.append(r)
+    medians = median_runs(runs)
+    ratios = ratios_of(medians)
+    md = render(runs, medians, desc, info, ratios, config)
     data = {"machine": info, "job": desc, "runs": runs, "ratios": ratios}
     path = write_results(args.output, "offline", md, data)
     print(md)

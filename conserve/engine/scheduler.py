@@ -51,10 +51,33 @@ ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
 ONLINE_RECENT_S = 60.0
 
 
-def _heads(queue: deque[Request]) -> Iterable[Request]:
-    """The head of the queue, again after each time the consumer takes it."""
-    while queue:
-        yield queue[0]
+# A waiting request whose next prompt blocks (after its prefix-cache hit) are being computed
+# by a running request waits until they are cached, instead of computing them a second time
+# in parallel, when they are at least this many blocks
+SHARED_PREFIX_MIN_BLOCKS = 4
+
+
+def _first(queue: deque[Request], skip: set[str]) -> Request | None:
+    return next((r for r in queue if r.request_id not in skip), None)
+
+
+def _heads(queue: deque[Request], skip: set[str]) -> Iterable[Request]:
+    """The first request of the queue not in `skip`, again after each time the consumer takes
+    it or adds it to `skip`."""
+    while (r := _first(queue, skip)) is not None:
+        yield r
+
+
+def _take(queue: deque[Request], request: Request) -> None:
+    """Remove `request` (by identity) from `queue`; it is almost always the head."""
+    if queue[0] is request:
+        queue.popleft()
+        return
+    for i, r in enumerate(queue):
+        if r is request:
+            del queue[i]
+            return
+    raise ValueError(f"{request.request_id} is not in the queue")
 
 
 @dataclass
@@ -105,6 +128,11 @@ class Scheduler:
         # decodes beside online ones) is corrected
         self._budget_errors: deque[float] = deque(maxlen=64)
         self.prediction_scale = 1.0
+        # full prompt blocks that running requests are still computing: block hash -> the
+        # request computing it (see SHARED_PREFIX_MIN_BLOCKS), and each request's hashes
+        self._computing: dict[bytes, Request] = {}
+        self._computing_of: dict[str, list[bytes]] = {}
+        self.num_shared_waits = 0  # admissions put off to share a prefix being computed
 
     @property
     def tpot_budget(self) -> float | None:
@@ -187,6 +215,7 @@ class Scheduler:
         was_running = request.status == RequestStatus.RUNNING
         request.move_to(status)  # raises on an illegal status before anything changes
         del self.requests[request_id]
+        self._forget_computing(request_id)
         if was_running:
             self.running.remove(request)
         else:
@@ -209,13 +238,13 @@ class Scheduler:
         if self.config.policy == "fcfs":
             self._run(plan, list(self.running))
             if not plan.preempted:
-                self._admit(plan, self._fcfs_order())
+                self._admit(plan, self._fcfs_order)
         else:
             online_present = self.has_online_work()
             if online_present:
                 self._last_online = self.clock()
             self._run(plan, [r for r in self.running if r.request_class is ONLINE])
-            self._admit(plan, _heads(self.queues[ONLINE]))
+            self._admit(plan, lambda skip: _heads(self.queues[ONLINE], skip))
             if not (self.config.policy == "online-only" and online_present):
                 offline = [r for r in self.running if r.request_class is OFFLINE]
                 if self.config.policy == "conserve" and online_present:
@@ -231,7 +260,7 @@ class Scheduler:
                     plan.time_limit = max(limit, self.latency.predict(plan.shape) + limit / 4)
                 self._run(plan, offline)
                 if not plan.preempted:
-                    self._admit(plan, _heads(self.queues[OFFLINE]))
+                    self._admit(plan, lambda skip: _heads(self.queues[OFFLINE], skip))
         predicted = self.latency.predict(plan.shape) if self.latency and plan.chunks else None
         return ScheduledBatch(
             chunks=plan.chunks,
@@ -242,14 +271,15 @@ class Scheduler:
             online_budget=plan.online_budget,
         )
 
-    def _fcfs_order(self) -> Iterable[Request]:
-        """Waiting requests of both classes in queue order, lazily (heads compared)."""
-        on, off = self.queues[ONLINE], self.queues[OFFLINE]
-        while on or off:
-            if not off or (on and on[0].queue_key < off[0].queue_key):
-                yield on[0]
-            else:
-                yield off[0]
+    def _fcfs_order(self, skip: set[str]) -> Iterable[Request]:
+        """Waiting requests of both classes in queue order, lazily (heads compared), those
+        in `skip` passed over."""
+        while True:
+            on = _first(self.queues[ONLINE], skip)
+            off = _first(self.queues[OFFLINE], skip)
+            if on is None and off is None:
+                return
+            yield on if off is None or (on is not None and on.queue_key < off.queue_key) else off
 
     def _run(self, plan: _Plan, requests: list[Request]) -> None:
         """Schedule the next tokens of running requests, in order."""
@@ -273,9 +303,12 @@ class Scheduler:
             self.kv.allocate(request.request_id, target)
             self._add_chunk(plan, request, n)
 
-    def _admit(self, plan: _Plan, queue: Iterable[Request]) -> None:
-        """Start waiting requests in queue order while budget, seats and blocks last."""
-        for request in queue:  # the consumer pops each head it starts, or returns
+    def _admit(self, plan: _Plan, order: Callable[[set[str]], Iterable[Request]]) -> None:
+        """Start waiting requests in queue order while budget, seats and blocks last. A
+        request whose prompt continues into blocks another request is computing now is passed
+        over (it starts once they are cached, and computes only the rest)."""
+        skip: set[str] = set()
+        for request in order(skip):  # each request yielded is started, skipped, or we return
             if plan.budget <= 0:
                 return
             if plan.offline_decodes_only and request.request_class is OFFLINE:
@@ -283,6 +316,10 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs and not self._free_seat(plan, request):
                 return
             prefix = self.kv.find_prefix(request.token_ids)
+            if self._shares_computing(request, prefix):
+                skip.add(request.request_id)
+                self.num_shared_waits += 1
+                continue
             start = max(prefix.num_tokens, self._restorable(request))
             n = min(request.num_tokens - start, plan.budget, self.config.chunk_cap)
             n = self._fit(plan, request, start, n)
@@ -290,9 +327,50 @@ class Scheduler:
                 return
             if not self._make_room(plan, request, start + n, prefix):
                 return
-            self.queues[request.request_class].popleft()
+            _take(self.queues[request.request_class], request)
             self._start(request, prefix, start, start + n)
             self._add_chunk(plan, request, n)
+
+    def _prompt_blocks(self, request: Request) -> int:
+        """Full prompt blocks a prefix hit or a later request can share (one token is always
+        left to compute)."""
+        return (request.num_prompt_tokens - 1) // self.kv.block_size
+
+    def _shares_computing(self, request: Request, prefix: PrefixHit) -> bool:
+        """Whether the prompt blocks right after `prefix` are being computed by running
+        requests, at least SHARED_PREFIX_MIN_BLOCKS of them (first admissions only; an online
+        request waits only for online ones)."""
+        if not self._computing or request.status != RequestStatus.WAITING:
+            return False
+        first = len(prefix.block_ids)
+        last = min(self._prompt_blocks(request), first + SHARED_PREFIX_MIN_BLOCKS)
+        if last - first < SHARED_PREFIX_MIN_BLOCKS:
+            return False
+        hashes = self.kv.block_hashes(request.token_ids, last)
+        for j in range(first, last):
+            owner = self._computing.get(hashes[j])
+            if owner is None or owner.status != RequestStatus.RUNNING:
+                return False
+            if request.request_class is ONLINE and owner.request_class is OFFLINE:
+                return False  # offline prefill can be held back: never wait behind it
+        return True
+
+    def _note_computing(self, request: Request, first: int) -> None:
+        """Register the prompt blocks `request` will compute from block `first` on."""
+        last = self._prompt_blocks(request)
+        if last - first < SHARED_PREFIX_MIN_BLOCKS or not self.kv.enable_prefix_caching:
+            return
+        mine = []
+        for h in self.kv.block_hashes(request.token_ids, last)[first:]:
+            if h not in self._computing:
+                self._computing[h] = request
+                mine.append(h)
+        if mine:
+            self._computing_of[request.request_id] = mine
+
+    def _forget_computing(self, request_id: str) -> None:
+        for h in self._computing_of.pop(request_id, ()):
+            del self._computing[h]
 
     def _fit(self, plan: _Plan, request: Request, start: int, n: int) -> int:
         """The largest m <= n tokens of an offline request that keep the predicted step time
@@ -377,6 +455,7 @@ class Scheduler:
         if request.status == RequestStatus.WAITING:  # first admission, not a resume
             request.num_cached_tokens = prefix.num_tokens
             self.kv.record_prefix_query(request.num_prompt_tokens, prefix.num_tokens)
+            self._note_computing(request, len(prefix.block_ids))
         else:
             if start > prefix.num_tokens:
                 bs = self.kv.block_size
@@ -392,6 +471,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        self._forget_computing(request.request_id)
         self.kv.free(request.request_id)
         request.move_to(RequestStatus.PREEMPTED)
         request.num_computed_before_preemption = request.num_computed_tokens
@@ -457,6 +537,8 @@ class Scheduler:
                 continue  # aborted while the step ran
             request.num_computed_tokens += chunk.num_tokens
             self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
+            if request.num_computed_tokens >= request.num_prompt_tokens:
+                self._forget_computing(request.request_id)  # its prompt blocks are cached
             sampled = result.sampled.get(chunk.request_id)
             if sampled is not None:
                 if request.first_token_time is None:

@@ -62,6 +62,15 @@ class KVCacheManager:
     def has(self, request_id: str) -> bool:
         return request_id in self._tables
 
+    def block_hashes(self, token_ids: Sequence[int], num_blocks: int) -> list[BlockHash]:
+        """The hash chain of the first `num_blocks` full blocks of `token_ids`."""
+        bs, out = self.block_size, []
+        parent: BlockHash | None = None
+        for j in range(num_blocks):
+            parent = hash_block(parent, token_ids[j * bs : (j + 1) * bs])
+            out.append(parent)
+        return out
+
     def find_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
         """Longest run of cached full blocks at the start of `token_ids`. At least one token is
         always left to compute, so the request still produces logits."""
