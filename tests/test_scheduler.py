@@ -482,7 +482,7 @@ def test_a_request_waits_for_a_shared_prefix_being_computed_instead_of_computing
 
     scheduler, runner = make_scheduler(budget=64)
     shared = list(range(700, 700 + 6 * BS))  # 6 blocks, more than SHARED_PREFIX_MIN_BLOCKS
-    assert 6 >= SHARED_PREFIX_MIN_BLOCKS
+    assert SHARED_PREFIX_MIN_BLOCKS <= 6
     a, b = _sharing("a", shared, 6, 2), _sharing("b", shared, 6, 2)
     c = make_request("c", 8, 2)  # shares nothing: may start past the waiting b
     for r in (a, b, c):
@@ -560,3 +560,24 @@ def test_an_online_request_never_waits_behind_an_offline_one():
     assert run(RequestClass.ONLINE) == [("owner", 16, 16, False)]
     # ... but an offline owner's prefill can be held back, so it starts at once
     assert run(RequestClass.OFFLINE) == [("on", 16, 16, False)]
+
+
+def test_a_plan_passes_over_a_bounded_number_of_waiting_requests():
+    from conserve.engine.scheduler import MAX_PASSED_OVER
+
+    scheduler, runner = make_scheduler(num_blocks=512, budget=256, max_num_seqs=64)
+    shared = list(range(700, 700 + 8 * BS))
+    owner = _sharing("owner", shared, 4, 1)
+    waiters = [_sharing(f"w{i}", shared, 4, 1) for i in range(MAX_PASSED_OVER + 4)]
+    other = make_request("other", 8, 1)
+    for r in (owner, *waiters, other):
+        scheduler.add(r)
+    # the owner starts; MAX_PASSED_OVER waiters are passed over, then admission stops for
+    # this step, so the request behind them waits one step more
+    assert [c[0] for c in shape(step(scheduler, runner))] == ["owner"]
+    assert scheduler.num_shared_waits == MAX_PASSED_OVER
+    second = [c[0] for c in shape(step(scheduler, runner))]
+    assert second == [w.request_id for w in waiters] + ["other"]
+    run_all(scheduler, runner)
+    assert all(w.num_cached_tokens == 32 for w in waiters)
+    assert_idle(scheduler)

@@ -42,6 +42,7 @@ from conserve.config import SchedulerConfig
 from conserve.engine.batch import SampleSpec, ScheduledBatch, ScheduledChunk, StepResult
 from conserve.engine.latency import BatchShape, LatencyModel
 from conserve.engine.request import Request, RequestClass, RequestStatus
+from conserve.kv.block_pool import BlockHash
 from conserve.kv.host_tier import HostKVStore
 from conserve.kv.manager import KVCacheManager, PrefixHit
 
@@ -55,6 +56,9 @@ ONLINE_RECENT_S = 60.0
 # by a running request waits until they are cached, instead of computing them a second time
 # in parallel, when they are at least this many blocks
 SHARED_PREFIX_MIN_BLOCKS = 4
+# ... and a plan passes over at most this many (each costs a prefix lookup): the rest of the
+# queue waits for the next step
+MAX_PASSED_OVER = 16
 
 
 def _first(queue: deque[Request], skip: set[str]) -> Request | None:
@@ -130,8 +134,8 @@ class Scheduler:
         self.prediction_scale = 1.0
         # full prompt blocks that running requests are still computing: block hash -> the
         # request computing it (see SHARED_PREFIX_MIN_BLOCKS), and each request's hashes
-        self._computing: dict[bytes, Request] = {}
-        self._computing_of: dict[str, list[bytes]] = {}
+        self._computing: dict[BlockHash, Request] = {}
+        self._computing_of: dict[str, list[BlockHash]] = {}
         self.num_shared_waits = 0  # admissions put off to share a prefix being computed
 
     @property
@@ -317,6 +321,8 @@ class Scheduler:
                 return
             prefix = self.kv.find_prefix(request.token_ids)
             if self._shares_computing(request, prefix):
+                if len(skip) >= MAX_PASSED_OVER:
+                    return
                 skip.add(request.request_id)
                 self.num_shared_waits += 1
                 continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from conserve.kv.block_pool import BlockHash, BlockPool
@@ -62,14 +62,16 @@ class KVCacheManager:
     def has(self, request_id: str) -> bool:
         return request_id in self._tables
 
-    def block_hashes(self, token_ids: Sequence[int], num_blocks: int) -> list[BlockHash]:
-        """The hash chain of the first `num_blocks` full blocks of `token_ids`."""
-        bs, out = self.block_size, []
+    def iter_block_hashes(self, token_ids: Sequence[int], num_blocks: int) -> Iterator[BlockHash]:
+        """The hash chain of the first `num_blocks` full blocks of `token_ids`, lazily."""
+        bs = self.block_size
         parent: BlockHash | None = None
         for j in range(num_blocks):
             parent = hash_block(parent, token_ids[j * bs : (j + 1) * bs])
-            out.append(parent)
-        return out
+            yield parent
+
+    def block_hashes(self, token_ids: Sequence[int], num_blocks: int) -> list[BlockHash]:
+        return list(self.iter_block_hashes(token_ids, num_blocks))
 
     def find_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
         """Longest run of cached full blocks at the start of `token_ids`. At least one token is
@@ -77,12 +79,9 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return PrefixHit((), self.block_size)
         bs = self.block_size
-        max_blocks = (len(token_ids) - 1) // bs
         found: list[int] = []
-        parent: BlockHash | None = None
-        for j in range(max_blocks):
-            parent = hash_block(parent, token_ids[j * bs : (j + 1) * bs])
-            block_id = self.pool.lookup(parent)
+        for block_hash in self.iter_block_hashes(token_ids, (len(token_ids) - 1) // bs):
+            block_id = self.pool.lookup(block_hash)
             if block_id is None:
                 break
             found.append(block_id)
