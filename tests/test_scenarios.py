@@ -132,3 +132,25 @@ def test_pytorch_attention_fallback(tiny_llama_dir, tiny_llama_reference):
     llm = LLM(str(tiny_llama_dir), dtype="float32", attention="torch", num_blocks=48)
     assert llm.engine.runner.kernels is None
     assert run_all(llm, prompts) == ref
+
+
+def test_requests_sharing_a_prefix_that_start_together_compute_it_once(
+    tiny_llama_dir, tiny_llama_reference
+):
+    """The 600-token prompt three times at once, budget for all three: the first computes it,
+    the others wait one step for its blocks and compute only the last token's block."""
+    prompts, ref, _ = tiny_llama_reference
+    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=16, max_num_batched_tokens=2048)
+    eng = llm.engine
+    for rid in ("a", "b", "c"):
+        eng.add_request(rid, prompts[7], GREEDY)
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert [outs[r].outputs[0].token_ids for r in "abc"] == [ref[7]] * 3
+    shared = (600 - 1) // 16 * 16
+    assert [outs[r].num_cached_tokens for r in "abc"] == [0, shared, shared]
+    assert eng.scheduler.num_shared_waits == 2
+    eng.check_integrity()

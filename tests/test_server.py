@@ -238,6 +238,7 @@ def test_metrics_exposed(server, client, model):
         "conserve:kv_cache_usage_perc",
         "conserve:prefix_cache_queries_total",
         "conserve:prefix_cache_hits_total",
+        "conserve:shared_prefix_waits_total",
         'conserve:num_preemptions_total{kind="recompute_offline"}',
         'conserve:num_preemptions_total{kind="layer"}',
         "conserve:checkpointed_blocks_total",

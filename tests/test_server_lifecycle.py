@@ -124,3 +124,41 @@ def test_dead_engine_gives_503_not_500():
         assert r.json()["error"]["type"] == "server_error"
     finally:
         stop_server(proc)
+
+
+def test_a_request_counts_as_queued_from_admission_until_its_first_token():
+    """Requests of a burst are admitted before any of their streams is read: each must see
+    the ones before it, or the queue limit lets the whole burst in. A stream never read (the
+    client left first) gives its count back when dropped."""
+    import gc
+
+    from conserve.engine.request import RequestClass
+    from conserve.server.api import ServerState, tracked
+    from conserve.server.core import RequestDelta, SeqDelta
+
+    online = RequestClass.ONLINE
+    state = ServerState()
+
+    async def engine_stream():
+        yield RequestDelta("r", [SeqDelta(0, "", [], None, None, None)], False, 3, 0, 0)
+        yield RequestDelta("r", [SeqDelta(0, "a", [7], None, None, None)], False, 3, 0, 1)
+        yield RequestDelta("r", [SeqDelta(0, "b", [8], None, "length", None)], True, 3, 0, 2)
+
+    first, dropped = (
+        tracked(state, online, engine_stream()),
+        tracked(state, online, engine_stream()),
+    )
+    assert state.queued[online] == 2  # before either stream is read
+    del dropped
+    gc.collect()
+    assert state.queued[online] == 1
+
+    async def read() -> list[int]:
+        seen = []
+        async for _ in first:
+            seen.append(state.queued[online])
+        return seen
+
+    # queued until the delta carrying the first token, then no longer
+    assert asyncio.run(read()) == [1, 0, 0]
+    assert state.queued[online] == 0 and state.in_flight == 0

@@ -200,6 +200,7 @@ async def _run_order(
         "prefix_hits": hits,
         "prefix_hit_rate": hits / queries if queries else 0.0,
         "preemptions": after.num_preemptions - before.num_preemptions,
+        "shared_prefix_waits": after.shared_prefix_waits - before.shared_prefix_waits,
         "max_in_flight": runner.max_in_flight,
         "steps": len(after.step_times),
         "busy_s": sum(after.step_times),

@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -448,20 +449,45 @@ async def answer(
         return 400, OpenAIError(400, str(e)).body()
 
 
-async def tracked(
+class _QueueSlot:
+    """One request counted in `state.queued` from its admission until its first token."""
+
+    def __init__(self, state: ServerState, klass: RequestClass) -> None:
+        self.state, self.klass, self.held = state, klass, True
+        state.queued[klass] += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.state.queued[self.klass] -= 1
+
+
+def tracked(
     state: ServerState, klass: RequestClass, stream: AsyncIterator[RequestDelta]
 ) -> AsyncIterator[RequestDelta]:
-    """Count the request as queued until its first token, and time it for the metrics."""
+    """`stream`, counted as queued from now until its first token, and timed for the metrics.
+    The count starts at once, not when the stream is first read: requests of a burst are
+    admitted one after the other in the event loop, and each must see the ones before it. A
+    stream that is never read gives its count back when it is dropped."""
+    slot = _QueueSlot(state, klass)
+    gen = _tracked(state, klass, stream, slot)
+    weakref.finalize(gen, slot.release)
+    return gen
+
+
+async def _tracked(
+    state: ServerState,
+    klass: RequestClass,
+    stream: AsyncIterator[RequestDelta],
+    slot: _QueueSlot,
+) -> AsyncIterator[RequestDelta]:
     timer = RequestTimer(state.metrics, klass.value)
-    state.queued[klass] += 1
     state.in_flight += 1
-    queued = True
     try:
         async for d in stream:
             n = sum(len(s.token_ids) for s in d.seqs)
-            if queued and n:
-                state.queued[klass] -= 1
-                queued = False
+            if n:
+                slot.release()
             timer.on_delta(n)
             if d.finished:
                 reasons = [s.finish_reason for s in d.seqs if s.finish_reason]
@@ -470,8 +496,7 @@ async def tracked(
                 )
             yield d
     finally:
-        if queued:
-            state.queued[klass] -= 1
+        slot.release()
         state.in_flight -= 1
         await stream.aclose()
 

@@ -115,6 +115,8 @@ class Stats:
     step_predictions: list[tuple[float, float]] = field(default_factory=list)  # (pred, real)
     # host-tier checkpoints and what resumes cost, cumulative
     kv_tiers: dict[str, int] = field(default_factory=dict)
+    # times a waiting request was passed over for prompt blocks another one was computing
+    shared_prefix_waits: int = 0
 
 
 @dataclass
@@ -201,6 +203,7 @@ def engine_stats(engine: Any) -> Stats:
         layer,
         predictions,
         kv_tiers,
+        sched.num_shared_waits,
     )
 
 

@@ -71,6 +71,11 @@ class _EngineCollector:
             "Prompt tokens found in the prefix cache",
             value=s.prefix_hits,
         )
+        yield CounterMetricFamily(
+            "conserve:shared_prefix_waits",
+            "Times a waiting request was passed over while another computed its prompt's blocks",
+            value=s.shared_prefix_waits,
+        )
         preemptions = CounterMetricFamily(
             "conserve:num_preemptions", "Preemptions by kind", labels=["kind"]
         )
