@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -178,9 +179,17 @@ async def _run_order(
             window=args.window or config.scheduler.max_num_seqs,
         )
         start = time.monotonic()
-        status = await runner.run()
+        steps: list[float] = []
+        done = asyncio.Event()
+        poller = asyncio.create_task(_collect_step_times(client, steps, done))
+        try:
+            status = await runner.run()
+        finally:
+            done.set()
+            await poller
         wall = time.monotonic() - start
         after = await client.stats()
+        steps += after.step_times
         c = results.counts
         results.close()
     finally:
@@ -202,9 +211,20 @@ async def _run_order(
         "preemptions": after.num_preemptions - before.num_preemptions,
         "shared_prefix_waits": after.shared_prefix_waits - before.shared_prefix_waits,
         "max_in_flight": runner.max_in_flight,
-        "steps": len(after.step_times),
-        "busy_s": sum(after.step_times),
+        "steps": len(steps),
+        "busy_s": sum(steps),
     }
+
+
+async def _collect_step_times(
+    client, into: list[float], done: asyncio.Event, every_s: float = 5.0
+) -> None:
+    """Step times from the engine's stats every few seconds until `done`, and once more then
+    (each call hands over the steps since the previous one; the engine keeps its last 10,000)."""
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), every_s)
+        into += (await client.stats()).step_times
 
 
 async def _warm_up(execute, client) -> None:
