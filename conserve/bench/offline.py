@@ -269,11 +269,12 @@ def order_headroom(run: dict, desc: dict, seats: int, budget: int, fixed_s: floa
     }
 
 
-def fixed_step_cost(config) -> tuple[float, int]:
-    """The fixed part of a step in this engine's latency profile (seconds), and the KV blocks
-    the real engine will have. The profile is the one cached for this model, dtype, device and
-    threads, measured now (about a minute) if there is none; a throwaway engine with a small KV
-    pool finds it (the profile does not depend on the pool)."""
+def latency_profile(config) -> tuple[dict[str, float], int]:
+    """The coefficients of this engine's latency profile by feature (seconds per unit; "const"
+    is the fixed part of a step), and the KV blocks the real engine will have. The profile is
+    the one cached for this model, dtype, device and threads, measured now (about a minute) if
+    there is none; a throwaway engine with a small KV pool finds it (the profile does not
+    depend on the pool)."""
     from dataclasses import replace
 
     from conserve.engine.engine import Engine, _num_blocks
@@ -283,7 +284,8 @@ def fixed_step_cost(config) -> tuple[float, int]:
     small = replace(config, cache=replace(config.cache, num_blocks=64, kv_cache_gb=None))
     engine = Engine.from_config(small)
     blocks = _num_blocks(config, engine.model_config)
-    return float(load_or_build(engine).coef[FEATURES.index("const")]), blocks
+    coef = load_or_build(engine).coef
+    return {f: float(c) for f, c in zip(FEATURES, coef, strict=True)}, blocks
 
 
 def _row(r: dict) -> list:
@@ -412,7 +414,8 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     config = engine_config(args).resolved()
     info = machine_info()
     tokenizer = Tokenizer.load(resolve_model(config.model))
-    fixed_s, kv_blocks = fixed_step_cost(config)
+    profile, kv_blocks = latency_profile(config)
+    fixed_s = profile["const"]
     with tempfile.TemporaryDirectory(prefix="conserve-offline-") as tmp:
         tmp_dir = Path(tmp)
         model_name = _served_name(config)
@@ -421,6 +424,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         )
         desc["window"] = args.window or config.scheduler.max_num_seqs
         desc["fixed_step_s"] = fixed_s
+        desc["latency_profile"] = profile
         desc["kv_blocks"] = kv_blocks
         desc["repeat"] = args.repeat
         sc = config.scheduler
