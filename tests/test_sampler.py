@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from conserve.engine.batch import SampleSpec
 from conserve.sampling.params import SamplingParams
 from conserve.sampling.sampler import filter_logits, sample, stream_seed
+from conserve.sampling.types import SampleSpec
 
 # probabilities 0.5, 0.3, 0.15, 0.05
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])

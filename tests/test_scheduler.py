@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 
 from conserve.config import SchedulerConfig
-from conserve.engine.batch import SampledToken, ScheduledBatch, StepResult
+from conserve.engine.batch import ScheduledBatch, StepResult
 from conserve.engine.request import IllegalTransition, Request, RequestStatus
 from conserve.engine.scheduler import Scheduler
 from conserve.kv.manager import KVCacheManager
 from conserve.sampling.params import SamplingParams
+from conserve.sampling.types import SampledToken
 
 BS = 4
 

@@ -89,12 +89,6 @@ def write_results(out_dir: str | Path, name: str, markdown: str, data: dict[str,
     return md_path
 
 
-def md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def distribution(values: list[float]) -> dict[str, float | int]:
     """n, mean, p50, p90, p99 and max of `values` (linear interpolation; p99 of a few dozen
     samples is close to the max)."""

@@ -489,7 +489,7 @@ def describe(r: RunResult, slo: SLO) -> dict[str, Any]:
 
 
 def render(results: list[dict], info: dict, desc: dict, slo: SLO, plots: list[str]) -> str:
-    from conserve.bench.common import md_table
+    from conserve.tables import md_table
 
     by = {r["label"]: r for r in results}
     lines = ["# Co-serving: online trace + offline job, per policy", ""]

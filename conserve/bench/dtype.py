@@ -7,11 +7,12 @@ import argparse
 import dataclasses
 import time
 
-from conserve.bench.common import machine_info, md_table, synthetic_requests, write_results
+from conserve.bench.common import machine_info, synthetic_requests, write_results
 from conserve.bench.throughput import decode_step_ms
 from conserve.llm import LLM
 from conserve.platform import cpu_has_native_bf16
 from conserve.sampling.params import SamplingParams
+from conserve.tables import md_table
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:

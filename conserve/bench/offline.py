@@ -34,10 +34,10 @@ from typing import Any
 from conserve.bench.common import (
     OFFLINE_TASKS,
     machine_info,
-    md_table,
     offline_task_request,
     write_results,
 )
+from conserve.tables import md_table
 
 TASK_ORDER = ("few-shot", "summary", "generation")  # the default tasks, concatenated so
 assert set(TASK_ORDER) == set(OFFLINE_TASKS)

@@ -28,12 +28,12 @@ from conserve.bench.common import (
     distribution,
     info_lines,
     machine_info,
-    md_table,
     random_prompt,
     write_results,
 )
 from conserve.engine.engine import Engine
 from conserve.engine.request import RequestClass
+from conserve.tables import md_table
 
 MODES = ("host tier", "recompute")
 

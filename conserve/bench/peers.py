@@ -15,7 +15,7 @@ import torch
 
 from conserve.bench.common import SyntheticRequest
 from conserve.model.loader import ModelSource
-from conserve.model.tokenizer import cache_dir
+from conserve.paths import cache_dir
 
 
 def load_transformers(source: ModelSource, dtype: torch.dtype):

@@ -29,13 +29,13 @@ from conserve.bench.common import (
     distribution,
     info_lines,
     machine_info,
-    md_table,
     random_prompt,
     write_results,
 )
 from conserve.engine.engine import Engine
 from conserve.engine.request import RequestClass
 from conserve.sampling.params import SamplingParams
+from conserve.tables import md_table
 
 
 def add_preempt_args(p: argparse.ArgumentParser) -> None:

@@ -879,7 +879,7 @@ def _f(x: float, digits: int = 0) -> str:
 
 
 def render_markdown(results: dict) -> str:
-    from conserve.bench.common import md_table
+    from conserve.tables import md_table
 
     m, load, slo = results["machine"], results["load"], results.get("slo")
     path = "/v1/chat/completions" if load["endpoint"] == "chat" else "/v1/completions"

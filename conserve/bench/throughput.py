@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from conserve.bench.common import machine_info, md_table, synthetic_requests, write_results
+from conserve.bench.common import machine_info, synthetic_requests, write_results
 from conserve.bench.peers import (
     export_hf_folder,
     load_transformers,
@@ -21,6 +21,7 @@ from conserve.bench.peers import (
 from conserve.llm import LLM
 from conserve.model.loader import resolve_model
 from conserve.sampling.params import SamplingParams
+from conserve.tables import md_table
 
 
 def add_throughput_args(p: argparse.ArgumentParser) -> None:

@@ -6,18 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from conserve.engine.latency import BatchShape
-from conserve.sampling.params import SamplingParams
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """What the runner needs to pick the next token of one request."""
-
-    params: SamplingParams
-    # (seed, index of the token being sampled): seeded sampling then depends on nothing else
-    seed_key: tuple[int, int] | None = None
-    # generated tokens so far, only when penalties need them
-    output_token_ids: Sequence[int] | None = None
+from conserve.sampling.types import SampledToken, SampleSpec
 
 
 @dataclass(frozen=True)
@@ -59,13 +48,6 @@ class ScheduledBatch:
     @property
     def empty(self) -> bool:
         return not self.chunks
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: Sequence[tuple[int, float]] | None = None
 
 
 @dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from conserve.engine.batch import SampledToken
 from conserve.engine.request import Request, RequestStatus
 from conserve.model.tokenizer import Tokenizer
 from conserve.sampling.detokenizer import IncrementalDetokenizer, find_stop
+from conserve.sampling.types import SampledToken
 
 
 @dataclass(frozen=True)

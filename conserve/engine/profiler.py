@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from conserve.engine.batch import SampleSpec, ScheduledBatch, ScheduledChunk
+from conserve.engine.batch import ScheduledBatch, ScheduledChunk
 from conserve.engine.latency import BatchShape, LatencyModel
-from conserve.model.tokenizer import cache_dir
+from conserve.paths import cache_dir
 from conserve.sampling.params import SamplingParams
+from conserve.sampling.types import SampleSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ class ProfileReport:
 
 
 def report_markdown(report: ProfileReport, engine, info: dict | None = None) -> str:
-    from conserve.bench.common import md_table
     from conserve.engine.latency import FEATURES
+    from conserve.tables import md_table
 
     lines = ["# Step latency profile", ""]
     if info:

@@ -39,12 +39,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from conserve.config import SchedulerConfig
-from conserve.engine.batch import SampleSpec, ScheduledBatch, ScheduledChunk, StepResult
+from conserve.engine.batch import ScheduledBatch, ScheduledChunk, StepResult
 from conserve.engine.latency import BatchShape, LatencyModel
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.kv.block_pool import BlockHash
 from conserve.kv.host_tier import HostKVStore
 from conserve.kv.manager import KVCacheManager, PrefixHit
+from conserve.sampling.types import SampleSpec
 
 ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
 # conserve: offline steps are kept short (`offline_step_limit`) only while online requests

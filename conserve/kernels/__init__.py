@@ -93,7 +93,7 @@ def cpu_kernels() -> CpuKernels | None:
     """The compiled kernels, or None when disabled or the build fails (logged once)."""
     if os.environ.get("CONSERVE_KERNELS", "1") == "0":
         return None
-    from conserve.model.tokenizer import cache_dir
+    from conserve.paths import cache_dir
 
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:

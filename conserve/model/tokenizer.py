@@ -10,21 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from conserve.model.loader import ModelSource
+from conserve.paths import cache_dir
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("CONSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "conserve"
-    )
-    return Path(root)
 
 
 def _file_key(path: Path) -> str:

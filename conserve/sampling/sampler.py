@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from conserve.engine.batch import SampledToken, SampleSpec
+from conserve.sampling.types import SampledToken, SampleSpec
 
 _MASK64 = (1 << 64) - 1
 
