@@ -3,6 +3,6 @@
 from conserve.engine.output import CompletionOutput, RequestOutput
 from conserve.llm import LLM
 from conserve.sampling.params import SamplingParams
+from conserve.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]

@@ -8,10 +8,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from conserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from conserve.config import EngineConfig
 from conserve.engine.engine import Engine
 from conserve.engine.output import RequestOutput
 from conserve.engine.request import RequestClass
+from conserve.engine_args import EngineArgs
 from conserve.sampling.params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -19,32 +20,13 @@ Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    """Runs the engine in this process. Keyword arguments override `EngineConfig` fields;
-    `block_size`, `num_blocks`, `kv_cache_gb`, `enable_prefix_caching` go to the cache config and
-    `max_num_seqs`, `max_num_batched_tokens`, `max_prefill_chunk`, `policy`, `tpot_slo`,
-    `ttft_slo`, `slo_margin`, `offline_step_s` to the scheduler config."""
+    """Runs the engine in this process. Keyword arguments are the fields of `EngineArgs` (the
+    settings of the command line, named as in the config: `dtype`, `max_num_seqs`, `policy`,
+    `num_threads`, `enable_prefix_caching`, `num_blocks`, ...); an unknown one raises
+    TypeError naming it."""
 
     def __init__(self, model: str | None = "default", **kwargs: Any) -> None:
-        cache_keys = {
-            "block_size",
-            "num_blocks",
-            "kv_cache_gb",
-            "enable_prefix_caching",
-            "host_kv_gb",
-        }
-        sched_keys = {
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "max_prefill_chunk",
-            "policy",
-            "tpot_slo",
-            "ttft_slo",
-            "slo_margin",
-            "offline_step_s",
-        }
-        cache = CacheConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in cache_keys})
-        sched = SchedulerConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in sched_keys})
-        config = EngineConfig(model=model, cache=cache, scheduler=sched, **kwargs)
+        config = EngineArgs(model=model, **kwargs).to_config()
         self._attach(Engine.from_config(config))
 
     @classmethod

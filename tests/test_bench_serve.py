@@ -240,3 +240,21 @@ def _results(model: str, s: dict) -> dict:
         ],
         "notes": [],
     }
+
+
+@pytest.mark.parametrize("bench", ["serve", "coserve"])
+def test_a_missing_bench_extra_stops_the_benchmark_with_how_to_install_it(
+    bench, monkeypatch, capsys
+):
+    import importlib.util
+
+    from conserve.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "httpx" else real(name, *a)
+    )
+    argv = ["bench", bench] + (["--server", "http://127.0.0.1:9"] if bench == "serve" else [])
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert "httpx" in str(e.value) and "conserve-llm[bench]" in str(e.value)

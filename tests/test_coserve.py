@@ -14,6 +14,7 @@ import pytest
 from conserve import LLM, SamplingParams
 from conserve.engine.latency import FEATURES
 from conserve.engine.request import RequestClass
+from conserve.engine.stats import StepObserver, StepRecord
 
 GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
 
@@ -119,6 +120,18 @@ def test_preemption_under_memory_pressure_keeps_greedy_tokens(
     eng.check_integrity()
 
 
+class Stops(StepObserver):
+    """(seconds from the stop request, layers run) of every stopped step."""
+
+    def __init__(self, engine) -> None:
+        self.stops: list[tuple[float | None, int]] = []
+        engine.add_observer(self)
+
+    def on_step_end(self, record: StepRecord) -> None:
+        if record.stopped:
+            self.stops.append((record.stop_wait_s, record.stopped_at_layer))
+
+
 def slow_layers(eng, seconds: float = 0.05) -> None:
     """Make every layer of the engine's model sleep `seconds` before it runs."""
     for layer in eng.runner.model.layers:
@@ -136,6 +149,7 @@ def test_request_stop_from_another_thread_stops_a_long_offline_step(tiny_llama_d
     engine core's pipe thread calls it) stops it at the next safepoint."""
     llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=2048)
     eng = llm.engine
+    stops = Stops(eng)
     slow_layers(eng)  # so the step outlives the call from the other thread
     eng.add_request("off", list(range(300, 1800)), GREEDY, RequestClass.OFFLINE)
     eng.latency.coef[:] = 0
@@ -154,7 +168,7 @@ def test_request_stop_from_another_thread_stops_a_long_offline_step(tiny_llama_d
     t.join()
     assert results == [True]
     assert eng.num_layer_preemptions == 1
-    wait, layer = eng.layer_preemptions[0]
+    [(wait, layer)] = stops.stops
     assert 1 <= layer < len(eng.runner.model.layers) and wait < 0.5
     req = eng.scheduler.requests["off"]
     assert req.num_computed_tokens == 0  # the preempted step committed nothing
@@ -172,6 +186,7 @@ def test_request_stop_stops_a_step_that_overruns_its_prediction(tiny_llama_dir, 
     them instead of trusting the prediction, which says the step should be over already."""
     llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=2048)
     eng = llm.engine
+    stops = Stops(eng)
     slow_layers(eng)
     eng.add_request("off", list(range(300, 800)), GREEDY, RequestClass.OFFLINE)
     eng.latency.coef[:] = 0
@@ -189,7 +204,7 @@ def test_request_stop_stops_a_step_that_overruns_its_prediction(tiny_llama_dir, 
     assert eng.step() == []
     t.join()
     assert results == [True] and eng.num_layer_preemptions == 1
-    assert eng.layer_preemptions[0][1] == 2  # stopped at the next safepoint
+    assert stops.stops[0][1] == 2  # stopped at the next safepoint
     assert eng.runner.progress == 0.0  # reset between steps
     eng.abort("off")
     eng.check_integrity()
@@ -207,13 +222,14 @@ def test_an_arrival_between_steps_stops_the_next_offline_step(
         tiny_llama_dir, linear_profile, max_num_batched_tokens=2048, step_log=str(log)
     )
     eng = llm.engine
+    stops = Stops(eng)
     eng.add_request("off", list(range(300, 1000)), GREEDY, RequestClass.OFFLINE)
     eng.latency.coef[:] = 0
     eng.latency.coef[FEATURES.index("const")] = 10.0  # predicted: far beyond any SLO
     assert eng.announce_online(16) is False  # nothing is running yet
     assert eng.step() == []
     assert eng.num_layer_preemptions == 1
-    assert eng.layer_preemptions[0][1] == 1  # at the first safepoint
+    assert stops.stops[0][1] == 1  # at the first safepoint
     assert eng.scheduler.requests["off"].num_computed_tokens == 0
     eng.online_received()
     eng.add_request("on", list(range(300, 316)), GREEDY, RequestClass.ONLINE)

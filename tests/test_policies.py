@@ -14,6 +14,7 @@ import pytest
 
 from conserve.config import SchedulerConfig
 from conserve.engine.latency import FEATURES, LatencyModel
+from conserve.engine.policy import Slo, make_policy
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
 from conserve.kv.manager import KVCacheManager
@@ -57,8 +58,10 @@ def make(
         offline_step_s=offline_step_s,
     )
     kv = KVCacheManager(num_blocks, BS, prefix_caching)
+    # as the engine builds it: the SLOs and step limit from the config
+    plan = make_policy(policy, linear_model(), Slo.from_config(config), config.offline_step_s)
     # The clock stands still unless a test moves it: no online request is ever behind.
-    scheduler = Scheduler(config, kv, linear_model(), clock=clock or FakeClock())
+    scheduler = Scheduler(config, kv, plan, clock=clock or FakeClock())
     return scheduler, FakeRunner(scheduler)
 
 
@@ -92,7 +95,7 @@ class Sim:
 
     def step(self):
         batch = step(self.s, self.r)
-        self.now += self.s.latency.predict(batch.shape) if batch.chunks else 0.001
+        self.now += self.s.policy.latency.predict(batch.shape) if batch.chunks else 0.001
         for c in batch.chunks:
             if c.sample is not None:
                 self.first.setdefault(c.request_id, self.now)
@@ -135,7 +138,7 @@ def test_conserve_keeps_predicted_step_time_inside_the_tpot_budget() -> None:
     while s.num_unfinished:
         online_present = s.has_online_work()
         batch = step(s, r)
-        predicted = s.latency.predict(batch.shape)
+        predicted = s.policy.latency.predict(batch.shape)
         assert batch.predicted_s == pytest.approx(predicted)
         offline = [c for c in batch.chunks if c.offline]
         if online_present and offline:
@@ -167,7 +170,7 @@ def test_conserve_step_with_an_online_prefill_takes_offline_decodes_only() -> No
     batch = step(s, r)  # online decodes now: offline prefill chunks are back, within budget
     offline = {c.request_id: c.num_tokens for c in batch.chunks if c.offline}
     assert offline.get("dec") == 1 and offline.get("pre", 0) > 1
-    assert s.latency.predict(batch.shape) <= TPOT_SLO * 0.9 + 1e-9
+    assert s.policy.latency.predict(batch.shape) <= TPOT_SLO * 0.9 + 1e-9
     while s.num_unfinished:
         step(s, r)
     s.check_integrity()
@@ -187,7 +190,7 @@ def test_offline_is_not_starved_once_online_load_stops() -> None:
             assert any(c.request_id == "off" for c in batch.chunks)
     # Once online is gone, offline prompt chunks fill the idle-step limit (10 x the 11 ms
     # one-token step: 100 tokens), so 600 tokens take 6 steps, plus the tail.
-    assert s.offline_step_limit == pytest.approx(0.11)
+    assert s.policy.offline_step_limit == pytest.approx(0.11)
     assert steps <= 600 // 100 + 2
 
 
@@ -211,7 +214,7 @@ def test_conserve_idle_offline_steps_are_cut_to_the_step_limit_but_decodes_are_n
         decodes = [c for c in batch.chunks if c.request_id in decoders]
         prompt = [c for c in batch.chunks if c.request_id not in decoders]
         assert {c.request_id for c in decodes} == decoders  # decodes are never cut
-        shape = s.latency.predict
+        shape = s.policy.latency.predict
         if prompt:
             t_dec = 0.010 + 0.001 * len(decodes) if decodes else 0.0
             limit = max(0.05, t_dec + 0.0125)
@@ -245,17 +248,17 @@ def test_conserve_gives_a_late_online_request_its_time_back() -> None:
     base = TPOT_SLO * 0.9
     offline_per_step = []
     while "on" in s.requests:
-        budget = s.tpot_budget
+        budget = s.policy.tpot_budget(s.running, s.clock())
         assert budget == pytest.approx(max(0.0, min(base, base * on.num_output_tokens - (
             clock.now - first))))  # fmt: skip
         batch = step(s, r)
         offline = [c for c in batch.chunks if c.offline]
         if offline:
-            assert s.latency.predict(batch.shape) <= budget + 1e-9
+            assert s.policy.latency.predict(batch.shape) <= budget + 1e-9
         offline_per_step.append(len(offline))
         if "on" in s.requests:
-            last = clock.now + s.latency.predict(batch.shape)
-        clock.now += s.latency.predict(batch.shape)
+            last = clock.now + s.policy.latency.predict(batch.shape)
+        clock.now += s.policy.latency.predict(batch.shape)
     assert offline_per_step[0] == 0  # 150 ms behind: no offline work at all
     assert offline_per_step[-1] == 4  # caught up: the whole budget again
     tpot = (last - first) / 39
@@ -485,6 +488,7 @@ def test_conserve_budget_shrinks_when_budgeted_steps_run_over_their_prediction()
     scheduler plan the next ones for 1/1.3 of the budget; steps faster than predicted never
     enlarge it."""
     s, r = make("conserve", budget=512)
+    policy, predict = s.policy, s.policy.latency.predict
     s.add(req("on", ONLINE, 8, 60))
     for i in range(6):
         s.add(req(f"off{i}", OFFLINE, 300, 60))
@@ -492,30 +496,31 @@ def test_conserve_budget_shrinks_when_budgeted_steps_run_over_their_prediction()
     batch = step(s, r)
     while not batch.online_budget:  # until offline work runs under the online budget
         batch = step(s, r)
-    assert s.tpot_budget == pytest.approx(base)
+    assert policy.tpot_budget(s.running, s.clock()) == pytest.approx(base)
     for _ in range(10):
-        s.observe_budgeted(0.05, 0.04)  # faster than predicted
-    assert s.prediction_scale == 1.0 and s.tpot_budget == pytest.approx(base)
+        policy.observe_budgeted(0.05, 0.04)  # faster than predicted
+    assert policy.prediction_scale == 1.0
+    assert policy.tpot_budget(s.running, s.clock()) == pytest.approx(base)
     for _ in range(64):
-        s.observe_budgeted(0.05, 0.065)
-    assert s.prediction_scale == pytest.approx(1.3)
-    assert s.tpot_budget == pytest.approx(base / 1.3)
+        policy.observe_budgeted(0.05, 0.065)
+    assert policy.prediction_scale == pytest.approx(1.3)
+    assert policy.tpot_budget(s.running, s.clock()) == pytest.approx(base / 1.3)
     batch = step(s, r)
     assert batch.online_budget and any(c.offline for c in batch.chunks)
-    assert s.latency.predict(batch.shape) <= base / 1.3 + 1e-9
-    assert s.latency.predict(batch.shape) > base / 1.3 - 0.002  # filled: one more would not fit
+    assert predict(batch.shape) <= base / 1.3 + 1e-9
+    assert predict(batch.shape) > base / 1.3 - 0.002  # filled: one more would not fit
     # Steps on time again (say, online-only steps while the budget had no room for offline
     # work) bring the scale back down.
     for _ in range(64):
-        s.observe_budgeted(0.05, 0.05)
-    assert s.prediction_scale == 1.0
+        policy.observe_budgeted(0.05, 0.05)
+    assert policy.prediction_scale == 1.0
     s.check_integrity()
 
 
 def test_one_slow_budgeted_step_does_not_shrink_the_budget() -> None:
     s, _ = make("conserve")
-    s.observe_budgeted(0.03, 0.06)
-    assert s.prediction_scale == 1.0  # fewer than 8 observations
+    s.policy.observe_budgeted(0.03, 0.06)
+    assert s.policy.prediction_scale == 1.0  # fewer than 8 observations
     for _ in range(7):
-        s.observe_budgeted(0.03, 0.03)
-    assert s.prediction_scale == 1.0  # one in eight: above the 90th percentile
+        s.policy.observe_budgeted(0.03, 0.03)
+    assert s.policy.prediction_scale == 1.0  # one in eight: above the 90th percentile

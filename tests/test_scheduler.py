@@ -13,6 +13,7 @@ import pytest
 
 from conserve.config import SchedulerConfig
 from conserve.engine.batch import ScheduledBatch, StepResult
+from conserve.engine.policy import FcfsPolicy, make_policy
 from conserve.engine.request import IllegalTransition, Request, RequestStatus
 from conserve.engine.scheduler import Scheduler
 from conserve.kv.manager import KVCacheManager
@@ -66,7 +67,7 @@ def make_scheduler(
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_prefill_chunk=chunk
     )
-    scheduler = Scheduler(config, KVCacheManager(num_blocks, BS, prefix_caching))
+    scheduler = Scheduler(config, KVCacheManager(num_blocks, BS, prefix_caching), FcfsPolicy())
     return scheduler, FakeRunner(scheduler)
 
 
@@ -479,7 +480,7 @@ def _sharing(rid: str, shared: list[int], tail: int, max_tokens: int, **kw) -> R
 
 
 def test_a_request_waits_for_a_shared_prefix_being_computed_instead_of_computing_it_twice():
-    from conserve.engine.scheduler import SHARED_PREFIX_MIN_BLOCKS
+    from conserve.engine.shared_prefix import SHARED_PREFIX_MIN_BLOCKS
 
     scheduler, runner = make_scheduler(budget=64)
     shared = list(range(700, 700 + 6 * BS))  # 6 blocks, more than SHARED_PREFIX_MIN_BLOCKS
@@ -546,7 +547,7 @@ def test_an_online_request_never_waits_behind_an_offline_one():
 
     def run(owner_class: RequestClass) -> list:
         config = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=16, policy="priority")
-        scheduler = Scheduler(config, KVCacheManager(64, BS))
+        scheduler = Scheduler(config, KVCacheManager(64, BS), make_policy(config.policy))
         runner = FakeRunner(scheduler)
         shared = list(range(700, 700 + 12 * BS))
         scheduler.add(_sharing("owner", shared, 4, 1, request_class=owner_class))

@@ -132,9 +132,9 @@ def test_a_request_counts_as_queued_from_admission_until_its_first_token():
     client left first) gives its count back when dropped."""
     import gc
 
+    from conserve.core.messages import RequestDelta, SeqDelta
     from conserve.engine.request import RequestClass
-    from conserve.server.api import ServerState, tracked
-    from conserve.server.core import RequestDelta, SeqDelta
+    from conserve.server.state import ServerState, tracked
 
     online = RequestClass.ONLINE
     state = ServerState()
@@ -162,3 +162,16 @@ def test_a_request_counts_as_queued_from_admission_until_its_first_token():
     # queued until the delta carrying the first token, then no longer
     assert asyncio.run(read()) == [1, 0, 0]
     assert state.queued[online] == 0 and state.in_flight == 0
+
+
+def test_the_startup_line_shows_the_slos_whenever_they_are_set():
+    from types import SimpleNamespace
+
+    from conserve.server.app import startup_line
+
+    def client(policy, ttft, tpot):
+        return SimpleNamespace(model_name="m", policy=policy, ttft_slo=ttft, tpot_slo=tpot)
+
+    with_slos = "conserve: model m, policy fcfs, online SLOs: TTFT 1.5 s, TPOT 0.25 s"
+    assert startup_line(client("fcfs", 1.5, 0.25)) == with_slos
+    assert startup_line(client("conserve", None, None)) == "conserve: model m, policy conserve"

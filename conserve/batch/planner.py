@@ -106,7 +106,7 @@ def _ratio(compute: float, memory: float) -> float:
 
 
 class Shape(Protocol):
-    """What the planner reads of a line (conserve.server.api.LineShape)."""
+    """What the planner reads of a line (conserve.batch.prepare.LineShape)."""
 
     prompt_ids: list[int]
     max_tokens: int

@@ -95,9 +95,8 @@ def run_batch_file(args: argparse.Namespace, config) -> int:
 async def _run(args, config, lines, results: ResultFiles, done: int) -> int:
     from tqdm import tqdm
 
-    from conserve.server.api import ServerState
-    from conserve.server.batch_api import batch_order, line_executor
-    from conserve.server.client import EngineClient
+    from conserve.batch.execute import batch_order, line_executor
+    from conserve.core.client import EngineClient
 
     client = EngineClient(config)
     client.start(asyncio.get_running_loop())
@@ -118,7 +117,7 @@ async def _run(args, config, lines, results: ResultFiles, done: int) -> int:
     runner = BatchRunner(
         lines,
         results,
-        line_executor(ServerState(), client),
+        line_executor(None, client),
         order=batch_order(client, args.batch_order, args.planner_tflops, args.planner_gbs),
         window=args.window or config.scheduler.max_num_seqs,
         on_results=progress,

@@ -2,11 +2,13 @@
 and appends each result durably as it finishes.
 
 The runner knows nothing about HTTP or the engine: `execute` answers one line (the server and
-the CLI both pass `conserve.server.api.answer_line`, the code path of the HTTP endpoints), and
-`order` decides which pending line enters next. The default order is the file's (fcfs); a
-planner can pass any function from the pending lines to an iterable, consumed lazily: the
-runner takes the next line only when a seat in the window frees up. The function runs in a
-worker thread (planning a large batch tokenizes every line; the event loop keeps serving).
+the CLI both pass `conserve.batch.execute.line_executor`, the code path of the HTTP
+endpoints), and `order` decides which pending line enters next. The default order is the
+file's (fcfs); a planner can pass any function from the pending lines to an iterable, consumed
+lazily: the runner takes the next line only when a seat in the window frees up. The function
+runs in a worker thread (planning a large batch prepares every line; the event loop keeps
+serving). An order may yield other objects than the lines it got (a `BatchLine` carrying more,
+such as its prepared request); the runner passes them on to `execute`.
 
 Two optional extras let an order learn as the batch runs (the BlendServe planner uses both):
 - if the iterable has `observe(custom_id, output_tokens)`, the runner calls it once per line

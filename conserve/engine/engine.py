@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -18,8 +16,11 @@ from conserve.config import DEFAULT_KV_CACHE_GB, EngineConfig
 from conserve.engine.batch import IterationPreempted, ScheduledBatch, StepResult
 from conserve.engine.latency import BatchShape, LatencyModel
 from conserve.engine.output import RequestOutput, SequenceState, stop_status
+from conserve.engine.policy import Policy, Slo, make_policy, policy_class, resolve_slo
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
+from conserve.engine.stats import EngineStats, HostTierStats, KVStats, StepObserver, StepRecord
+from conserve.engine.step_log import StepLog
 from conserve.kv.cache import KVTensors
 from conserve.kv.host_tier import HostKVStore, TensorMover
 from conserve.kv.manager import KVCacheManager
@@ -33,7 +34,15 @@ log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    def execute(self, batch: ScheduledBatch) -> StepResult: ...
+    """Computes a planned step. The engine reads `progress` from another thread while a step
+    runs (the fraction of its layers done, 0 between steps) to estimate its remaining time."""
+
+    progress: float
+
+    def execute(self, batch: ScheduledBatch, stop: Callable[[], bool] | None = None) -> StepResult:
+        """Run `batch`. With `stop`, call it at every safepoint; when it returns True, raise
+        `IterationPreempted` there (nothing sampled, nothing to commit)."""
+        ...
 
 
 class ContextLengthError(ValueError):
@@ -91,10 +100,8 @@ class Engine:
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, tuple[_Group, SequenceState]] = {}
         self.num_steps = 0
-        # step durations not yet collected by a metrics reader (bounded)
-        self.step_times: deque[float] = deque(maxlen=10_000)
-        # (predicted, measured) seconds of steps the latency model forecast (bounded)
-        self.step_predictions: deque[tuple[float, float]] = deque(maxlen=10_000)
+        self.busy_s = 0.0  # seconds the steps that ran to the end computed
+        self._observers: list[StepObserver] = []
         self.latency: LatencyModel | None = None
         self.refit_every = 256  # steps between refits of the latency model while serving
         # layer-wise preemption: the step that may be stopped, and which one to stop
@@ -109,9 +116,6 @@ class Engine:
         self._announced = 0
         self._received = 0
         self._pending_prompt_len: int | None = None
-        self.step_log = None  # a text file: one JSON line per step (EngineConfig.step_log)
-        # (seconds from the stop request to the stopped step, layers run) (bounded)
-        self.layer_preemptions: deque[tuple[float, int]] = deque(maxlen=10_000)
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -151,12 +155,15 @@ class Engine:
             kernels=kernels,
             safepoint_every=cfg.safepoint_every,
         )
+        # conserve's latency model comes once the engine exists (profiling runs the runner):
+        # until then its policy object plans without one
+        policy = make_policy(cfg.scheduler.policy)
         host = None
-        if cfg.scheduler.policy == "conserve" and cfg.cache.host_kv_gb > 0:
+        if policy.uses_host_tier and cfg.cache.host_kv_gb > 0:
             per_block = KVTensors.bytes_per_block(model_cfg, cfg.cache.block_size, cfg.torch_dtype)
             n_host = max(1, int(cfg.cache.host_kv_gb * 2**30 // per_block))
             host = HostKVStore(n_host, cfg.cache.block_size, TensorMover(kv.k, kv.v, n_host))
-        scheduler = Scheduler(cfg.scheduler, kv_manager, host=host)
+        scheduler = Scheduler(cfg.scheduler, kv_manager, policy, host=host)
         log.info(
             "model %s: %s, %d KV blocks of %d tokens, max_model_len %d",
             source.name,
@@ -168,27 +175,60 @@ class Engine:
         engine = Engine(cfg, tokenizer, scheduler, runner, max_len, source.name, model_cfg)
         engine.model_source = str(source)
         if cfg.step_log:
-            engine.step_log = open(cfg.step_log, "a", buffering=1)  # noqa: SIM115 - engine-long
-        if cfg.scheduler.policy == "conserve":
+            engine.add_observer(StepLog(cfg.step_log))
+        if policy.uses_latency_model:
             engine.use_latency_model(_load_latency_model(engine, cfg.latency_profile))
         return engine
 
     def use_latency_model(self, model: LatencyModel) -> None:
-        """Give the scheduler a latency model and fill in the SLOs it leaves unset."""
+        """Predict step times with `model`, fill in the SLOs the config leaves unset from it
+        (`engine.config` then carries them), and plan with a new object of the configured
+        policy built on both. Only while no request is in the engine."""
+        self._require_idle("use_latency_model")
         self.latency = model
-        self.scheduler.latency = model
-        sc = self.config.scheduler
-        tpot, ttft = sc.tpot_slo, sc.ttft_slo
-        if tpot is None:
-            decode = BatchShape()
-            for _ in range(8):
-                decode.add(511, 1)
-            tpot = round(max(0.02, 3 * model.predict(decode)), 3)
-        if ttft is None:
-            ttft = round(max(0.2, 2 * model.predict(BatchShape().with_chunk(0, 1024))), 3)
-        sc = replace(sc, tpot_slo=tpot, ttft_slo=ttft)
+        slo = resolve_slo(self.config.scheduler, model)
+        sc = replace(self.config.scheduler, tpot_slo=slo.tpot, ttft_slo=slo.ttft)
         self.config = replace(self.config, scheduler=sc)
-        self.scheduler.config = sc
+        self._install_policy()
+
+    def set_policy(self, name: str) -> None:
+        """Plan with the policy called `name` from now on: a new policy object on the engine's
+        latency model and SLOs (the latency model is loaded first if the policy needs one and
+        the engine has none; a host tier is made only by `from_config`). Setting the policy in
+        force keeps its object and what it learned (conserve's prediction scale, when online
+        work was last seen). Only while no request is in the engine."""
+        self._require_idle("set_policy")
+        if name == self.policy.name:
+            return
+        sc = replace(self.config.scheduler, policy=name)  # raises for an unknown name
+        model = None
+        if policy_class(name).uses_latency_model and self.latency is None:
+            model = _load_latency_model(self, self.config.latency_profile)
+        self.config = replace(self.config, scheduler=sc)
+        if model is not None:
+            self.use_latency_model(model)
+        else:
+            self._install_policy()
+
+    @property
+    def policy(self) -> Policy:
+        """The scheduling policy object in force."""
+        return self.scheduler.policy
+
+    @property
+    def slo(self) -> Slo | None:
+        """The online SLOs the policy plans with and the preemption monitor stops steps by;
+        None for a policy without them."""
+        return self.scheduler.policy.slo
+
+    def _install_policy(self) -> None:
+        sc = self.config.scheduler
+        slo = Slo.from_config(sc)
+        self.scheduler.set_policy(make_policy(sc.policy, self.latency, slo, sc.offline_step_s))
+
+    def _require_idle(self, what: str) -> None:
+        if self.has_unfinished():
+            raise RuntimeError(f"{what} needs an engine with no unfinished request")
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -219,9 +259,8 @@ class Engine:
             self._seq_to_group[seq_id] = (group, state)
             self.scheduler.add(req)
         self._groups[request_id] = group
-        if self.step_log is not None:
-            rec = {"t": round(now, 6), "added": request_id, "class": request_class.value}
-            self.step_log.write(json.dumps(rec | {"prompt_len": len(ids)}) + "\n")
+        for obs in self._observers:
+            obs.on_request_added(request_id, request_class.value, len(ids))
 
     def validate_prompt(self, ids: Sequence[int], params: SamplingParams) -> None:
         if not ids:
@@ -265,43 +304,87 @@ class Engine:
             done = self._current
             self.num_layer_preemptions += 1
             wait = time.monotonic() - done.stop_requested_at if done.stop_requested_at else 0.0
-            self.layer_preemptions.append((wait, e.layer))
-            if self.step_log is not None:
-                self._log_step(batch, t_plan, t_exec, time.monotonic() - t_exec, e.layer)
+            ran = time.monotonic() - t_exec
+            self._notify(batch, t_exec, t_exec - t_plan, ran, 0.0, e.layer, wait)
             return []
         finally:
             self._current = None
         self.num_steps += 1
-        self.step_times.append(result.elapsed_s)
+        self.busy_s += result.elapsed_s
         if self.latency is not None and batch.shape is not None:
             self._observe(batch, result.elapsed_s)
         outputs = self._apply(batch, result)  # apply
-        if self.step_log is not None:
-            self._log_step(batch, t_plan, t_exec, result.elapsed_s, None)
+        applied = time.monotonic() - t_exec - result.elapsed_s
+        self._notify(batch, t_exec, t_exec - t_plan, result.elapsed_s, applied)
         return outputs
 
-    def _log_step(
-        self, batch: ScheduledBatch, t_plan: float, t_exec: float, ran: float, stop: int | None
+    # -- observation ------------------------------------------------------------------------
+    def add_observer(self, observer: StepObserver) -> None:
+        """Call `observer` around every step from now on (in the loop's thread)."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: StepObserver) -> None:
+        self._observers.remove(observer)
+
+    def _notify(
+        self,
+        batch: ScheduledBatch,
+        started: float,
+        plan_s: float,
+        run_s: float,
+        apply_s: float,
+        stopped_at: int | None = None,
+        stop_wait: float | None = None,
     ) -> None:
-        on = [c for c in batch.chunks if not c.offline]
-        off = [c for c in batch.chunks if c.offline]
-        rec = {
-            "t": round(t_exec, 6),  # time.monotonic() when the step started computing
-            "plan_s": round(t_exec - t_plan, 6),
-            "run_s": round(ran, 6),
-            "apply_s": round(time.monotonic() - t_exec - ran, 6),
-            "predicted_s": None if batch.predicted_s is None else round(batch.predicted_s, 6),
-            "online": [len(on), sum(c.num_tokens for c in on)],  # [chunks, tokens]
-            "offline": [len(off), sum(c.num_tokens for c in off)],
-            "online_prefill_ids": [c.request_id for c in on if c.num_tokens > 1],
-            "stopped_at_layer": stop,
-            "online_budget": batch.online_budget,
-            "prediction_scale": round(self.scheduler.prediction_scale, 4),
-        }
-        self.step_log.write(json.dumps(rec) + "\n")
+        if not self._observers:
+            return
+        record = StepRecord(
+            batch,
+            started,
+            plan_s,
+            run_s,
+            apply_s,
+            stopped_at,
+            stop_wait,
+            self.scheduler.prediction_scale,
+        )
+        for obs in self._observers:
+            obs.on_step_end(record)
+
+    def stats(self) -> EngineStats:
+        """A snapshot of queues, KV use (device and host tier) and cumulative counters."""
+        sched, kv = self.scheduler, self.scheduler.kv
+        host = sched.host
+        pool = kv.pool
+        return EngineStats(
+            num_steps=self.num_steps,
+            busy_s=self.busy_s,
+            running=len(sched.running),
+            waiting=sched.num_waiting(),
+            by_class=self.counts_by_class(),
+            kv=KVStats(
+                num_blocks=pool.num_blocks,
+                block_size=kv.block_size,
+                free_blocks=pool.num_free_blocks,
+                usage=pool.usage(),
+                request_tables=kv.num_request_tables,
+                prefix_queries=kv.prefix_queries,
+                prefix_hits=kv.prefix_hits,
+            ),
+            host=None if host is None else _host_stats(host),
+            num_preemptions=sched.num_preemptions,
+            preemptions_by_class={c.value: n for c, n in sched.preemptions_by_class.items()},
+            num_layer_preemptions=self.num_layer_preemptions,
+            num_pauses=sched.num_pauses,
+            tokens_recomputed=sched.tokens_recomputed,
+            tokens_restored=sched.tokens_restored,
+            shared_prefix_waits=sched.num_shared_waits,
+        )
 
     def _execute(self, batch: ScheduledBatch) -> StepResult:
         if not batch.preemptible:
+            for obs in self._observers:
+                obs.on_step_start(batch)
             return self.runner.execute(batch)
         self._step_seq += 1  # also counts stopped steps, so a stale stop request never matches
         step = _Step(self._step_seq, time.monotonic(), batch.predicted_s or 0.0)
@@ -311,14 +394,14 @@ class Engine:
                 # An online request arrived after this plan was made (while the previous step
                 # was applied or this one planned): it may stop this step right away.
                 self._request_stop_locked(self._pending_prompt_len)
+        for obs in self._observers:
+            obs.on_step_start(batch)
         return self.runner.execute(batch, lambda: self._stop_seq == step.seq)
 
     def _observe(self, batch: ScheduledBatch, seconds: float) -> None:
         self.latency.observe(batch.shape, seconds)
-        if batch.predicted_s is not None:
-            self.step_predictions.append((batch.predicted_s, seconds))
-            if batch.online_budget:
-                self.scheduler.observe_budgeted(batch.predicted_s, seconds)
+        if batch.predicted_s is not None and batch.online_budget:
+            self.scheduler.observe_budgeted(batch.predicted_s, seconds)
         if self.latency.num_observed % self.refit_every == 0:
             self.latency.refit()
 
@@ -356,9 +439,10 @@ class Engine:
         done = getattr(self.runner, "progress", 0.0)
         if done > 0:
             remaining = (now - step.start) * (1 - done) / done
-        sc = self.config.scheduler
+        slo = self.slo
+        tpot, ttft = (slo.tpot, slo.ttft) if slo is not None else (0.0, 0.0)
         own = self.latency.predict(BatchShape().with_chunk(0, prompt_len)) if prompt_len else 0.0
-        limit = min(sc.tpot_slo or 0.0, (sc.ttft_slo or 0.0) - own)
+        limit = min(tpot, ttft - own)
         if remaining <= limit:
             return False
         step.stop_requested_at = now
@@ -403,6 +487,19 @@ class Engine:
         self.scheduler.check_integrity()
         if not self._groups and self.scheduler.kv.num_request_tables:
             raise AssertionError("idle engine still holds KV block tables")
+
+
+def _host_stats(host: HostKVStore) -> HostTierStats:
+    return HostTierStats(
+        num_blocks=host.num_blocks,
+        free_blocks=host.num_free_blocks,
+        blocks_checkpointed=host.blocks_checkpointed,
+        blocks_restored=host.blocks_restored,
+        num_checkpoints=host.num_checkpoints,
+        num_restores=host.num_restores,
+        checkpoint_s=host.checkpoint_s,
+        restore_s=host.restore_s,
+    )
 
 
 def _load_latency_model(engine: Engine, where: str) -> LatencyModel:

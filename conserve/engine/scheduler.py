@@ -1,34 +1,20 @@
-"""Continuous batching with chunked prefill, request classes and latency budgets.
+"""Continuous batching with chunked prefill and request classes: the mechanism.
 
 `schedule()` decides which tokens run next and reserves their KV blocks; `update()` applies what
-the runner computed. Requests join and leave between any two steps.
+the runner computed. Requests join and leave between any two steps. A plan serves running
+requests first, oldest first (the rest of a prompt in chunks of at most `chunk_cap` tokens, or
+one decode token), then admits waiting ones in queue order while the token budget, the seats
+and the KV blocks last. There is a waiting queue per request class; queue keys keep arrival
+order across them (preempted requests get keys in front).
 
-Policies (`SchedulerConfig.policy`):
-- `fcfs`: one queue, no classes. Running requests first, oldest first (their next decode token
-  or prefill chunk), then waiting requests in arrival order while the token budget, the seats
-  and the blocks last.
-- `online-only`: while any online request is running or waiting, offline requests get nothing
-  (those running keep their blocks); then they run as in fcfs.
-- `priority`: online requests first (running, then waiting), then offline ones with the rest of
-  the token budget. An online request that needs a seat or blocks preempts the newest offline
-  request, which is recomputed later: priority scheduling at iteration granularity.
-- `conserve`: as `priority`, but while online work exists offline decodes and prefill chunks
-  are added only while the *predicted* step time (the latency model) stays inside the TPOT
-  budget: the SLO minus a margin, less for a running online request that is behind it (its
-  tokens so far took longer than that on average, e.g. while another request's prompt was
-  computed, so the steps after give the time back), and divided by `prediction_scale` (how
-  much recent budgeted steps overran their prediction). A prefill chunk is cut to the size
-  that fits. A step that carries an online prefill chunk takes offline decodes only, so a
-  new online request's first token does not wait for offline prompt tokens. With no online
-  work, offline work gets the token budget; while online requests have been seen in the last
-  minute, its prompt chunks are cut to a predicted step time (`offline_step_limit`) that is
-  efficient but not so long that a stop throws much away. A step with offline work is marked
-  preemptible: the engine may stop it between layers when an online request arrives.
-
-When a request needs a block and none is free, a running request not yet scheduled in this step
-is preempted: the newest one (fcfs), the newest offline one first (other policies). Its blocks
-are released (full blocks stay in the prefix cache) and it goes back to the front of its queue
-to be recomputed.
+The policy object (`policy.py`) decides the rest: one arrival-ordered queue or online requests
+first, whether and under what predicted-time limit offline work joins a step (an offline chunk
+is cut to the largest size that fits, by bisection on the latency model), which running
+requests may be preempted for blocks or seats, and whether a step may be stopped between
+layers. A preempted request releases its blocks (full ones stay in the prefix cache) and goes
+back to the front of its queue, to be recomputed or restored from its host-tier checkpoints.
+A waiting request whose prompt continues into blocks that a running request is computing now
+waits until they are cached (`shared_prefix.py`).
 """
 
 from __future__ import annotations
@@ -40,25 +26,17 @@ from dataclasses import dataclass, field
 
 from conserve.config import SchedulerConfig
 from conserve.engine.batch import ScheduledBatch, ScheduledChunk, StepResult
-from conserve.engine.latency import BatchShape, LatencyModel
+from conserve.engine.latency import BatchShape
+from conserve.engine.policy import Policy
 from conserve.engine.request import Request, RequestClass, RequestStatus
-from conserve.kv.block_pool import BlockHash
+from conserve.engine.shared_prefix import SharedPrefixWaits
 from conserve.kv.host_tier import HostKVStore
 from conserve.kv.manager import KVCacheManager, PrefixHit
 from conserve.sampling.types import SampleSpec
 
 ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
-# conserve: offline steps are kept short (`offline_step_limit`) only while online requests
-# have been seen this recently (seconds); a server running batch work alone gets full steps
-ONLINE_RECENT_S = 60.0
-
-
-# A waiting request whose next prompt blocks (after its prefix-cache hit) are being computed
-# by a running request waits until they are cached, instead of computing them a second time
-# in parallel, when they are at least this many blocks
-SHARED_PREFIX_MIN_BLOCKS = 4
-# ... and a plan passes over at most this many (each costs a prefix lookup): the rest of the
-# queue waits for the next step
+# A plan passes over at most this many waiting requests that wait for a shared prefix (each
+# costs a prefix lookup): the rest of the queue waits for the next step
 MAX_PASSED_OVER = 16
 
 
@@ -71,18 +49,6 @@ def _heads(queue: deque[Request], skip: set[str]) -> Iterable[Request]:
     it or adds it to `skip`."""
     while (r := _first(queue, skip)) is not None:
         yield r
-
-
-def _take(queue: deque[Request], request: Request) -> None:
-    """Remove `request` (by identity) from `queue`; it is almost always the head."""
-    if queue[0] is request:
-        queue.popleft()
-        return
-    for i, r in enumerate(queue):
-        if r is request:
-            del queue[i]
-            return
-    raise ValueError(f"{request.request_id} is not in the queue")
 
 
 @dataclass
@@ -105,15 +71,15 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         kv: KVCacheManager,
-        latency: LatencyModel | None = None,
+        policy: Policy,
         host: HostKVStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
-        self.clock = clock  # stamps first tokens; online requests' TPOT budgets read it
+        self.config = config  # token budget, seats, chunk cap (the policy is `policy`)
+        self.policy = policy
+        self.clock = clock  # stamps first tokens; the policy's time budgets read it
         self.kv = kv
-        self.latency = latency
-        self.host = host  # checkpoints of offline requests (conserve policy)
+        self.host = host  # checkpoints of offline requests (policies with a host tier)
         self.queues: dict[RequestClass, deque[Request]] = {ONLINE: deque(), OFFLINE: deque()}
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -124,72 +90,25 @@ class Scheduler:
         self.tokens_restored = 0  # copied back from the host tier instead
         self._next_key = 0
         self._front_key = 0
-        self._offline_step_s: float | None = None  # derived from the latency model once
-        self._last_online = float("-inf")  # clock() when online work was last seen
-        # measured / predicted time of recent steps planned under the online TPOT budget
-        # (with offline work in them or not: a budget too small for any offline work must
-        # still hear that steps are on time again): the budget is divided by a high quantile
-        # of it, so a model that under-predicts the shapes co-serving produces (many offline
-        # decodes beside online ones) is corrected
-        self._budget_errors: deque[float] = deque(maxlen=64)
-        self.prediction_scale = 1.0
-        # full prompt blocks that running requests are still computing: block hash -> the
-        # request computing it (see SHARED_PREFIX_MIN_BLOCKS), and each request's hashes
-        self._computing: dict[BlockHash, Request] = {}
-        self._computing_of: dict[str, list[BlockHash]] = {}
+        self.shared = SharedPrefixWaits(kv)
         self.num_shared_waits = 0  # admissions put off to share a prefix being computed
 
+    def set_policy(self, policy: Policy) -> None:
+        """Plan with `policy` from now on; only with no request in the scheduler (a policy
+        keeps state about the requests it planned)."""
+        if self.requests:
+            raise RuntimeError("the policy can change only while no request is in the scheduler")
+        self.policy = policy
+
+    # -- until Engine._observe / Engine._notify call the policy directly ------------------
     @property
-    def tpot_budget(self) -> float | None:
-        """Predicted seconds an offline-carrying step may take while online work exists: the
-        TPOT SLO minus the margin, less for an online request that is behind it."""
-        if self.config.tpot_slo is None or self.latency is None:
-            return None
-        base = self.config.tpot_slo * (1 - self.config.slo_margin)
-        now = self.clock()
-        budget = base
-        for r in self.running:
-            if r.request_class is ONLINE and r.first_token_time is not None:
-                # After this step the request's TPOT is (now + step - first) / k, with k
-                # tokens after its first: keep that inside the budget. A request that lost
-                # time (to another request's prompt, say) gets it back from offline work.
-                k = r.num_output_tokens
-                budget = min(budget, base * k - (now - r.first_token_time))
-        return max(budget, 0.0) / self.prediction_scale
+    def prediction_scale(self) -> float:
+        return self.policy.prediction_scale
 
     def observe_budgeted(self, predicted: float, measured: float) -> None:
-        """A step planned under the online TPOT budget took `measured` seconds against the
-        `predicted`: update `prediction_scale` (the 90th percentile of measured / predicted
-        over the last 64 such steps, between 1 and 2; 1 until there are 8)."""
-        if predicted <= 0:
-            return
-        self._budget_errors.append(measured / predicted)
-        if len(self._budget_errors) < 8:
-            return
-        ranked = sorted(self._budget_errors)
-        p90 = ranked[int(0.9 * (len(ranked) - 1))]
-        self.prediction_scale = min(2.0, max(1.0, p90))
-
-    def _short_offline_steps(self) -> bool:
-        """Online requests were seen in the last ONLINE_RECENT_S seconds (more may come, and
-        a step they stop loses its work), and there is a step limit to apply."""
-        recent = self.clock() - self._last_online <= ONLINE_RECENT_S
-        return recent and self.offline_step_limit is not None
-
-    @property
-    def offline_step_limit(self) -> float | None:
-        """Predicted seconds of a conserve step with no online work: its offline prompt
-        chunks are cut to fit (its decodes are not; prompt chunks then get a quarter of it
-        on top of them). Long enough that the fixed cost of a step (a one-token step) is at
-        most a tenth of it; longer would not be faster, and a step stopped for an arriving
-        online request loses the work it has done."""
-        if self.config.offline_step_s is not None:
-            return self.config.offline_step_s
-        if self.latency is None:
-            return None
-        if self._offline_step_s is None:
-            self._offline_step_s = 10 * self.latency.predict(BatchShape().with_chunk(0, 1))
-        return self._offline_step_s
+        observe = getattr(self.policy, "observe_budgeted", None)
+        if observe is not None:
+            observe(predicted, measured)
 
     # -- queue ------------------------------------------------------------------------------
     @property
@@ -210,7 +129,7 @@ class Scheduler:
         request.queue_key = self._next_key
         self.queues[request.request_class].append(request)
         if request.request_class is ONLINE:
-            self._last_online = self.clock()
+            self.policy.note_online(self.clock())
 
     def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish (or abort) a request wherever it is and release its KV blocks."""
@@ -220,7 +139,7 @@ class Scheduler:
         was_running = request.status == RequestStatus.RUNNING
         request.move_to(status)  # raises on an illegal status before anything changes
         del self.requests[request_id]
-        self._forget_computing(request_id)
+        self.shared.forget(request_id)
         if was_running:
             self.running.remove(request)
         else:
@@ -240,43 +159,51 @@ class Scheduler:
     # -- plan -------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         plan = _Plan(budget=self.config.max_num_batched_tokens)
-        if self.config.policy == "fcfs":
+        if self.policy.online_first:
+            self._plan_by_class(plan)
+        else:
             self._run(plan, list(self.running))
             if not plan.preempted:
-                self._admit(plan, self._fcfs_order)
-        else:
-            online_present = self.has_online_work()
-            if online_present:
-                self._last_online = self.clock()
-            self._run(plan, [r for r in self.running if r.request_class is ONLINE])
-            self._admit(plan, lambda skip: _heads(self.queues[ONLINE], skip))
-            if not (self.config.policy == "online-only" and online_present):
-                offline = [r for r in self.running if r.request_class is OFFLINE]
-                if self.config.policy == "conserve" and online_present:
-                    plan.time_limit, plan.online_budget = self.tpot_budget, True
-                    plan.offline_decodes_only = any(c.num_tokens > 1 for c in plan.chunks)
-                elif self.config.policy == "conserve" and self._short_offline_steps():
-                    # no online work: every decode, then prompt chunks up to the step limit
-                    # (and at least a quarter of it, so that new requests keep starting)
-                    decodes = [r for r in offline if r.num_tokens - r.num_computed_tokens == 1]
-                    self._run(plan, decodes)
-                    offline = [r for r in offline if r.request_id not in plan.scheduled]
-                    limit = self.offline_step_limit
-                    plan.time_limit = max(limit, self.latency.predict(plan.shape) + limit / 4)
-                self._run(plan, offline)
-                if not plan.preempted:
-                    self._admit(plan, lambda skip: _heads(self.queues[OFFLINE], skip))
-        predicted = self.latency.predict(plan.shape) if self.latency and plan.chunks else None
+                self._admit(plan, self._arrival_order)
+        latency = self.policy.latency
+        predicted = latency.predict(plan.shape) if latency and plan.chunks else None
         return ScheduledBatch(
             chunks=plan.chunks,
             preempted_ids=plan.preempted,
             predicted_s=predicted,
-            preemptible=self.config.policy == "conserve" and plan.num_offline > 0,
+            preemptible=self.policy.preemptible(plan.num_offline),
             shape=plan.shape,
             online_budget=plan.online_budget,
         )
 
-    def _fcfs_order(self, skip: set[str]) -> Iterable[Request]:
+    def _plan_by_class(self, plan: _Plan) -> None:
+        """Online requests (running, then waiting), then offline ones within the limits the
+        policy sets for this step."""
+        online_present = self.has_online_work()
+        if online_present:
+            self.policy.note_online(self.clock())
+        self._run(plan, [r for r in self.running if r.request_class is ONLINE])
+        self._admit(plan, lambda skip: _heads(self.queues[ONLINE], skip))
+        if not self.policy.runs_offline(online_present):
+            return
+        offline = [r for r in self.running if r.request_class is OFFLINE]
+        online_prefill = any(c.num_tokens > 1 for c in plan.chunks)
+        limits = self.policy.offline_budget(
+            self.running, online_present, online_prefill, self.clock()
+        )
+        plan.online_budget, plan.offline_decodes_only = limits.online_budget, limits.decodes_only
+        if limits.decodes_first:
+            decodes = [r for r in offline if r.num_tokens - r.num_computed_tokens == 1]
+            self._run(plan, decodes)  # no time limit yet: decodes are never cut
+            offline = [r for r in offline if r.request_id not in plan.scheduled]
+            plan.time_limit = limits.prompt_limit(self.policy.latency.predict(plan.shape))
+        else:
+            plan.time_limit = limits.time_limit
+        self._run(plan, offline)
+        if not plan.preempted:
+            self._admit(plan, lambda skip: _heads(self.queues[OFFLINE], skip))
+
+    def _arrival_order(self, skip: set[str]) -> Iterable[Request]:
         """Waiting requests of both classes in queue order, lazily (heads compared), those
         in `skip` passed over."""
         while True:
@@ -318,10 +245,11 @@ class Scheduler:
                 return
             if plan.offline_decodes_only and request.request_class is OFFLINE:
                 return  # a new start computes prompt tokens
-            if len(self.running) >= self.config.max_num_seqs and not self._free_seat(plan, request):
-                return
+            full = len(self.running) >= self.config.max_num_seqs
+            if full and self._preempt_victim(plan, request) is None:
+                return  # no seat, and nobody the policy lets it take one from
             prefix = self.kv.find_prefix(request.token_ids)
-            if self._shares_computing(request, prefix):
+            if self.shared.should_wait(request, prefix):
                 if len(skip) >= MAX_PASSED_OVER:
                     return
                 skip.add(request.request_id)
@@ -334,57 +262,17 @@ class Scheduler:
                 return
             if not self._make_room(plan, request, start + n, prefix):
                 return
-            _take(self.queues[request.request_class], request)
+            self.queues[request.request_class].remove(request)  # by identity; the head
             self._start(request, prefix, start, start + n)
             self._add_chunk(plan, request, n)
-
-    def _prompt_blocks(self, request: Request) -> int:
-        """Full prompt blocks a prefix hit or a later request can share (one token is always
-        left to compute)."""
-        return (request.num_prompt_tokens - 1) // self.kv.block_size
-
-    def _shares_computing(self, request: Request, prefix: PrefixHit) -> bool:
-        """Whether the prompt blocks right after `prefix` are being computed by running
-        requests, at least SHARED_PREFIX_MIN_BLOCKS of them (first admissions only; an online
-        request waits only for online ones)."""
-        if not self._computing or request.status != RequestStatus.WAITING:
-            return False
-        first = len(prefix.block_ids)
-        last = min(self._prompt_blocks(request), first + SHARED_PREFIX_MIN_BLOCKS)
-        if last - first < SHARED_PREFIX_MIN_BLOCKS:
-            return False
-        hashes = self.kv.block_hashes(request.token_ids, last)
-        for j in range(first, last):
-            owner = self._computing.get(hashes[j])
-            if owner is None or owner.status != RequestStatus.RUNNING:
-                return False
-            if request.request_class is ONLINE and owner.request_class is OFFLINE:
-                return False  # offline prefill can be held back: never wait behind it
-        return True
-
-    def _note_computing(self, request: Request, first: int) -> None:
-        """Register the prompt blocks `request` will compute from block `first` on."""
-        last = self._prompt_blocks(request)
-        if last - first < SHARED_PREFIX_MIN_BLOCKS or not self.kv.enable_prefix_caching:
-            return
-        mine = []
-        for h in self.kv.block_hashes(request.token_ids, last)[first:]:
-            if h not in self._computing:
-                self._computing[h] = request
-                mine.append(h)
-        if mine:
-            self._computing_of[request.request_id] = mine
-
-    def _forget_computing(self, request_id: str) -> None:
-        for h in self._computing_of.pop(request_id, ()):
-            del self._computing[h]
 
     def _fit(self, plan: _Plan, request: Request, start: int, n: int) -> int:
         """The largest m <= n tokens of an offline request that keep the predicted step time
         inside the plan's time limit (n when there is no limit)."""
-        if plan.time_limit is None or request.request_class is ONLINE or self.latency is None:
+        latency = self.policy.latency
+        if plan.time_limit is None or request.request_class is ONLINE or latency is None:
             return n
-        predict = self.latency.predict
+        predict = latency.predict
         last = start + n == request.num_tokens
         if predict(plan.shape.with_chunk(start, n, last)) <= plan.time_limit:
             return n
@@ -397,53 +285,28 @@ class Scheduler:
                 hi = mid - 1
         return lo
 
-    def _victims(self, plan: _Plan, request: Request) -> list[Request]:
-        """Running requests that may be preempted for `request`, best victim first."""
-        free = [r for r in self.running if r.request_id not in plan.scheduled]
-        if self.config.policy == "fcfs":
-            return free[::-1]
-        offline = [r for r in free if r.request_class is OFFLINE][::-1]
-        if request.request_class is OFFLINE:
-            return offline
-        return offline + [r for r in free if r.request_class is ONLINE][::-1]
+    def _preempt_victim(self, plan: _Plan, request: Request) -> Request | None:
+        """Preempt the policy's best victim for `request` among the running requests not
+        scheduled yet in this plan; None if it has none."""
+        candidates = [r for r in self.running if r.request_id not in plan.scheduled]
+        victims = self.policy.victims(request, candidates)
+        if not victims:
+            return None
+        self._preempt(victims[0])
+        plan.preempted.append(victims[0].request_id)
+        return victims[0]
 
     def _make_room(
         self, plan: _Plan, request: Request, num_tokens: int, prefix: PrefixHit | None
     ) -> bool:
-        """Preempt until `request` can hold `num_tokens` tokens. A running request may have to
-        preempt itself (then False, and it is back in its queue). A waiting request preempts
-        only offline requests, and only when it is online and the policy has classes; else it
-        waits for blocks. (A prefix hit stays valid: freed blocks keep their hashes until they
-        are allocated again.)"""
-        rid = request.request_id
-        while not self.kv.can_allocate(rid, num_tokens, prefix):
-            victims = self._victims(plan, request)
-            if request.status != RequestStatus.RUNNING:
-                if self.config.policy == "fcfs" or request.request_class is OFFLINE:
-                    return False
-                victims = [v for v in victims if v.request_class is OFFLINE]
-            if not victims:
+        """Preempt the policy's victims until `request` can hold `num_tokens` tokens. A running
+        request may have to preempt itself (then False, and it is back in its queue); a waiting
+        request with no victims waits for blocks. (A prefix hit stays valid: freed blocks keep
+        their hashes until they are allocated again.)"""
+        while not self.kv.can_allocate(request.request_id, num_tokens, prefix):
+            victim = self._preempt_victim(plan, request)
+            if victim is None or victim is request:
                 return False
-            victim = victims[0]
-            self._preempt(victim)
-            plan.preempted.append(victim.request_id)
-            if victim is request:
-                return False
-        return True
-
-    def _free_seat(self, plan: _Plan, request: Request) -> bool:
-        """Online requests take the seat of the newest unscheduled offline request."""
-        if self.config.policy == "fcfs" or request.request_class is OFFLINE:
-            return False
-        victims = [
-            r
-            for r in reversed(self.running)
-            if r.request_class is OFFLINE and r.request_id not in plan.scheduled
-        ]
-        if not victims:
-            return False
-        self._preempt(victims[0])
-        plan.preempted.append(victims[0].request_id)
         return True
 
     def _restorable(self, request: Request) -> int:
@@ -462,7 +325,7 @@ class Scheduler:
         if request.status == RequestStatus.WAITING:  # first admission, not a resume
             request.num_cached_tokens = prefix.num_tokens
             self.kv.record_prefix_query(request.num_prompt_tokens, prefix.num_tokens)
-            self._note_computing(request, len(prefix.block_ids))
+            self.shared.note(request, len(prefix.block_ids))
         else:
             if start > prefix.num_tokens:
                 bs = self.kv.block_size
@@ -478,7 +341,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self._forget_computing(request.request_id)
+        self.shared.forget(request.request_id)
         self.kv.free(request.request_id)
         request.move_to(RequestStatus.PREEMPTED)
         request.num_computed_before_preemption = request.num_computed_tokens
@@ -504,13 +367,9 @@ class Scheduler:
         sample = None
         if start + n == request.num_tokens:
             params = request.sampling
-            sample = SampleSpec(
-                params=params,
-                seed_key=None
-                if request.seed is None
-                else (request.seed, request.num_output_tokens),
-                output_token_ids=request.output_token_ids if params.has_penalties else None,
-            )
+            seed = None if request.seed is None else (request.seed, request.num_output_tokens)
+            penalized = request.output_token_ids if params.has_penalties else None
+            sample = SampleSpec(params=params, seed_key=seed, output_token_ids=penalized)
         return ScheduledChunk(
             request_id=request.request_id,
             token_ids=request.token_ids[start : start + n],
@@ -545,7 +404,7 @@ class Scheduler:
             request.num_computed_tokens += chunk.num_tokens
             self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
             if request.num_computed_tokens >= request.num_prompt_tokens:
-                self._forget_computing(request.request_id)  # its prompt blocks are cached
+                self.shared.forget(request.request_id)  # its prompt blocks are cached
             sampled = result.sampled.get(chunk.request_id)
             if sampled is not None:
                 if request.first_token_time is None:

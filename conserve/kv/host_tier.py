@@ -12,6 +12,7 @@ The store keeps the bookkeeping (which host blocks hold which request's blocks, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -58,6 +59,11 @@ class HostKVStore:
         self._saved: dict[str, list[int]] = {}  # request -> host block of its block j
         self.blocks_checkpointed = 0
         self.blocks_restored = 0
+        # copies made and seconds spent in them (observed by `Engine.stats()`)
+        self.num_checkpoints = 0
+        self.num_restores = 0
+        self.checkpoint_s = 0.0
+        self.restore_s = 0.0
 
     @property
     def num_free_blocks(self) -> int:
@@ -85,7 +91,10 @@ class HostKVStore:
                 src.append(table[j])
                 dst.append(h)
         if src:
+            t = time.perf_counter()
             self.mover.save(src, dst)
+            self.checkpoint_s += time.perf_counter() - t
+            self.num_checkpoints += 1
             self.blocks_checkpointed += len(src)
         return len(src)
 
@@ -93,7 +102,10 @@ class HostKVStore:
         """Copy the request's saved blocks first .. last - 1 into its device blocks."""
         saved = self._saved[request_id]
         if last > first:
+            t = time.perf_counter()
             self.mover.load(saved[first:last], table[first:last])
+            self.restore_s += time.perf_counter() - t
+            self.num_restores += 1
             self.blocks_restored += last - first
 
     def drop(self, request_id: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from conserve.server.core import Stats
+from conserve.core.messages import Stats
 
 _LATENCY_BUCKETS = (
     0.005,

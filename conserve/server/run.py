@@ -8,8 +8,9 @@ import time
 import uvicorn
 
 from conserve.config import EngineConfig
-from conserve.server.api import ServerSettings, ServerState, create_app
-from conserve.server.client import EngineClient
+from conserve.core.client import EngineClient
+from conserve.server.app import create_app
+from conserve.server.state import ServerSettings, ServerState
 
 
 class DrainingServer(uvicorn.Server):

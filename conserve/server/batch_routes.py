@@ -1,4 +1,5 @@
-"""OpenAI Files and Batch API routes (served when the server has a data directory)."""
+"""OpenAI Files and Batch API routes (served when the server has a data directory), and the
+start of the batch manager once the engine is up."""
 
 from __future__ import annotations
 
@@ -6,26 +7,18 @@ import asyncio
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict
 
+from conserve.batch.execute import batch_order, line_executor
 from conserve.batch.files import FileRejected
 from conserve.batch.manager import COMPLETION_WINDOW_S, BatchManager
-from conserve.batch.planner import CostModel, PlannerOptions, hardware_for, make_order
-from conserve.batch.results import LineResult, answered
-from conserve.batch.runner import EngineGone, Execute, OrderHook
-from conserve.batch.store import FINAL
-from conserve.batch.validate import ENDPOINTS, BatchLine
-from conserve.server.api import (
-    LineShape,
-    OpenAIError,
-    ServerSettings,
-    ServerState,
-    answer,
-    line_shape,
-)
-from conserve.server.client import EngineClient, EngineDeadError
+from conserve.batch.store import FINAL, FileRow
+from conserve.batch.validate import ENDPOINTS
+from conserve.core.client import EngineClient
+from conserve.openai.errors import OpenAIError
+from conserve.server.state import ServerSettings, ServerState
 
 
 class BatchCreate(BaseModel):
@@ -34,43 +27,6 @@ class BatchCreate(BaseModel):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
-
-
-def batch_order(
-    client: EngineClient,
-    name: str,
-    peak_tflops: float | None = None,
-    bandwidth_gbs: float | None = None,
-) -> OrderHook:
-    """The runner's order hook `name` (fcfs, dfs, blend) for this engine: lines tokenized by
-    the endpoints' own code, costs from the served model, its dtype and device."""
-    hardware = hardware_for(
-        client.device,
-        peak_tflops * 1e12 if peak_tflops else None,
-        bandwidth_gbs * 1e9 if bandwidth_gbs else None,
-    )
-    cost = CostModel.for_model(client.model_config, client.dtype, hardware)
-
-    def shape_of(line: BatchLine) -> LineShape | None:
-        return line_shape(client.tokenizer, client.max_model_len, line.url, line.body)
-
-    # "blend-inflight" (bench offline's ablation): the dual scan balances the lines in flight
-    feedback = name == "blend-inflight"
-    options = PlannerOptions(block_size=client.config.cache.block_size, scan_feedback=feedback)
-    return make_order("blend" if feedback else name, shape_of, cost, options)
-
-
-def line_executor(state: ServerState, client: EngineClient) -> Execute:
-    """Batch lines answered by the HTTP endpoints' own code, as offline requests."""
-
-    async def execute(line: BatchLine) -> LineResult:
-        try:
-            status, body = await answer(state, client, line.url, line.body)
-        except EngineDeadError as e:
-            raise EngineGone(str(e)) from e
-        return answered(line.custom_id, status, body)
-
-    return execute
 
 
 async def start_batches(state: ServerState, client: EngineClient, settings: ServerSettings) -> None:
@@ -89,6 +45,16 @@ async def start_batches(state: ServerState, client: EngineClient, settings: Serv
     )
 
 
+def batch_api_routes(state: ServerState, settings: ServerSettings) -> APIRouter:
+    """The /v1/files and /v1/batches routes over a new BatchManager of the data directory."""
+    assert settings.data_dir is not None
+    manager = state.batches = BatchManager(Path(settings.data_dir))
+    router = APIRouter(prefix="/v1")
+    router.include_router(_file_routes(manager, settings))
+    router.include_router(_batch_routes(manager))
+    return router
+
+
 def _not_found(kind: str, object_id: str) -> OpenAIError:
     return OpenAIError(404, f"no such {kind}: {object_id!r}", param="id", code="not_found")
 
@@ -103,10 +69,8 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     }
 
 
-def install_batch_api(app: FastAPI, state: ServerState, settings: ServerSettings) -> None:
-    assert settings.data_dir is not None
-    manager = state.batches = BatchManager(Path(settings.data_dir))
-    router = APIRouter(prefix="/v1")
+def _file_routes(manager: BatchManager, settings: ServerSettings) -> APIRouter:
+    router = APIRouter()
 
     @router.post("/files")
     async def upload(
@@ -137,7 +101,7 @@ def install_batch_api(app: FastAPI, state: ServerState, settings: ServerSettings
             raise OpenAIError(400, f"after: unknown file id {after!r}", param="after") from e
         return _page([r.to_api() for r in rows], more)
 
-    def file_row(file_id: str):
+    def file_row(file_id: str) -> FileRow:
         row = manager.store.get_file(file_id)
         if row is None:
             raise _not_found("file", file_id)
@@ -160,40 +124,52 @@ def install_batch_api(app: FastAPI, state: ServerState, settings: ServerSettings
             raise _not_found("file", file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
+    return router
+
+
+def check_batch_create(manager: BatchManager, body: BatchCreate) -> FileRow:
+    """The input file of a valid create request, or the 400/404 error it is answered with."""
+    if body.endpoint not in ENDPOINTS:
+        raise OpenAIError(
+            400,
+            f"endpoint {body.endpoint!r} is not supported; use one of {', '.join(ENDPOINTS)}",
+            param="endpoint",
+            code="invalid_value",
+        )
+    if body.completion_window not in COMPLETION_WINDOW_S:
+        raise OpenAIError(
+            400,
+            f"completion_window {body.completion_window!r} is not supported; use '24h'",
+            param="completion_window",
+            code="invalid_value",
+        )
+    meta = body.metadata or {}
+    if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
+        raise OpenAIError(
+            400,
+            "metadata: at most 16 pairs, keys up to 64 and values up to 512 characters",
+            param="metadata",
+            code="invalid_value",
+        )
+    row = manager.store.get_file(body.input_file_id)
+    if row is None:
+        raise _not_found("file", body.input_file_id)
+    if row.purpose != "batch":
+        raise OpenAIError(
+            400,
+            f"input_file_id: file {row.id!r} has purpose {row.purpose!r}, not 'batch'",
+            param="input_file_id",
+            code="invalid_value",
+        )
+    return row
+
+
+def _batch_routes(manager: BatchManager) -> APIRouter:
+    router = APIRouter()
+
     @router.post("/batches")
     async def create_batch(body: BatchCreate) -> dict[str, Any]:
-        if body.endpoint not in ENDPOINTS:
-            raise OpenAIError(
-                400,
-                f"endpoint {body.endpoint!r} is not supported; use one of {', '.join(ENDPOINTS)}",
-                param="endpoint",
-                code="invalid_value",
-            )
-        if body.completion_window not in COMPLETION_WINDOW_S:
-            raise OpenAIError(
-                400,
-                f"completion_window {body.completion_window!r} is not supported; use '24h'",
-                param="completion_window",
-                code="invalid_value",
-            )
-        meta = body.metadata or {}
-        if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
-            raise OpenAIError(
-                400,
-                "metadata: at most 16 pairs, keys up to 64 and values up to 512 characters",
-                param="metadata",
-                code="invalid_value",
-            )
-        row = manager.store.get_file(body.input_file_id)
-        if row is None:
-            raise _not_found("file", body.input_file_id)
-        if row.purpose != "batch":
-            raise OpenAIError(
-                400,
-                f"input_file_id: file {row.id!r} has purpose {row.purpose!r}, not 'batch'",
-                param="input_file_id",
-                code="invalid_value",
-            )
+        row = check_batch_create(manager, body)
         b = manager.create(row.id, body.endpoint, body.completion_window, body.metadata)
         return b.to_api()
 
@@ -227,4 +203,4 @@ def install_batch_api(app: FastAPI, state: ServerState, settings: ServerSettings
             )
         return b.to_api()
 
-    app.include_router(router)
+    return router

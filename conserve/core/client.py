@@ -10,11 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from conserve.config import EngineConfig
-from conserve.engine.request import RequestClass
-from conserve.model.loader import resolve_model
-from conserve.model.tokenizer import Tokenizer
-from conserve.sampling.params import SamplingParams
-from conserve.server.core import (
+from conserve.core.messages import (
     Abort,
     AddRequest,
     Failed,
@@ -23,8 +19,12 @@ from conserve.server.core import (
     RequestDelta,
     Shutdown,
     Stats,
-    start_core,
 )
+from conserve.core.process import start_core
+from conserve.engine.request import RequestClass
+from conserve.model.loader import resolve_model
+from conserve.model.tokenizer import Tokenizer
+from conserve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
 

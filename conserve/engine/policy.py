@@ -1,0 +1,352 @@
+"""Scheduling policies: how online and offline requests share the steps.
+
+The scheduler (`scheduler.py`) owns the mechanism: queues, block reservations, chunks,
+preemption, checkpoints. A policy object answers the questions it asks on the way:
+
+- queue order: one arrival-ordered queue across classes, or online requests first
+  (`online_first`);
+- whether offline work may run in this step at all (`runs_offline`);
+- the time budget for the step's offline tokens (`offline_budget`), and whether a step that
+  carries offline work may be stopped between layers (`preemptible`);
+- which running requests may be preempted for another, for blocks or for a seat (`victims`);
+- what the engine must build for it (`uses_latency_model`, `uses_host_tier`).
+
+One class per `--policy` name (`POLICY_CLASSES`; `conserve.config.POLICIES` lists the same
+names for config validation): `OnlineOnlyPolicy`, `FcfsPolicy`, `PriorityPolicy` and
+`ConservePolicy`, which also keeps the state of its latency budget (the SLOs, how far recent
+steps overran their prediction, when online work was last seen). Policies are plain objects:
+the current time is passed in, so a fake latency model and made-up times test them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from conserve.config import SchedulerConfig
+from conserve.engine.batch import ScheduledBatch
+from conserve.engine.latency import BatchShape, LatencyModel
+from conserve.engine.request import Request, RequestClass, RequestStatus
+
+ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
+# conserve: offline steps are kept short (`offline_step_limit`) only while online requests
+# have been seen this recently (seconds); a server running batch work alone gets full steps
+ONLINE_RECENT_S = 60.0
+# conserve: measured / predicted time of this many recent budgeted steps is kept, and the
+# budget is corrected once there are at least BUDGET_MIN_STEPS of them
+BUDGET_WINDOW = 64
+BUDGET_MIN_STEPS = 8
+MAX_PREDICTION_SCALE = 2.0
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Online latency targets in seconds, and the fraction of the TPOT target that offline
+    work leaves free (a margin for prediction error)."""
+
+    tpot: float
+    ttft: float
+    margin: float = 0.1
+
+    @property
+    def tpot_budget(self) -> float:
+        """Predicted seconds a step with online decodes may take."""
+        return self.tpot * (1 - self.margin)
+
+    @staticmethod
+    def from_config(config: SchedulerConfig) -> Slo | None:
+        """The configured SLOs, or None while either of them is unset."""
+        if config.tpot_slo is None or config.ttft_slo is None:
+            return None
+        return Slo(config.tpot_slo, config.ttft_slo, config.slo_margin)
+
+
+def resolve_slo(config: SchedulerConfig, latency: LatencyModel) -> Slo:
+    """The configured SLOs, those left unset derived from the latency model: TPOT three times
+    a step of 8 decodes at 512 tokens of context (at least 20 ms), TTFT twice a prefill of
+    1024 tokens (at least 0.2 s)."""
+    tpot, ttft = config.tpot_slo, config.ttft_slo
+    if tpot is None:
+        decode = BatchShape()
+        for _ in range(8):
+            decode.add(511, 1)
+        tpot = round(max(0.02, 3 * latency.predict(decode)), 3)
+    if ttft is None:
+        ttft = round(max(0.2, 2 * latency.predict(BatchShape().with_chunk(0, 1024))), 3)
+    return Slo(tpot, ttft, config.slo_margin)
+
+
+@dataclass(frozen=True)
+class OfflineBudget:
+    """What a step may add in offline work once online work is planned.
+
+    `time_limit`: predicted seconds the whole step may take with its offline chunks (a prompt
+    chunk is cut to fit; None: no limit). `online_budget`: that limit is the online TPOT
+    budget (the engine reports such steps back to the policy). `decodes_only`: no offline
+    prompt tokens at all. `decodes_first`: every offline decode runs first, uncut; then prompt
+    chunks fill the step up to `prompt_limit(predicted time of the decodes)`."""
+
+    time_limit: float | None = None
+    online_budget: bool = False
+    decodes_only: bool = False
+    decodes_first: bool = False
+    min_prompt_s: float = 0.0  # with decodes_first: prompt chunks get at least this on top
+
+    def prompt_limit(self, decodes_s: float) -> float | None:
+        """The time limit for prompt chunks after decodes that take `decodes_s` seconds."""
+        if self.time_limit is None:
+            return None
+        return max(self.time_limit, decodes_s + self.min_prompt_s)
+
+
+NO_LIMIT = OfflineBudget()
+
+
+class Policy:
+    """The base policy: online requests first (running, then waiting), then offline ones with
+    what is left of the token budget, no time limit, steps never stopped. An online request
+    that needs a seat or blocks preempts the newest offline request (recomputed or restored
+    later): priority scheduling at iteration granularity."""
+
+    name: ClassVar[str] = ""
+    online_first: ClassVar[bool] = True  # False: one queue in arrival order, whatever the class
+    uses_latency_model: ClassVar[bool] = False  # the engine loads one (and resolves SLOs)
+    uses_host_tier: ClassVar[bool] = False  # the engine keeps checkpoints of offline KV
+    slo: Slo | None = None  # the SLOs the policy plans with
+    prediction_scale: float = 1.0  # correction the policy applies to predicted step times
+
+    def __init__(self, latency: LatencyModel | None = None) -> None:
+        # predicts step times (ScheduledBatch.predicted_s; time limits, where the policy sets
+        # them); the engine refits it in place while serving
+        self.latency = latency
+
+    @classmethod
+    def build(
+        cls,
+        latency: LatencyModel | None = None,
+        slo: Slo | None = None,
+        offline_step_s: float | None = None,
+    ) -> Policy:
+        """A policy of this class from the engine's settings (those it has no use for are
+        ignored)."""
+        return cls(latency)
+
+    def note_online(self, now: float) -> None:
+        """Online work exists at `now` (a request was added, or a plan found some)."""
+
+    def runs_offline(self, online_present: bool) -> bool:
+        """Whether offline requests may compute in this step."""
+        return True
+
+    def offline_budget(
+        self, running: Sequence[Request], online_present: bool, online_prefill: bool, now: float
+    ) -> OfflineBudget:
+        """The limits on this step's offline work. `running`: the running requests;
+        `online_prefill`: the step already carries an online chunk of more than one token."""
+        return NO_LIMIT
+
+    def preemptible(self, num_offline: int) -> bool:
+        """Whether a step with `num_offline` offline chunks may be stopped between layers."""
+        return False
+
+    def victims(self, request: Request, candidates: Sequence[Request]) -> list[Request]:
+        """Running requests that may be preempted so that `request` gets blocks or a seat,
+        best victim first. `candidates`: the running requests not scheduled yet in this step,
+        oldest first (a running `request` is among them: it may have to preempt itself).
+
+        A waiting request preempts only when it is online, and only offline requests; a running
+        request preempts the newest offline ones first, then (if it is online) the newest
+        online ones."""
+        offline = [r for r in reversed(candidates) if r.request_class is OFFLINE]
+        if request.status is not RequestStatus.RUNNING:
+            return offline if request.request_class is ONLINE else []
+        if request.request_class is OFFLINE:
+            return offline
+        return offline + [r for r in reversed(candidates) if r.request_class is ONLINE]
+
+    def observe_step(self, batch: ScheduledBatch, seconds: float) -> None:
+        """`batch`, planned by this policy, ran to its end in `seconds`."""
+
+
+class FcfsPolicy(Policy):
+    """`fcfs`: one queue, no classes. Running requests first, oldest first (their next decode
+    token or prefill chunk), then waiting requests in arrival order while the token budget,
+    the seats and the blocks last. A running request that needs a block preempts the newest
+    running request not scheduled yet (possibly itself); a waiting one waits."""
+
+    name = "fcfs"
+    online_first = False
+
+    def victims(self, request: Request, candidates: Sequence[Request]) -> list[Request]:
+        if request.status is not RequestStatus.RUNNING:
+            return []
+        return list(reversed(candidates))
+
+
+class PriorityPolicy(Policy):
+    """`priority`: the base policy (online first, offline with the rest of the token budget;
+    online requests preempt the newest offline one for a seat or blocks)."""
+
+    name = "priority"
+
+
+class OnlineOnlyPolicy(Policy):
+    """`online-only`: while any online request is running or waiting, offline requests get
+    nothing (those running keep their blocks); then they run as under `priority`."""
+
+    name = "online-only"
+
+    def runs_offline(self, online_present: bool) -> bool:
+        return not online_present
+
+
+class ConservePolicy(Policy):
+    """`conserve`: as `priority`, but offline work is sized by the latency model.
+
+    While online work exists, offline decodes and prefill chunks are added only while the
+    predicted step time stays inside the TPOT budget (`tpot_budget`): the SLO minus the margin,
+    less for a running online request that is behind it (its tokens so far took longer than
+    that on average, e.g. while another request's prompt was computed, so the steps after give
+    the time back), divided by `prediction_scale` (how much recent budgeted steps overran their
+    prediction). A step that carries an online prefill chunk takes offline decodes only, so a
+    new online request's first token does not wait for offline prompt tokens.
+
+    With no online work, offline work gets the token budget; while online requests have been
+    seen in the last ONLINE_RECENT_S seconds, every offline decode runs and prompt chunks are
+    cut to a predicted step time (`offline_step_limit`) that is efficient but not so long that
+    a stop throws much away. A step with offline work may be stopped between layers when an
+    online request arrives. Offline requests' KV is checkpointed to the host tier."""
+
+    name = "conserve"
+    uses_latency_model = True
+    uses_host_tier = True
+
+    def __init__(
+        self,
+        latency: LatencyModel | None = None,
+        slo: Slo | None = None,
+        offline_step_s: float | None = None,
+    ) -> None:
+        super().__init__(latency)
+        self.slo = slo
+        self.offline_step_s = offline_step_s  # configured step limit (None: from the model)
+        self._derived_step_s: float | None = None  # derived from the latency model once
+        self._last_online = float("-inf")  # when online work was last seen
+        # measured / predicted time of recent steps planned under the online TPOT budget
+        # (with offline work in them or not: a budget too small for any offline work must
+        # still hear that steps are on time again): the budget is divided by a high quantile
+        # of it, so a model that under-predicts the shapes co-serving produces (many offline
+        # decodes beside online ones) is corrected
+        self._budget_errors: deque[float] = deque(maxlen=BUDGET_WINDOW)
+        self.prediction_scale = 1.0
+
+    @classmethod
+    def build(
+        cls,
+        latency: LatencyModel | None = None,
+        slo: Slo | None = None,
+        offline_step_s: float | None = None,
+    ) -> ConservePolicy:
+        return cls(latency, slo, offline_step_s)
+
+    def note_online(self, now: float) -> None:
+        self._last_online = now
+
+    def tpot_budget(self, running: Sequence[Request], now: float) -> float | None:
+        """Predicted seconds an offline-carrying step may take while online work exists: the
+        TPOT SLO minus the margin, less for an online request that is behind it."""
+        if self.slo is None or self.latency is None:
+            return None
+        base = self.slo.tpot_budget
+        budget = base
+        for r in running:
+            if r.request_class is ONLINE and r.first_token_time is not None:
+                # After this step the request's TPOT is (now + step - first) / k, with k
+                # tokens after its first: keep that inside the budget. A request that lost
+                # time (to another request's prompt, say) gets it back from offline work.
+                k = r.num_output_tokens
+                budget = min(budget, base * k - (now - r.first_token_time))
+        return max(budget, 0.0) / self.prediction_scale
+
+    @property
+    def offline_step_limit(self) -> float | None:
+        """Predicted seconds of a step with no online work: its offline prompt chunks are cut
+        to fit (its decodes are not; prompt chunks then get a quarter of it on top of them).
+        Long enough that the fixed cost of a step (a one-token step) is at most a tenth of it;
+        longer would not be faster, and a step stopped for an arriving online request loses
+        the work it has done."""
+        if self.offline_step_s is not None:
+            return self.offline_step_s
+        if self.latency is None:
+            return None
+        if self._derived_step_s is None:
+            self._derived_step_s = 10 * self.latency.predict(BatchShape().with_chunk(0, 1))
+        return self._derived_step_s
+
+    def short_offline_steps(self, now: float) -> bool:
+        """Online requests were seen in the last ONLINE_RECENT_S seconds (more may come, and
+        a step they stop loses its work), and there is a step limit to apply."""
+        recent = now - self._last_online <= ONLINE_RECENT_S
+        return recent and self.offline_step_limit is not None
+
+    def offline_budget(
+        self, running: Sequence[Request], online_present: bool, online_prefill: bool, now: float
+    ) -> OfflineBudget:
+        if online_present:
+            budget = self.tpot_budget(running, now)
+            return OfflineBudget(budget, online_budget=True, decodes_only=online_prefill)
+        if self.short_offline_steps(now):
+            # no online work: every decode, then prompt chunks up to the step limit (and at
+            # least a quarter of it, so that new requests keep starting)
+            limit = self.offline_step_limit
+            return OfflineBudget(limit, decodes_first=True, min_prompt_s=limit / 4)
+        return NO_LIMIT
+
+    def preemptible(self, num_offline: int) -> bool:
+        return num_offline > 0
+
+    def observe_step(self, batch: ScheduledBatch, seconds: float) -> None:
+        if batch.online_budget and batch.predicted_s is not None:
+            self.observe_budgeted(batch.predicted_s, seconds)
+
+    def observe_budgeted(self, predicted: float, measured: float) -> None:
+        """A step planned under the online TPOT budget took `measured` seconds against the
+        `predicted`: update `prediction_scale` (the 90th percentile of measured / predicted
+        over the last BUDGET_WINDOW such steps, between 1 and MAX_PREDICTION_SCALE; 1 until
+        there are BUDGET_MIN_STEPS)."""
+        if predicted <= 0:
+            return
+        self._budget_errors.append(measured / predicted)
+        if len(self._budget_errors) < BUDGET_MIN_STEPS:
+            return
+        ranked = sorted(self._budget_errors)
+        p90 = ranked[int(0.9 * (len(ranked) - 1))]
+        self.prediction_scale = min(MAX_PREDICTION_SCALE, max(1.0, p90))
+
+
+POLICY_CLASSES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (OnlineOnlyPolicy, FcfsPolicy, PriorityPolicy, ConservePolicy)
+}
+
+
+def policy_class(name: str) -> type[Policy]:
+    """The class of the policy called `name` (`--policy`)."""
+    try:
+        return POLICY_CLASSES[name]
+    except KeyError:
+        names = ", ".join(POLICY_CLASSES)
+        raise ValueError(f"policy must be one of {names}, not {name!r}") from None
+
+
+def make_policy(
+    name: str,
+    latency: LatencyModel | None = None,
+    slo: Slo | None = None,
+    offline_step_s: float | None = None,
+) -> Policy:
+    """A new policy object: `latency` predicts step times, `slo` are the online targets and
+    `offline_step_s` the configured offline step limit (conserve; None: derived from the
+    latency model)."""
+    return policy_class(name).build(latency, slo, offline_step_s)

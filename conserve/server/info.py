@@ -1,0 +1,69 @@
+"""Routes about the server itself: /health, /version, /v1/models, /metrics and /debug/kv."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from conserve import __version__
+from conserve.server.state import ServerState
+
+
+def info_routes(state: ServerState) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> Response:
+        if not state.engine().alive:
+            return JSONResponse({"status": "engine dead"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/version")
+    async def version() -> dict[str, Any]:
+        """The version, and the scheduling policy with its online SLOs (seconds)."""
+        c = state.client
+        if c is None:
+            return {"version": __version__}
+        return {
+            "version": __version__,
+            "policy": c.policy,
+            "ttft_slo": c.ttft_slo,
+            "tpot_slo": c.tpot_slo,
+        }
+
+    @router.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        c = state.engine()
+        model = {
+            "id": c.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "conserve",
+            "max_model_len": c.max_model_len,
+        }
+        return {"object": "list", "data": [model]}
+
+    @router.get("/debug/kv")
+    async def debug_kv() -> dict[str, Any]:
+        """KV and queue state, and the engine's integrity check (null when it holds)."""
+        s = await state.engine().stats()
+        state.metrics.update_engine(s)
+        return {
+            "running": s.running,
+            "waiting": s.waiting,
+            "kv_usage": s.kv_usage,
+            "kv_tables": s.kv_tables,
+            "integrity_error": s.integrity_error,
+        }
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        if state.engine().alive:
+            state.metrics.update_engine(await state.engine().stats())
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
