@@ -18,7 +18,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # requests running at once
     max_num_batched_tokens: int = 2048  # tokens computed per step
     max_prefill_chunk: int | None = None  # per-request cap on tokens per step (None: the budget)
-    # online-only | fcfs | priority | conserve (see conserve/engine/scheduler.py)
+    # online-only | fcfs | priority | conserve (see conserve/engine/policy.py)
     policy: str = "fcfs"
     tpot_slo: float | None = None  # seconds; None: derived from the latency profile
     ttft_slo: float | None = None

@@ -66,10 +66,11 @@ BENCHES: tuple[Bench, ...] = (
         preempt.run_preempt,
         "In-process, on one engine per safepoint interval (same weights): an offline request "
         "prefills a long prompt in one step and an online request arrives at a random moment "
-        "of it (from another thread, as in the server). Reports the distribution of the online request's wait before its own "
-        "prefill starts and its TTFT, for policy conserve with a safepoint every k layers and "
-        "for priority; the cost of the stop checks when nothing is preempted; and whether the "
-        "preempted offline request's greedy tokens equal an uninterrupted run's.",
+        "of it (from another thread, as in the server). Reports the distribution of the "
+        "online request's wait before its own prefill starts and its TTFT, for policy conserve "
+        "with a safepoint every k layers and for priority; the cost of the stop checks when "
+        "nothing is preempted; and whether the preempted offline request's greedy tokens equal "
+        "an uninterrupted run's.",
     ),
     Bench(
         "pause",

@@ -171,77 +171,94 @@ def run_core(config: EngineConfig, conn: Connection) -> None:
     except Exception as e:  # noqa: BLE001 - report any start-up failure to the API process
         conn.send(Failed(f"{type(e).__name__}: {e}"))
         return
-    steps = StepCollector()
-    engine.add_observer(steps)
-    sc = engine.config.scheduler
-    conn.send(
-        Ready(
-            engine.model_name,
-            engine.max_model_len,
-            engine.config.cache.num_blocks,
-            sc.policy,
-            sc.tpot_slo,
-            sc.ttft_slo,
-            engine.model_config,
-            engine.config.dtype,
-            engine.config.device,
+    _CoreLoop(engine, conn).run()
+
+
+class _CoreLoop:
+    """The engine loop of the core process: take in messages, step, send the deltas."""
+
+    def __init__(self, engine: Engine, conn: Connection) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.steps = StepCollector()
+        engine.add_observer(self.steps)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.sent: dict[str, _Sent] = {}
+
+    def run(self) -> None:
+        engine = self.engine
+        sc = engine.config.scheduler
+        self.conn.send(
+            Ready(
+                engine.model_name,
+                engine.max_model_len,
+                engine.config.cache.num_blocks,
+                sc.policy,
+                sc.tpot_slo,
+                sc.ttft_slo,
+                engine.model_config,
+                engine.config.dtype,
+                engine.config.device,
+            )
         )
-    )
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(
-        target=_read_pipe, args=(conn, inbox, engine), name="core-pipe", daemon=True
-    ).start()
-    sent: dict[str, _Sent] = {}
-    while True:
-        # Block only when there is nothing to compute.
-        block = not engine.has_unfinished()
+        threading.Thread(
+            target=_read_pipe, args=(self.conn, self.inbox, engine), name="core-pipe", daemon=True
+        ).start()
+        while True:
+            # Block only when there is nothing to compute.
+            if not self._take_messages(block=not engine.has_unfinished()):
+                return
+            if engine.has_unfinished():
+                self._step()
+
+    def _take_messages(self, block: bool) -> bool:
+        """Handle what has arrived (waiting for one message if `block`); False on Shutdown."""
         while True:
             try:
-                msg = inbox.get(block=block)
+                msg = self.inbox.get(block=block)
             except queue.Empty:
-                break
+                return True
             block = False
             if isinstance(msg, Shutdown):
-                return
+                return False
             if isinstance(msg, AddRequest):
-                if msg.request_class is RequestClass.ONLINE:
-                    engine.online_received()
-                try:
-                    engine.add_request(
-                        msg.request_id,
-                        msg.prompt_token_ids,
-                        msg.params,
-                        msg.request_class,
-                        msg.stream,
-                    )
-                    stops = msg.params.stop
-                    holdback = max(map(len, stops), default=1) - 1
-                    sent[msg.request_id] = _Sent(holdback=holdback, stream=msg.stream)
-                except ValueError as e:
-                    conn.send(Rejected(msg.request_id, str(e)))
+                self._add(msg)
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:
-                    engine.abort(rid)
-                    sent.pop(rid, None)
+                    self.engine.abort(rid)
+                    self.sent.pop(rid, None)
             elif msg == "stats":
-                conn.send(engine_stats(engine, steps))
-        if not engine.has_unfinished():
-            continue
+                self.conn.send(engine_stats(self.engine, self.steps))
+
+    def _add(self, msg: AddRequest) -> None:
+        if msg.request_class is RequestClass.ONLINE:
+            self.engine.online_received()
         try:
-            outputs = engine.step()
+            self.engine.add_request(
+                msg.request_id, msg.prompt_token_ids, msg.params, msg.request_class, msg.stream
+            )
+        except ValueError as e:
+            self.conn.send(Rejected(msg.request_id, str(e)))
+            return
+        holdback = max(map(len, msg.params.stop), default=1) - 1
+        self.sent[msg.request_id] = _Sent(holdback=holdback, stream=msg.stream)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
         except Exception:  # noqa: BLE001 - a crashed step must not hang the clients silently
-            conn.send(Failed("engine step failed:\n" + traceback.format_exc()))
+            self.conn.send(Failed("engine step failed:\n" + traceback.format_exc()))
             raise
         deltas = []
         for out in outputs:
-            state = sent.get(out.request_id)
+            state = self.sent.get(out.request_id)
             if state is None or (not state.stream and state.text_len and not out.finished):
                 continue
             deltas.append(delta_of(out, state))
             if out.finished:
-                del sent[out.request_id]
+                del self.sent[out.request_id]
         if deltas:
-            conn.send(deltas)
+            self.conn.send(deltas)
 
 
 def start_core(config: EngineConfig) -> tuple[mp.process.BaseProcess, Connection]:

@@ -346,7 +346,7 @@ class Engine:
             apply_s,
             stopped_at,
             stop_wait,
-            self.scheduler.prediction_scale,
+            self.policy.prediction_scale,
         )
         for obs in self._observers:
             obs.on_step_end(record)
@@ -400,8 +400,7 @@ class Engine:
 
     def _observe(self, batch: ScheduledBatch, seconds: float) -> None:
         self.latency.observe(batch.shape, seconds)
-        if batch.predicted_s is not None and batch.online_budget:
-            self.scheduler.observe_budgeted(batch.predicted_s, seconds)
+        self.policy.observe_step(batch, seconds)
         if self.latency.num_observed % self.refit_every == 0:
             self.latency.refit()
 
@@ -436,7 +435,7 @@ class Engine:
         remaining = step.start + step.predicted - now
         # Once layers have run, extrapolate from them: a step that overruns its prediction (a
         # loaded machine, a stale profile) would otherwise never be stopped.
-        done = getattr(self.runner, "progress", 0.0)
+        done = self.runner.progress
         if done > 0:
             remaining = (now - step.start) * (1 - done) / done
         slo = self.slo

@@ -100,16 +100,6 @@ class Scheduler:
             raise RuntimeError("the policy can change only while no request is in the scheduler")
         self.policy = policy
 
-    # -- until Engine._observe / Engine._notify call the policy directly ------------------
-    @property
-    def prediction_scale(self) -> float:
-        return self.policy.prediction_scale
-
-    def observe_budgeted(self, predicted: float, measured: float) -> None:
-        observe = getattr(self.policy, "observe_budgeted", None)
-        if observe is not None:
-            observe(predicted, measured)
-
     # -- queue ------------------------------------------------------------------------------
     @property
     def waiting(self) -> list[Request]:

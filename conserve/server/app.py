@@ -15,13 +15,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from conserve import __version__
 from conserve.core.client import EngineClient
 from conserve.openai.errors import OpenAIError, validation_error
 from conserve.server.batch_routes import batch_api_routes, start_batches
 from conserve.server.completions import completion_routes
 from conserve.server.info import info_routes
 from conserve.server.state import ServerSettings, ServerState
+from conserve.version import __version__
 
 
 def error_response(err: OpenAIError) -> JSONResponse:

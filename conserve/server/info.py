@@ -9,8 +9,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from conserve import __version__
 from conserve.server.state import ServerState
+from conserve.version import __version__
 
 
 def info_routes(state: ServerState) -> APIRouter:
