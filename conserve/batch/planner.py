@@ -1,4 +1,5 @@
-"""BlendServe ordering of a batch job's lines (design.md 2.4), and the plain depth-first order.
+"""BlendServe ordering of a batch job's lines (the resource-aware, prefix-sharing order of the
+BlendServe paper), and the plain depth-first order.
 
 The pipeline for `blend`:
 1. a prefix tree over the prompts (`prefix_tree.PrefixTree`, block granular);
@@ -72,7 +73,7 @@ def hardware_for(
 
 @dataclass(frozen=True)
 class CostModel:
-    """Time estimates of one request on one model and device (design.md 2.4):
+    """Time estimates of one request on one model and device (BlendServe's density model):
     compute ~ 2 * params * tokens / peak_flops, memory ~ (p*d + d^2/2) * kv_bytes / bandwidth
     (the KV read by d decode steps over a context growing from p to p + d)."""
 
