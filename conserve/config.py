@@ -20,9 +20,13 @@ class SchedulerConfig:
     max_prefill_chunk: int | None = None  # per-request cap on tokens per step (None: the budget)
     # online-only | fcfs | priority | conserve (see conserve/engine/policy.py)
     policy: str = "fcfs"
-    tpot_slo: float | None = None  # seconds; None: derived from the latency profile
+    # absolute online objectives, seconds; None: "as if alone" (each request's own predicted
+    # alone latency plus slo_slack)
+    tpot_slo: float | None = None
     ttft_slo: float | None = None
-    slo_margin: float = 0.1  # offline work fills the TPOT SLO minus this fraction
+    slo_margin: float = 0.1  # absolute TPOT: offline work fills the SLO minus this fraction
+    # relative objectives: online latency may exceed the predicted alone latency by this fraction
+    slo_slack: float = 0.1
     # conserve, no online work: predicted seconds per step for offline prompt chunks (None:
     # ten times a one-token step, from the latency profile)
     offline_step_s: float | None = None
@@ -40,6 +44,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be positive")
         if not 0 <= self.slo_margin < 1:
             raise ValueError("slo_margin must be in [0, 1)")
+        if not 0 <= self.slo_slack <= 10:
+            raise ValueError("slo_slack must be in [0, 10]")
         if self.offline_step_s is not None and not self.offline_step_s > 0:
             raise ValueError("offline_step_s must be positive")
 

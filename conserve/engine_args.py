@@ -140,8 +140,8 @@ class EngineArgs:
         _S.ttft_slo,
         _Flag(
             "--ttft-slo",
-            "online time-to-first-token objective, seconds (default: twice the predicted "
-            "prefill time of 1024 tokens)",
+            "absolute online time-to-first-token objective, seconds (default: as if alone, "
+            "each request's own predicted prefill time plus --slo-slack)",
             CO_SERVING,
             {"type": float},
         ),
@@ -151,8 +151,21 @@ class EngineArgs:
         _S.tpot_slo,
         _Flag(
             "--tpot-slo",
-            "online time-per-output-token objective, seconds (default: three times the "
-            "predicted step time of 8 decodes)",
+            "absolute online time-per-output-token objective, seconds (default: as if alone, "
+            "offline work may make a step at most --slo-slack longer than its online work "
+            "alone)",
+            CO_SERVING,
+            {"type": float},
+        ),
+    )
+    slo_slack: float = _setting(
+        "scheduler",
+        _S.slo_slack,
+        _Flag(
+            "--slo-slack",
+            "how much slower than alone online requests may get, as a fraction of their "
+            "predicted alone latency (default 0.1; more slack buys offline throughput; "
+            "docs/co-serving.md)",
             CO_SERVING,
             {"type": float},
         ),
@@ -162,7 +175,7 @@ class EngineArgs:
         _S.slo_margin,
         _Flag(
             "--slo-margin",
-            "offline work fills steps up to the TPOT SLO minus this fraction",
+            "with --tpot-slo: offline work fills steps up to the TPOT SLO minus this fraction",
             CO_SERVING,
             {"type": float},
         ),

@@ -13,13 +13,21 @@ import numpy as np
 import pytest
 
 from conserve.config import SchedulerConfig
-from conserve.engine.latency import FEATURES, LatencyModel
+from conserve.engine.latency import FEATURES, BatchShape, LatencyModel
 from conserve.engine.policy import Slo, make_policy
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
 from conserve.kv.manager import KVCacheManager
 from conserve.sampling.params import SamplingParams
 from tests.test_scheduler import BS, FakeRunner, expected_output, step
+
+
+def shape_of(chunks) -> BatchShape:
+    shape = BatchShape()
+    for c in chunks:
+        shape.add(c.start, c.num_tokens, c.sample is not None)
+    return shape
+
 
 ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
 TPOT_SLO = 0.1  # seconds; with the 10% margin, offline fills steps up to 90 ms
@@ -48,13 +56,16 @@ def make(
     prefix_caching: bool = True,
     clock: FakeClock | None = None,
     offline_step_s: float | None = None,
+    slack: float | None = None,
 ) -> tuple[Scheduler, FakeRunner]:
+    """A scheduler with absolute SLOs (TPOT_SLO, TTFT 1 s), or with `slack`: relative ones."""
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget,
         policy=policy,
-        tpot_slo=TPOT_SLO,
-        ttft_slo=1.0,
+        tpot_slo=TPOT_SLO if slack is None else None,
+        ttft_slo=1.0 if slack is None else None,
+        slo_slack=0.1 if slack is None else slack,
         offline_step_s=offline_step_s,
     )
     kv = KVCacheManager(num_blocks, BS, prefix_caching)
@@ -116,6 +127,33 @@ def test_online_request_is_scheduled_in_the_next_step_despite_offline_prefill(po
     assert batch.chunks[0].request_id == "on" and batch.chunks[0].num_tokens == 40
     if policy == "online-only":
         assert [c.request_id for c in batch.chunks] == ["on"]
+
+
+def test_conserve_as_if_alone_adds_at_most_the_slack_to_online_steps() -> None:
+    """Relative objectives: a step with online work takes at most (1 + slack) times the
+    predicted time of its online work alone, and offline work fills that room."""
+    s, r = make("conserve", budget=512, slack=0.5)
+    s.add(req("on", ONLINE, 30, 40))
+    for i in range(3):
+        s.add(req(f"dec{i}", OFFLINE, 8, 200))
+    s.add(req("long", OFFLINE, 1500, 4))
+    model = s.policy.latency
+    with_offline = 0
+    for _ in range(30):
+        batch = step(s, r)
+        online = [c for c in batch.chunks if not c.offline]
+        if not online:
+            continue
+        alone = model.predict(shape_of(online))
+        assert batch.online_predicted_s == pytest.approx(alone)
+        assert batch.online_budget
+        assert model.predict(batch.shape) <= 1.5 * alone + 1e-9
+        with_offline += any(c.offline for c in batch.chunks)
+    assert with_offline >= 20  # offline work rode along in most of the online steps
+    # 11 ms for one online decode: 5.5 ms of room, so 5 offline tokens (the cut prompt chunk
+    # or the decodes)
+    last = s.policy.latency.predict(batch.shape)
+    assert last == pytest.approx(0.016)
 
 
 def test_fcfs_lets_online_wait_behind_offline_prefill() -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import pytest
 
 from conserve.config import POLICIES, SchedulerConfig
-from conserve.engine.batch import ScheduledBatch
+from conserve.engine.batch import ScheduledBatch, ScheduledChunk
 from conserve.engine.latency import BatchShape
 from conserve.engine.policy import (
+    BUDGET_MIN_STEPS,
+    BUDGET_WINDOW,
+    MIN_RELATIVE_SCALE,
     NO_LIMIT,
     ONLINE_RECENT_S,
     POLICY_CLASSES,
@@ -21,7 +24,6 @@ from conserve.engine.policy import (
     Slo,
     make_policy,
     policy_class,
-    resolve_slo,
 )
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
@@ -238,6 +240,70 @@ def test_conserve_offline_budget_with_online_work_is_the_tpot_budget():
     assert with_prefill.decodes_only and with_prefill.online_budget
 
 
+RELATIVE = Slo(None, None, slack=0.2)
+
+
+def decodes(n: int) -> BatchShape:
+    shape = BatchShape()
+    for _ in range(n):
+        shape.add(99, 1)
+    return shape
+
+
+def test_conserve_as_if_alone_budget_is_the_online_work_alone_plus_the_slack():
+    policy = conserve(RELATIVE, offline_step_s=0.3)
+    assert policy.relative and not conserve().relative
+    running = [request("on", ON, running=True, outputs=3)]
+    online = decodes(4)  # 10 ms + 4 ms alone
+    budget = policy.offline_budget(running, True, False, now=1.0, online=online)
+    assert budget == OfflineBudget(pytest.approx(0.014 * 1.2), online_budget=True)
+    prefill = policy.offline_budget(running, True, True, now=1.0, online=online)
+    assert prefill.decodes_only and prefill.time_limit == pytest.approx(0.0168)
+    # online work waits but none is planned in this step: an offline step, kept short
+    policy.note_online(1.0)
+    idle = policy.offline_budget(running, True, False, now=1.0, online=BatchShape())
+    assert idle == OfflineBudget(0.3, decodes_first=True, min_prompt_s=0.075)
+    # an absolute TPOT objective wins over the relative one
+    mixed = conserve(Slo(0.1, None, slack=0.2))
+    assert not mixed.relative
+    assert mixed.offline_budget(running, True, False, 1.0, online).time_limit == pytest.approx(0.09)
+
+
+def test_conserve_as_if_alone_corrects_mixed_steps_against_online_only_steps():
+    policy = conserve(RELATIVE)
+    on = ScheduledChunk("on", [1], 5, [0], None)
+    off = ScheduledChunk("off", [1], 5, [1], None, offline=True)
+    mixed = ScheduledBatch(chunks=[on, off], predicted_s=0.1, online_budget=True)
+    alone = ScheduledBatch(chunks=[on], predicted_s=0.1, online_budget=True)
+    for _ in range(BUDGET_MIN_STEPS - 1):
+        policy.observe_step(mixed, 0.13)
+    assert policy.prediction_scale == 1.0  # too few mixed steps yet
+    policy.observe_step(mixed, 0.13)
+    assert policy.prediction_scale == pytest.approx(1.3)  # no online-only steps: 1 for them
+    for _ in range(BUDGET_MIN_STEPS):
+        policy.observe_step(alone, 0.11)  # the model under-predicts everything by 10%
+    policy.observe_step(mixed, 0.13)
+    assert policy.prediction_scale == pytest.approx(1.3 / 1.1)  # only the mixed excess counts
+    assert policy.relative_budget(decodes(4)) == pytest.approx(0.014 * 1.2 * 1.1 / 1.3)
+    for _ in range(BUDGET_WINDOW):
+        policy.observe_step(mixed, 0.05)  # far faster than predicted: bounded
+    assert policy.prediction_scale == MIN_RELATIVE_SCALE
+
+
+def test_stop_limit_relative_and_absolute():
+    from conserve.engine.engine import stop_limit
+
+    # relative: the arrival may wait the slack of its own prefill, plus what the online part
+    # of the running step would have made it wait alone
+    assert stop_limit(RELATIVE, own=0.1, online_left=0.0) == pytest.approx(0.02)
+    assert stop_limit(RELATIVE, own=0.1, online_left=0.05) == pytest.approx(0.07)
+    # absolute: what the TTFT objective leaves after its prefill, capped by the TPOT objective
+    assert stop_limit(Slo(0.05, 1.0), own=0.3, online_left=0.0) == pytest.approx(0.05)
+    assert stop_limit(Slo(0.5, 1.0), own=0.8, online_left=0.0) == pytest.approx(0.2)
+    assert stop_limit(Slo(None, 1.0), own=0.8, online_left=0.0) == pytest.approx(0.2)
+    assert stop_limit(None, own=0.1, online_left=0.0) == 0.0
+
+
 def test_conserve_keeps_offline_steps_short_for_a_minute_after_online_work():
     policy = conserve(offline_step_s=0.2)
     assert policy.offline_budget([], False, False, now=5.0) == NO_LIMIT  # never seen online
@@ -257,26 +323,17 @@ def test_conserve_keeps_offline_steps_short_for_a_minute_after_online_work():
 # -- SLOs -------------------------------------------------------------------------------------
 
 
-def test_slo_from_config_needs_both_targets():
-    assert Slo.from_config(SchedulerConfig()) is None
-    assert Slo.from_config(SchedulerConfig(tpot_slo=0.1)) is None
+def test_slo_from_config_unset_targets_are_relative():
+    relative = Slo.from_config(SchedulerConfig(slo_slack=0.25))
+    assert relative == Slo(None, None, 0.1, 0.25) and relative.tpot_budget is None
+    assert relative.describe() == "TTFT as if alone +25%, TPOT as if alone +25%"
     cfg = SchedulerConfig(tpot_slo=0.1, ttft_slo=2.0, slo_margin=0.2)
     assert Slo.from_config(cfg) == Slo(0.1, 2.0, 0.2)
     assert Slo(0.1, 2.0, 0.2).tpot_budget == pytest.approx(0.08)
-
-
-def test_unset_slos_are_derived_from_the_latency_model():
-    latency = FakeLatency()
-    # TPOT: 3 x (10 ms + 8 ms) for 8 decodes; TTFT: 2 x (10 ms + 1024 ms)
-    assert resolve_slo(SchedulerConfig(), latency) == Slo(0.054, 2.068, 0.1)
-    given = SchedulerConfig(tpot_slo=0.5, ttft_slo=3.0, slo_margin=0.2)
-    assert resolve_slo(given, latency) == Slo(0.5, 3.0, 0.2)
-
-    class Fast:
-        def predict(self, shape: BatchShape) -> float:
-            return 1e-4
-
-    assert resolve_slo(SchedulerConfig(), Fast()) == Slo(0.02, 0.2, 0.1)
+    half = Slo.from_config(SchedulerConfig(ttft_slo=0.5))
+    assert half.describe() == "TTFT 0.5 s, TPOT as if alone +10%"
+    with pytest.raises(ValueError, match="slo_slack"):
+        SchedulerConfig(slo_slack=-0.1)
 
 
 # -- the scheduler's side ---------------------------------------------------------------------
@@ -343,7 +400,7 @@ def test_engine_switches_policies_keeping_its_latency_model_and_slos(
     eng.check_integrity()
 
 
-def test_engine_switching_to_conserve_loads_the_latency_model_and_resolves_slos(
+def test_engine_switching_to_conserve_loads_the_latency_model_with_relative_slos(
     tiny_llama_dir, linear_profile
 ):
     from conserve import LLM
@@ -352,11 +409,10 @@ def test_engine_switching_to_conserve_loads_the_latency_model_and_resolves_slos(
     eng = llm.engine
     assert eng.policy.name == "fcfs" and eng.latency is None and eng.slo is None
     eng.set_policy("conserve")
-    # the linear profile: 2 ms + 0.1 ms per token; TPOT floor 20 ms, TTFT 2 x 104.4 ms
     assert eng.latency is not None and eng.policy.latency is eng.latency
-    assert eng.slo == Slo(0.02, 0.209, 0.1)
+    assert eng.slo == Slo(None, None, 0.1, 0.1) and eng.policy.relative
     sc = eng.config.scheduler
-    assert (sc.policy, sc.tpot_slo, sc.ttft_slo) == ("conserve", 0.02, 0.209)
+    assert (sc.policy, sc.tpot_slo, sc.ttft_slo) == ("conserve", None, None)
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
     eng.check_integrity()

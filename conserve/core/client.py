@@ -51,6 +51,7 @@ class EngineClient:
         self.policy = ready.policy
         self.tpot_slo = ready.tpot_slo
         self.ttft_slo = ready.ttft_slo
+        self.slo_slack = ready.slo_slack
         self.model_config, self.dtype, self.device = ready.model_config, ready.dtype, ready.device
         self._queues: dict[str, asyncio.Queue] = {}
         self._stats: list[asyncio.Future] = []

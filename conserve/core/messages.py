@@ -64,6 +64,8 @@ class Ready:
     model_config: ModelConfig | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    # relative ("as if alone") objectives: the slack; None when the policy has no objectives
+    slo_slack: float | None = None
 
 
 @dataclass

@@ -187,18 +187,19 @@ class _CoreLoop:
 
     def run(self) -> None:
         engine = self.engine
-        sc = engine.config.scheduler
+        slo = engine.slo
         self.conn.send(
             Ready(
                 engine.model_name,
                 engine.max_model_len,
                 engine.config.cache.num_blocks,
-                sc.policy,
-                sc.tpot_slo,
-                sc.ttft_slo,
+                engine.policy.name,
+                None if slo is None else slo.tpot,
+                None if slo is None else slo.ttft,
                 engine.model_config,
                 engine.config.dtype,
                 engine.config.device,
+                None if slo is None else slo.slack,
             )
         )
         threading.Thread(

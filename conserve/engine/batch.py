@@ -40,6 +40,8 @@ class ScheduledBatch:
     shape: BatchShape | None = None
     # planned under the online TPOT budget (conserve, online work present)
     online_budget: bool = False
+    # the latency model's forecast of the step's online work alone (conserve, online work)
+    online_predicted_s: float | None = None
 
     @property
     def num_tokens(self) -> int:

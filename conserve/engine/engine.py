@@ -16,7 +16,7 @@ from conserve.config import DEFAULT_KV_CACHE_GB, EngineConfig
 from conserve.engine.batch import IterationPreempted, ScheduledBatch, StepResult
 from conserve.engine.latency import BatchShape, LatencyModel
 from conserve.engine.output import RequestOutput, SequenceState, stop_status
-from conserve.engine.policy import Policy, Slo, make_policy, policy_class, resolve_slo
+from conserve.engine.policy import Policy, Slo, make_policy, policy_class
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
 from conserve.engine.stats import EngineStats, HostTierStats, KVStats, StepObserver, StepRecord
@@ -56,6 +56,7 @@ class _Step:
     seq: int
     start: float
     predicted: float
+    online: float = 0.0  # predicted seconds of its online work alone
     stop_requested_at: float = 0.0
 
 
@@ -181,14 +182,11 @@ class Engine:
         return engine
 
     def use_latency_model(self, model: LatencyModel) -> None:
-        """Predict step times with `model`, fill in the SLOs the config leaves unset from it
-        (`engine.config` then carries them), and plan with a new object of the configured
-        policy built on both. Only while no request is in the engine."""
+        """Predict step times with `model` and plan with a new object of the configured policy
+        built on it (objectives left unset in the config are relative to the predicted alone
+        latency). Only while no request is in the engine."""
         self._require_idle("use_latency_model")
         self.latency = model
-        slo = resolve_slo(self.config.scheduler, model)
-        sc = replace(self.config.scheduler, tpot_slo=slo.tpot, ttft_slo=slo.ttft)
-        self.config = replace(self.config, scheduler=sc)
         self._install_policy()
 
     def set_policy(self, name: str) -> None:
@@ -387,7 +385,12 @@ class Engine:
                 obs.on_step_start(batch)
             return self.runner.execute(batch)
         self._step_seq += 1  # also counts stopped steps, so a stale stop request never matches
-        step = _Step(self._step_seq, time.monotonic(), batch.predicted_s or 0.0)
+        step = _Step(
+            self._step_seq,
+            time.monotonic(),
+            batch.predicted_s or 0.0,
+            batch.online_predicted_s or 0.0,
+        )
         with self._stop_lock:
             self._current = step
             if self._announced > self._received:
@@ -422,8 +425,7 @@ class Engine:
     def request_stop(self, prompt_len: int | None = None) -> bool:
         """An online request (of `prompt_len` tokens) has arrived: stop the running step at its
         next safepoint if it carries offline work and finishing it would delay the online
-        request too much: longer than the TPOT SLO, or past the TTFT SLO once the request's
-        own prefill is added. Safe to call from another thread while `step` runs."""
+        request too much (`stop_limit`). Safe to call from another thread while `step` runs."""
         with self._stop_lock:
             return self._request_stop_locked(prompt_len)
 
@@ -438,11 +440,9 @@ class Engine:
         done = self.runner.progress
         if done > 0:
             remaining = (now - step.start) * (1 - done) / done
-        slo = self.slo
-        tpot, ttft = (slo.tpot, slo.ttft) if slo is not None else (0.0, 0.0)
         own = self.latency.predict(BatchShape().with_chunk(0, prompt_len)) if prompt_len else 0.0
-        limit = min(tpot, ttft - own)
-        if remaining <= limit:
+        online_left = step.online * remaining / step.predicted if step.predicted > 0 else 0.0
+        if remaining <= stop_limit(self.slo, own, online_left):
             return False
         step.stop_requested_at = now
         self._stop_seq = step.seq
@@ -486,6 +486,22 @@ class Engine:
         self.scheduler.check_integrity()
         if not self._groups and self.scheduler.kv.num_request_tables:
             raise AssertionError("idle engine still holds KV block tables")
+
+
+def stop_limit(slo: Slo | None, own: float, online_left: float) -> float:
+    """Seconds an arriving online request may wait for the running step to finish. `own`: its
+    predicted prefill time alone; `online_left`: the part of the step's remaining time its
+    online work alone would take (alone, the arrival would wait for that too).
+
+    Relative TTFT: the slack of its own prefill on top of `online_left`. Absolute: what is left
+    of the TTFT objective after its prefill; an absolute TPOT objective caps it too. No
+    objectives: no wait."""
+    if slo is None:
+        return 0.0
+    limits = [slo.ttft - own if slo.ttft is not None else slo.slack * own + online_left]
+    if slo.tpot is not None:
+        limits.append(slo.tpot)
+    return min(limits)
 
 
 def _host_stats(host: HostKVStore) -> HostTierStats:

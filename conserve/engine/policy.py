@@ -39,43 +39,43 @@ ONLINE_RECENT_S = 60.0
 BUDGET_WINDOW = 64
 BUDGET_MIN_STEPS = 8
 MAX_PREDICTION_SCALE = 2.0
+# relative objectives: mixed steps that run faster than predicted (against steps without
+# offline work) may enlarge the budget, but by no more than this
+MIN_RELATIVE_SCALE = 0.8
 
 
 @dataclass(frozen=True)
 class Slo:
-    """Online latency targets in seconds, and the fraction of the TPOT target that offline
-    work leaves free (a margin for prediction error)."""
+    """Online latency objectives.
 
-    tpot: float
-    ttft: float
+    `ttft` and `tpot` are absolute targets in seconds; None (the default) makes that objective
+    relative, "as if alone": a request's TTFT may exceed its own predicted alone prefill by
+    `slack`, and a step carrying online work may take `slack` more than its online part alone.
+    `margin` is the fraction of an absolute TPOT target that offline work leaves free (a
+    margin for prediction error)."""
+
+    tpot: float | None = None
+    ttft: float | None = None
     margin: float = 0.1
+    slack: float = 0.1
 
     @property
-    def tpot_budget(self) -> float:
-        """Predicted seconds a step with online decodes may take."""
-        return self.tpot * (1 - self.margin)
+    def tpot_budget(self) -> float | None:
+        """Predicted seconds a step with online decodes may take (absolute TPOT only)."""
+        return None if self.tpot is None else self.tpot * (1 - self.margin)
 
     @staticmethod
-    def from_config(config: SchedulerConfig) -> Slo | None:
-        """The configured SLOs, or None while either of them is unset."""
-        if config.tpot_slo is None or config.ttft_slo is None:
-            return None
-        return Slo(config.tpot_slo, config.ttft_slo, config.slo_margin)
+    def from_config(config: SchedulerConfig) -> Slo:
+        return Slo(config.tpot_slo, config.ttft_slo, config.slo_margin, config.slo_slack)
 
-
-def resolve_slo(config: SchedulerConfig, latency: LatencyModel) -> Slo:
-    """The configured SLOs, those left unset derived from the latency model: TPOT three times
-    a step of 8 decodes at 512 tokens of context (at least 20 ms), TTFT twice a prefill of
-    1024 tokens (at least 0.2 s)."""
-    tpot, ttft = config.tpot_slo, config.ttft_slo
-    if tpot is None:
-        decode = BatchShape()
-        for _ in range(8):
-            decode.add(511, 1)
-        tpot = round(max(0.02, 3 * latency.predict(decode)), 3)
-    if ttft is None:
-        ttft = round(max(0.2, 2 * latency.predict(BatchShape().with_chunk(0, 1024))), 3)
-    return Slo(tpot, ttft, config.slo_margin)
+    def describe(self) -> str:
+        """For logs and banners, e.g. "TTFT 0.5 s, TPOT as if alone +10%"."""
+        parts = []
+        for name, value in (("TTFT", self.ttft), ("TPOT", self.tpot)):
+            parts.append(
+                f"{name} {value:g} s" if value else f"{name} as if alone +{self.slack:.0%}"
+            )
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,16 @@ class Policy:
         return True
 
     def offline_budget(
-        self, running: Sequence[Request], online_present: bool, online_prefill: bool, now: float
+        self,
+        running: Sequence[Request],
+        online_present: bool,
+        online_prefill: bool,
+        now: float,
+        online: BatchShape | None = None,
     ) -> OfflineBudget:
         """The limits on this step's offline work. `running`: the running requests;
-        `online_prefill`: the step already carries an online chunk of more than one token."""
+        `online_prefill`: the step already carries an online chunk of more than one token;
+        `online`: the shape of the online work planned for this step."""
         return NO_LIMIT
 
     def preemptible(self, num_offline: int) -> bool:
@@ -206,12 +212,16 @@ class ConservePolicy(Policy):
     """`conserve`: as `priority`, but offline work is sized by the latency model.
 
     While online work exists, offline decodes and prefill chunks are added only while the
-    predicted step time stays inside the TPOT budget (`tpot_budget`): the SLO minus the margin,
-    less for a running online request that is behind it (its tokens so far took longer than
-    that on average, e.g. while another request's prompt was computed, so the steps after give
-    the time back), divided by `prediction_scale` (how much recent budgeted steps overran their
-    prediction). A step that carries an online prefill chunk takes offline decodes only, so a
-    new online request's first token does not wait for offline prompt tokens.
+    predicted step time stays inside a budget. By default (no absolute TPOT objective) that is
+    "as if alone" (`relative_budget`): the predicted time of the step's online work alone plus
+    the slack, divided by `prediction_scale` (here: how much more recent steps with offline work
+    overran their prediction than steps without it). With an absolute TPOT objective it is
+    `tpot_budget`: the SLO minus the margin, less for a running online request that is behind
+    it (its tokens so far took longer than that on average, e.g. while another request's prompt
+    was computed, so the steps after give the time back), divided by `prediction_scale` (how
+    much recent budgeted steps overran their prediction). A step that carries an online prefill
+    chunk takes offline decodes only, so a new online request's first token does not wait for
+    offline prompt tokens.
 
     With no online work, offline work gets the token budget; while online requests have been
     seen in the last ONLINE_RECENT_S seconds, every offline decode runs and prompt chunks are
@@ -240,7 +250,18 @@ class ConservePolicy(Policy):
         # of it, so a model that under-predicts the shapes co-serving produces (many offline
         # decodes beside online ones) is corrected
         self._budget_errors: deque[float] = deque(maxlen=BUDGET_WINDOW)
+        # relative objectives: measured / predicted time of recent budgeted steps with offline
+        # work and of those without; the budget is divided by the ratio of their medians, so
+        # that offline work adds no more than the slack to what the online work alone takes
+        # even where the model errs on mixed shapes only
+        self._mixed_errors: deque[float] = deque(maxlen=BUDGET_WINDOW)
+        self._online_errors: deque[float] = deque(maxlen=BUDGET_WINDOW)
         self.prediction_scale = 1.0
+
+    @property
+    def relative(self) -> bool:
+        """The TPOT objective is "as if alone" (no absolute `--tpot-slo`)."""
+        return self.slo is not None and self.slo.tpot is None
 
     @classmethod
     def build(
@@ -254,10 +275,18 @@ class ConservePolicy(Policy):
     def note_online(self, now: float) -> None:
         self._last_online = now
 
+    def relative_budget(self, online: BatchShape) -> float | None:
+        """Predicted seconds a step with `online` work may take with offline work added: the
+        online work alone plus the slack, corrected by `prediction_scale`."""
+        if self.slo is None or self.latency is None:
+            return None
+        alone = self.latency.predict(online)
+        return alone * (1 + self.slo.slack) / self.prediction_scale
+
     def tpot_budget(self, running: Sequence[Request], now: float) -> float | None:
         """Predicted seconds an offline-carrying step may take while online work exists: the
         TPOT SLO minus the margin, less for an online request that is behind it."""
-        if self.slo is None or self.latency is None:
+        if self.slo is None or self.latency is None or self.slo.tpot_budget is None:
             return None
         base = self.slo.tpot_budget
         budget = base
@@ -292,11 +321,22 @@ class ConservePolicy(Policy):
         return recent and self.offline_step_limit is not None
 
     def offline_budget(
-        self, running: Sequence[Request], online_present: bool, online_prefill: bool, now: float
+        self,
+        running: Sequence[Request],
+        online_present: bool,
+        online_prefill: bool,
+        now: float,
+        online: BatchShape | None = None,
     ) -> OfflineBudget:
-        if online_present:
+        planned = online is not None and online.tokens > 0
+        if online_present and self.relative and planned:
+            budget = self.relative_budget(online)
+            return OfflineBudget(budget, online_budget=True, decodes_only=online_prefill)
+        if online_present and not self.relative:
             budget = self.tpot_budget(running, now)
             return OfflineBudget(budget, online_budget=True, decodes_only=online_prefill)
+        # (relative objectives, online work waiting but none planned in this step: the step is
+        # an offline one, which an arrival may stop)
         if self.short_offline_steps(now):
             # no online work: every decode, then prompt chunks up to the step limit (and at
             # least a quarter of it, so that new requests keep starting)
@@ -308,8 +348,29 @@ class ConservePolicy(Policy):
         return num_offline > 0
 
     def observe_step(self, batch: ScheduledBatch, seconds: float) -> None:
-        if batch.online_budget and batch.predicted_s is not None:
+        if not batch.online_budget or batch.predicted_s is None:
+            return
+        if self.relative:
+            mixed = any(c.offline for c in batch.chunks)
+            self.observe_relative(batch.predicted_s, seconds, mixed)
+        else:
             self.observe_budgeted(batch.predicted_s, seconds)
+
+    def observe_relative(self, predicted: float, measured: float, mixed: bool) -> None:
+        """A step with online work took `measured` seconds against the `predicted`; `mixed`:
+        it carried offline work. `prediction_scale` becomes the median of measured / predicted
+        of the last BUDGET_WINDOW mixed steps over that of the steps without offline work (1
+        for either side with fewer than BUDGET_MIN_STEPS), within [MIN_RELATIVE_SCALE,
+        MAX_PREDICTION_SCALE]."""
+        if predicted <= 0:
+            return
+        (self._mixed_errors if mixed else self._online_errors).append(measured / predicted)
+        if len(self._mixed_errors) < BUDGET_MIN_STEPS:
+            return
+        ratio = _median(self._mixed_errors)
+        if len(self._online_errors) >= BUDGET_MIN_STEPS:
+            ratio /= _median(self._online_errors)
+        self.prediction_scale = min(MAX_PREDICTION_SCALE, max(MIN_RELATIVE_SCALE, ratio))
 
     def observe_budgeted(self, predicted: float, measured: float) -> None:
         """A step planned under the online TPOT budget took `measured` seconds against the
@@ -324,6 +385,12 @@ class ConservePolicy(Policy):
         ranked = sorted(self._budget_errors)
         p90 = ranked[int(0.9 * (len(ranked) - 1))]
         self.prediction_scale = min(MAX_PREDICTION_SCALE, max(1.0, p90))
+
+
+def _median(values: Sequence[float]) -> float:
+    ranked = sorted(values)
+    mid = len(ranked) // 2
+    return ranked[mid] if len(ranked) % 2 else (ranked[mid - 1] + ranked[mid]) / 2
 
 
 POLICY_CLASSES: dict[str, type[Policy]] = {

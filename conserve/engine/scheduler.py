@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from conserve.config import SchedulerConfig
 from conserve.engine.batch import ScheduledBatch, ScheduledChunk, StepResult
@@ -64,6 +64,7 @@ class _Plan:
     # first token (TTFT) should not wait for offline prompt tokens
     offline_decodes_only: bool = False
     num_offline: int = 0
+    online_s: float | None = None  # predicted seconds of the plan's online work alone
 
 
 class Scheduler:
@@ -164,6 +165,7 @@ class Scheduler:
             preemptible=self.policy.preemptible(plan.num_offline),
             shape=plan.shape,
             online_budget=plan.online_budget,
+            online_predicted_s=plan.online_s,
         )
 
     def _plan_by_class(self, plan: _Plan) -> None:
@@ -178,8 +180,11 @@ class Scheduler:
             return
         offline = [r for r in self.running if r.request_class is OFFLINE]
         online_prefill = any(c.num_tokens > 1 for c in plan.chunks)
+        latency = self.policy.latency
+        if latency is not None and plan.chunks:
+            plan.online_s = latency.predict(plan.shape)  # the online work alone
         limits = self.policy.offline_budget(
-            self.running, online_present, online_prefill, self.clock()
+            self.running, online_present, online_prefill, self.clock(), replace(plan.shape)
         )
         plan.online_budget, plan.offline_decodes_only = limits.online_budget, limits.decodes_only
         if limits.decodes_first:

@@ -49,12 +49,13 @@ def create_app(
 
 
 def startup_line(client: EngineClient) -> str:
-    """The line printed once the engine is up: model, policy and the online SLOs if set."""
-    slos = [
-        f"{name} {value:g} s"
-        for name, value in (("TTFT", client.ttft_slo), ("TPOT", client.tpot_slo))
-        if value is not None
-    ]
+    """The line printed once the engine is up: model, policy and its online objectives."""
+    slos = []
+    for name, value in (("TTFT", client.ttft_slo), ("TPOT", client.tpot_slo)):
+        if value is not None:
+            slos.append(f"{name} {value:g} s")
+        elif client.slo_slack is not None:
+            slos.append(f"{name} as if alone +{client.slo_slack:.0%}")
     slo = f", online SLOs: {', '.join(slos)}" if slos else ""
     return f"conserve: model {client.model_name}, policy {client.policy}{slo}"
 

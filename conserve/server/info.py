@@ -24,7 +24,8 @@ def info_routes(state: ServerState) -> APIRouter:
 
     @router.get("/version")
     async def version() -> dict[str, Any]:
-        """The version, and the scheduling policy with its online SLOs (seconds)."""
+        """The version, and the scheduling policy with its online objectives: absolute TTFT and
+        TPOT in seconds (null: relative, "as if alone") and the slack of relative ones."""
         c = state.client
         if c is None:
             return {"version": __version__}
@@ -33,6 +34,7 @@ def info_routes(state: ServerState) -> APIRouter:
             "policy": c.policy,
             "ttft_slo": c.ttft_slo,
             "tpot_slo": c.tpot_slo,
+            "slo_slack": c.slo_slack,
         }
 
     @router.get("/v1/models")
