@@ -59,8 +59,13 @@ class StepResult:
 
 
 class IterationPreempted(Exception):
-    """A step was stopped at a safepoint after `layer` layers; it produced nothing."""
+    """A step was stopped at a safepoint after `layer` layers; it produced nothing yet.
 
-    def __init__(self, layer: int) -> None:
+    `continuation`, when the runner gives one, holds what the finished layers computed: the
+    runner's `resume(continuation)` runs the remaining layers later (the step's requests must
+    keep their KV blocks, unchanged, until then). Without it the step's work is lost."""
+
+    def __init__(self, layer: int, continuation: object | None = None) -> None:
         super().__init__(f"step preempted before layer {layer}")
         self.layer = layer
+        self.continuation = continuation

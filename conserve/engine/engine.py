@@ -57,7 +57,17 @@ class _Step:
     start: float
     predicted: float
     online: float = 0.0  # predicted seconds of its online work alone
+    first: float = 0.0  # fraction of the layers done before it started (a resumed step)
     stop_requested_at: float = 0.0
+
+
+@dataclass
+class _Stopped:
+    """An offline step stopped at a safepoint, with what its finished layers computed."""
+
+    batch: ScheduledBatch
+    continuation: object
+    layer: int
 
 
 @dataclass
@@ -103,6 +113,9 @@ class Engine:
         self.num_steps = 0
         self.busy_s = 0.0  # seconds the steps that ran to the end computed
         self._observers: list[StepObserver] = []
+        self._stopped: _Stopped | None = None  # a stopped offline step, to be resumed
+        self.num_layer_resumes = 0  # stopped steps resumed (their finished layers kept)
+        self.num_layer_drops = 0  # stopped steps dropped before their resume
         self.latency: LatencyModel | None = None
         self.refit_every = 256  # steps between refits of the latency model while serving
         # layer-wise preemption: the step that may be stopped, and which one to stop
@@ -282,6 +295,8 @@ class Engine:
             if not seq.request.is_finished:
                 self.scheduler.finish(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
                 seq.refresh(RequestStatus.FINISHED_ABORTED)
+        if self.scheduler.held_broken:
+            self._drop_stopped()  # a stopped step wrote to its blocks: drop it now
         return group.output()
 
     def has_unfinished(self) -> bool:
@@ -290,31 +305,74 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t_plan = time.monotonic()
-        batch = self.scheduler.schedule()  # plan
-        if batch.empty:
-            return []
+        stopped = self._resumable()
+        if stopped is None:
+            batch = self.scheduler.schedule()  # plan
+            if batch.empty:
+                return []
+        else:
+            batch = stopped.batch
         t_exec = time.monotonic()
         try:
-            result = self._execute(batch)  # execute
+            result = self._execute(batch, stopped)  # execute
         except IterationPreempted as e:
             # Nothing is committed: the requests keep their counters (and blocks), so the
-            # next plan serves the online work first and resumes the offline work after it.
+            # next plan serves the online work first; an offline step is resumed after it
+            # from the layer where it stopped (`_keep_stopped`).
             done = self._current
             self.num_layer_preemptions += 1
             wait = time.monotonic() - done.stop_requested_at if done.stop_requested_at else 0.0
             ran = time.monotonic() - t_exec
-            self._notify(batch, t_exec, t_exec - t_plan, ran, 0.0, e.layer, wait)
+            self._keep_stopped(batch, e)
+            resumed = None if stopped is None else stopped.layer
+            self._notify(batch, t_exec, t_exec - t_plan, ran, 0.0, e.layer, wait, resumed)
             return []
         finally:
             self._current = None
         self.num_steps += 1
         self.busy_s += result.elapsed_s
-        if self.latency is not None and batch.shape is not None:
-            self._observe(batch, result.elapsed_s)
+        if stopped is not None:
+            self.scheduler.release()  # before apply: finishing a held request breaks a hold
+            self.num_layer_resumes += 1
+        elif self.latency is not None and batch.shape is not None:
+            self._observe(batch, result.elapsed_s)  # (a resumed step ran only some layers)
         outputs = self._apply(batch, result)  # apply
         applied = time.monotonic() - t_exec - result.elapsed_s
-        self._notify(batch, t_exec, t_exec - t_plan, result.elapsed_s, applied)
+        resumed = None if stopped is None else stopped.layer
+        self._notify(batch, t_exec, t_exec - t_plan, result.elapsed_s, applied, None, None, resumed)
         return outputs
+
+    # -- stopped steps ----------------------------------------------------------------------
+    def _keep_stopped(self, batch: ScheduledBatch, stop: IterationPreempted) -> None:
+        """Keep a stopped offline step to resume later, if the runner gave a continuation;
+        a step with online work is dropped (its online requests are planned again at once)."""
+        online = any(not c.offline for c in batch.chunks)
+        if stop.continuation is None or online or not hasattr(self.runner, "resume"):
+            self._drop_stopped()
+            return
+        self._stopped = _Stopped(batch, stop.continuation, stop.layer)
+        self.scheduler.hold(c.request_id for c in batch.chunks)
+
+    def _drop_stopped(self) -> None:
+        if self._stopped is not None:
+            self.num_layer_drops += 1
+        self._stopped = None
+        self.scheduler.release()
+
+    def _resumable(self) -> _Stopped | None:
+        """The stopped step to resume now: once no online work is left. A stopped step one of
+        whose requests was finished or preempted meanwhile is dropped (its blocks may be in
+        other hands); its other requests compute the step's tokens again."""
+        stopped = self._stopped
+        if stopped is None:
+            return None
+        if self.scheduler.held_broken:
+            self._drop_stopped()
+            return None
+        if self.scheduler.has_online_work():
+            return None
+        self._stopped = None
+        return stopped
 
     # -- observation ------------------------------------------------------------------------
     def add_observer(self, observer: StepObserver) -> None:
@@ -333,6 +391,7 @@ class Engine:
         apply_s: float,
         stopped_at: int | None = None,
         stop_wait: float | None = None,
+        resumed_from: int | None = None,
     ) -> None:
         if not self._observers:
             return
@@ -345,6 +404,8 @@ class Engine:
             stopped_at,
             stop_wait,
             self.policy.prediction_scale,
+            resumed_from,
+            kept=stopped_at is not None and self._stopped is not None,
         )
         for obs in self._observers:
             obs.on_step_end(record)
@@ -373,23 +434,29 @@ class Engine:
             num_preemptions=sched.num_preemptions,
             preemptions_by_class={c.value: n for c, n in sched.preemptions_by_class.items()},
             num_layer_preemptions=self.num_layer_preemptions,
+            num_layer_resumes=self.num_layer_resumes,
+            num_layer_drops=self.num_layer_drops,
             num_pauses=sched.num_pauses,
             tokens_recomputed=sched.tokens_recomputed,
             tokens_restored=sched.tokens_restored,
             shared_prefix_waits=sched.num_shared_waits,
         )
 
-    def _execute(self, batch: ScheduledBatch) -> StepResult:
+    def _execute(self, batch: ScheduledBatch, stopped: _Stopped | None = None) -> StepResult:
+        """Run `batch` (or resume it, when `stopped`), stoppable when the plan allows it."""
         if not batch.preemptible:
             for obs in self._observers:
                 obs.on_step_start(batch)
             return self.runner.execute(batch)
         self._step_seq += 1  # also counts stopped steps, so a stale stop request never matches
+        layers = self.model_config.num_layers if self.model_config else 0
+        first = stopped.layer / layers if stopped is not None and layers else 0.0
         step = _Step(
             self._step_seq,
             time.monotonic(),
-            batch.predicted_s or 0.0,
+            (batch.predicted_s or 0.0) * (1 - first),
             batch.online_predicted_s or 0.0,
+            first=first,
         )
         with self._stop_lock:
             self._current = step
@@ -399,7 +466,10 @@ class Engine:
                 self._request_stop_locked(self._pending_prompt_len)
         for obs in self._observers:
             obs.on_step_start(batch)
-        return self.runner.execute(batch, lambda: self._stop_seq == step.seq)
+        stop = lambda: self._stop_seq == step.seq  # noqa: E731 - read at every safepoint
+        if stopped is not None:
+            return self.runner.resume(stopped.continuation, stop)
+        return self.runner.execute(batch, stop)
 
     def _observe(self, batch: ScheduledBatch, seconds: float) -> None:
         self.latency.observe(batch.shape, seconds)
@@ -438,8 +508,8 @@ class Engine:
         # Once layers have run, extrapolate from them: a step that overruns its prediction (a
         # loaded machine, a stale profile) would otherwise never be stopped.
         done = self.runner.progress
-        if done > 0:
-            remaining = (now - step.start) * (1 - done) / done
+        if done > step.first:
+            remaining = (now - step.start) * (1 - done) / (done - step.first)
         own = self.latency.predict(BatchShape().with_chunk(0, prompt_len)) if prompt_len else 0.0
         online_left = step.online * remaining / step.predicted if step.predicted > 0 else 0.0
         if remaining <= stop_limit(self.slo, own, online_left):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +23,19 @@ from conserve.kernels import CpuKernels
 from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
 from conserve.sampling.sampler import sample
+
+
+@dataclass
+class _Pass:
+    """One step on its way through the layers: the hidden states after `layer` layers and
+    what the remaining layers need. A stopped step keeps it (`IterationPreempted`)."""
+
+    h: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attention: PagedAttention
+    sample_rows: list[tuple[int, ScheduledChunk]]
+    layer: int = 0
 
 
 class ModelRunner:
@@ -52,41 +66,65 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, stop: Callable[[], bool] | None = None) -> StepResult:
         """Run one step. With `stop`, it is called at every safepoint (every
-        `safepoint_every` layers); when it returns True the step is abandoned there
-        (`IterationPreempted`): nothing is sampled and the caller commits nothing."""
+        `safepoint_every` layers); when it returns True the step stops there
+        (`IterationPreempted` with a continuation for `resume`): nothing is sampled and the
+        caller commits nothing."""
         t0 = time.perf_counter()
-        logits, sampling = self.forward(batch, stop)
-        sampled = {}
-        if sampling:
-            tokens = sample(logits, [c.sample for c in sampling], self.generator)
-            sampled = {c.request_id: t for c, t in zip(sampling, tokens, strict=True)}
-        return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0)
+        return self._finish(self._layers(self._start(batch), stop), t0)
+
+    @torch.inference_mode()
+    def resume(self, continuation: _Pass, stop: Callable[[], bool] | None = None) -> StepResult:
+        """Run the layers a stopped step has left (it may stop again, at a later safepoint)."""
+        t0 = time.perf_counter()
+        return self._finish(self._layers(continuation, stop), t0)
 
     @torch.inference_mode()
     def forward(
         self, batch: ScheduledBatch, stop: Callable[[], bool] | None = None
     ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run the layers; logits [M, vocab] float32 for the M chunks that sample, in order."""
+        return self._logits(self._layers(self._start(batch), stop))
+
+    def _start(self, batch: ScheduledBatch) -> _Pass:
         # Single-token chunks first: they are attended together in one batched call.
         chunks = sorted(batch.chunks, key=lambda c: c.num_tokens != 1)
         input_ids, positions, meta, sample_rows = self._prepare(chunks)
         cos, sin = self.rope.lookup(positions, self.dtype)
         attention = PagedAttention(self.kv, meta, self.scale, self.workspace, self.kernels)
-        h = self.model.embed(input_ids)
+        return _Pass(self.model.embed(input_ids), cos, sin, attention, sample_rows)
+
+    def _layers(self, p: _Pass, stop: Callable[[], bool] | None) -> _Pass:
+        """Run `p` from its next layer to the last, or to a safepoint where `stop` says so."""
         every = self.safepoint_every
-        n = len(self.model.layers)
+        layers = self.model.layers
+        n = len(layers)
+        first = p.layer
         try:
-            for i, layer in enumerate(self.model.layers):
-                if stop is not None and i % every == 0 and i and stop():
-                    raise IterationPreempted(i)
+            for i in range(first, n):
+                # a resumed pass runs at least one layer before it may stop again
+                if stop is not None and i % every == 0 and i > first and stop():
+                    p.layer = i
+                    raise IterationPreempted(i, p)
                 self.progress = i / n
-                h = layer(h, cos, sin, attention)
+                p.h = layers[i](p.h, p.cos, p.sin, p.attention)
         finally:
             self.progress = 0.0
-        if not sample_rows:
+        p.layer = n
+        return p
+
+    def _logits(self, p: _Pass) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        if not p.sample_rows:
             return torch.empty(0, self.model.config.vocab_size), []
-        rows = torch.tensor([r for r, _ in sample_rows], device=self.device)
-        return self.model.logits(h.index_select(0, rows)), [c for _, c in sample_rows]
+        rows = torch.tensor([r for r, _ in p.sample_rows], device=self.device)
+        return self.model.logits(p.h.index_select(0, rows)), [c for _, c in p.sample_rows]
+
+    def _finish(self, p: _Pass, t0: float) -> StepResult:
+        logits, sampling = self._logits(p)
+        sampled = {}
+        if sampling:
+            tokens = sample(logits, [c.sample for c in sampling], self.generator)
+            sampled = {c.request_id: t for c, t in zip(sampling, tokens, strict=True)}
+        return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0)
 
     def _prepare(
         self, chunks: list[ScheduledChunk]

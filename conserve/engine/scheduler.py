@@ -93,6 +93,11 @@ class Scheduler:
         self._front_key = 0
         self.shared = SharedPrefixWaits(kv)
         self.num_shared_waits = 0  # admissions put off to share a prefix being computed
+        # Requests of a stopped step the engine will resume: their next tokens are in flight,
+        # so plans pass them over. Finishing or preempting one of them frees blocks the step
+        # still writes to: `held_broken` then tells the engine to drop the step instead.
+        self.held: set[str] = set()
+        self.held_broken = False
 
     def set_policy(self, policy: Policy) -> None:
         """Plan with `policy` from now on; only with no request in the scheduler (a policy
@@ -100,6 +105,16 @@ class Scheduler:
         if self.requests:
             raise RuntimeError("the policy can change only while no request is in the scheduler")
         self.policy = policy
+
+    def hold(self, request_ids: Iterable[str]) -> None:
+        """Keep these running requests (a stopped step's) out of plans until `release`."""
+        self.held = set(request_ids)
+        self.held_broken = False
+
+    def release(self) -> None:
+        """The held step was resumed to its end, or dropped: plan its requests again."""
+        self.held = set()
+        self.held_broken = False
 
     # -- queue ------------------------------------------------------------------------------
     @property
@@ -129,6 +144,8 @@ class Scheduler:
             return None
         was_running = request.status == RequestStatus.RUNNING
         request.move_to(status)  # raises on an illegal status before anything changes
+        if request_id in self.held:
+            self.held_broken = True
         del self.requests[request_id]
         self.shared.forget(request_id)
         if was_running:
@@ -213,8 +230,8 @@ class Scheduler:
         for request in requests:
             if plan.budget <= 0:
                 return
-            if request.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this plan
+            if request.status != RequestStatus.RUNNING or request.request_id in self.held:
+                continue  # preempted earlier in this plan, or its next tokens are in flight
             left = request.num_tokens - request.num_computed_tokens
             if plan.offline_decodes_only and left > 1 and request.request_class is OFFLINE:
                 continue
@@ -285,6 +302,7 @@ class Scheduler:
         scheduled yet in this plan; None if it has none."""
         candidates = [r for r in self.running if r.request_id not in plan.scheduled]
         victims = self.policy.victims(request, candidates)
+        victims.sort(key=lambda r: r.request_id in self.held)  # a held step's requests last
         if not victims:
             return None
         self._preempt(victims[0])
@@ -335,6 +353,8 @@ class Scheduler:
         self.running.append(request)
 
     def _preempt(self, request: Request) -> None:
+        if request.request_id in self.held:
+            self.held_broken = True
         self.running.remove(request)
         self.shared.forget(request.request_id)
         self.kv.free(request.request_id)
@@ -416,6 +436,8 @@ class Scheduler:
                 if rid not in self.requests:
                     raise AssertionError(f"host tier holds blocks of finished request {rid}")
         live = {r.request_id for r in self.running}
+        if not self.held_broken and not self.held <= live:
+            raise AssertionError("a held request is not running")
         if len(live) != len(self.running) or any(
             r.status != RequestStatus.RUNNING for r in self.running
         ):

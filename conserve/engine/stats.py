@@ -48,6 +48,8 @@ class EngineStats:
     num_preemptions: int  # recompute/pause preemptions (for blocks or seats)
     preemptions_by_class: dict[str, int]
     num_layer_preemptions: int  # steps stopped between layers for arriving online work
+    num_layer_resumes: int  # stopped steps resumed later from the layer where they stopped
+    num_layer_drops: int  # stopped offline steps dropped before their resume (work lost)
     num_pauses: int  # offline preemptions resumed from the host tier
     tokens_recomputed: int  # computed before a preemption, computed again after it
     tokens_restored: int  # copied back from the host tier instead
@@ -72,6 +74,10 @@ class StepRecord:
     stopped_at_layer: int | None = None  # layers run before a stop; None: ran to the end
     stop_wait_s: float | None = None  # for a stopped step: seconds from the stop request
     prediction_scale: float = 1.0  # the policy's correction of predictions, when planned
+    # a resumed step: the layer it resumed from (it ran only the layers after it, so its
+    # time is not the batch's predicted time)
+    resumed_from_layer: int | None = None
+    kept: bool = False  # a stopped step kept to be resumed (its finished layers not lost)
 
     @property
     def stopped(self) -> bool:
@@ -88,4 +94,5 @@ class StepObserver:
         """A planned step is about to compute."""
 
     def on_step_end(self, record: StepRecord) -> None:
-        """A step ended; for a stopped step nothing of it was committed."""
+        """A step ended; for a stopped step nothing of it was committed (yet: a kept one is
+        resumed later, and ends again then)."""

@@ -22,16 +22,21 @@ class StepLog(StepObserver):
         batch = record.batch
         on = [c for c in batch.chunks if not c.offline]
         off = [c for c in batch.chunks if c.offline]
+        predicted = batch.predicted_s
+        if record.resumed_from_layer is not None:
+            predicted = None  # it ran only the layers after its stop
         rec = {
             "t": round(record.started, 6),  # time.monotonic() when the step started computing
             "plan_s": round(record.plan_s, 6),
             "run_s": round(record.run_s, 6),
             "apply_s": round(record.apply_s, 6),
-            "predicted_s": None if batch.predicted_s is None else round(batch.predicted_s, 6),
+            "predicted_s": None if predicted is None else round(predicted, 6),
             "online": [len(on), sum(c.num_tokens for c in on)],  # [chunks, tokens]
             "offline": [len(off), sum(c.num_tokens for c in off)],
             "online_prefill_ids": [c.request_id for c in on if c.num_tokens > 1],
             "stopped_at_layer": record.stopped_at_layer,
+            "resumed_from_layer": record.resumed_from_layer,
+            "kept": record.kept,  # a stopped step to be resumed: its layers are not lost
             "online_budget": batch.online_budget,
             "prediction_scale": round(record.prediction_scale, 4),
         }

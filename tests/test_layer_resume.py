@@ -1,0 +1,173 @@
+"""A stopped offline step keeps what its finished layers computed: the runner resumes it from
+the layer where it stopped, once the online work that stopped it is served. Tokens stay those
+of an uninterrupted run; a stopped step whose requests lose their blocks meanwhile (aborted,
+preempted) is dropped instead, and nothing leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conserve import LLM, SamplingParams
+from conserve.engine.batch import IterationPreempted
+from conserve.engine.request import RequestClass
+from conserve.engine.stats import StepObserver, StepRecord
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+OFF, ON = RequestClass.OFFLINE, RequestClass.ONLINE
+
+
+def conserve_llm(folder, profile, **kw) -> LLM:
+    return LLM(str(folder), dtype="float32", policy="conserve", latency_profile=profile, **kw)
+
+
+class Log(StepObserver):
+    def __init__(self, engine) -> None:
+        self.records: list[StepRecord] = []
+        engine.add_observer(self)
+
+    def on_step_end(self, record: StepRecord) -> None:
+        self.records.append(record)
+
+
+def stop_next_at(engine, layer: int) -> None:
+    """Stop the next preemptible step that starts from layer 0 at safepoint `layer` (once)."""
+    execute = engine.runner.execute
+    state = {"armed": True}
+
+    def wrapped(batch, stop=None):
+        if stop is None or not state["armed"]:
+            return execute(batch, stop)
+        state["armed"] = False
+        seen = iter(range(1, 10_000))
+        return execute(batch, lambda: next(seen) == layer)
+
+    engine.runner.execute = wrapped
+
+
+def test_runner_resume_gives_the_uninterrupted_result(tiny_llama_dir, linear_profile):
+    """Stopped after 2 layers and resumed: the same logits, bit for bit (float32), and the
+    same KV cache, as the step run in one go."""
+    llm = conserve_llm(tiny_llama_dir, linear_profile)
+    eng = llm.engine
+    eng.add_request("a", list(range(300, 340)), GREEDY, OFF)
+    eng.add_request("b", list(range(500, 517)), GREEDY, OFF)
+    batch = eng.scheduler.schedule()
+    runner = eng.runner
+    kv = runner.kv
+    before_k = [t.clone() for t in kv.k]
+    logits, _ = runner.forward(batch)
+    whole_k = [t.clone() for t in kv.k]
+    for t, b in zip(kv.k, before_k, strict=True):
+        t.copy_(b)
+    calls = iter(range(1, 100))
+    with pytest.raises(IterationPreempted) as stopped:
+        runner.forward(batch, lambda: next(calls) == 2)  # at the safepoint before layer 2
+    assert stopped.value.layer == 2 and stopped.value.continuation is not None
+    assert runner.progress == 0.0
+    with torch.inference_mode():
+        resumed_logits, _ = runner._logits(runner._layers(stopped.value.continuation, None))
+    assert torch.equal(logits, resumed_logits)
+    assert all(torch.equal(a, b) for a, b in zip(kv.k, whole_k, strict=True))
+
+
+def test_a_stopped_offline_step_resumes_after_the_online_work(
+    tiny_llama_dir, tiny_llama_reference, linear_profile
+):
+    prompts, ref, _ = tiny_llama_reference
+    llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=4096)
+    eng = llm.engine
+    log = Log(eng)
+    n_layers = len(eng.runner.model.layers)
+    for i, p in enumerate(prompts[:4]):
+        eng.add_request(f"off{i}", p, GREEDY, OFF)
+    stop_next_at(eng, 2)
+    assert eng.step() == []  # the offline prefill stopped before layer 2
+    first = log.records[-1]
+    assert first.stopped_at_layer == 2 and first.kept
+    held = {c.request_id for c in first.batch.chunks}
+    assert eng.scheduler.held == held
+    eng.add_request("on", prompts[5], GREEDY, ON)
+    outs = {}
+    while eng.scheduler.requests["on"].num_output_tokens < 3:
+        for o in eng.step():
+            outs[o.request_id] = o
+        rec = log.records[-1]
+        # online steps leave the held requests alone
+        assert not held & {c.request_id for c in rec.batch.chunks}
+        assert rec.resumed_from_layer is None
+    eng.abort("on")
+    eng.step()  # no online work left: the stopped step resumes from layer 2
+    resumed = log.records[-1]
+    assert resumed.resumed_from_layer == 2 and resumed.batch is first.batch
+    assert eng.num_layer_resumes == 1 and eng.num_layer_drops == 0 and not eng.scheduler.held
+    assert eng.stats().num_layer_resumes == 1
+    assert 1 < first.stopped_at_layer < n_layers
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert [outs[f"off{i}"].outputs[0].token_ids for i in range(4)] == [r[:24] for r in ref[:4]]
+    eng.check_integrity()
+    assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks
+
+
+def test_a_stopped_step_whose_request_is_aborted_is_dropped(
+    tiny_llama_dir, tiny_llama_reference, linear_profile
+):
+    """Aborting one request of a held step frees blocks the step would write to: the step is
+    dropped at once, and the other request computes its tokens again, unchanged."""
+    prompts, ref, _ = tiny_llama_reference
+    llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=4096)
+    eng = llm.engine
+    eng.add_request("keep", prompts[0], GREEDY, OFF)
+    eng.add_request("gone", prompts[1], GREEDY, OFF)
+    stop_next_at(eng, 1)
+    eng.step()
+    assert eng.scheduler.held == {"keep", "gone"}
+    eng.abort("gone")
+    assert eng.num_layer_drops == 1 and not eng.scheduler.held
+    eng.check_integrity()
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert outs["keep"].outputs[0].token_ids == ref[0][:24]
+    assert eng.num_layer_resumes == 0
+    eng.check_integrity()
+    assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks
+
+
+def test_online_work_needing_blocks_preempts_a_held_request_last_and_drops_the_step(
+    tiny_llama_dir, tiny_llama_reference, linear_profile
+):
+    """In a small pool an online request preempts running offline requests that are not part
+    of the stopped step first; when it must take a held one's blocks, the stopped step is
+    dropped and every request still ends with the uninterrupted tokens."""
+    prompts, ref, _ = tiny_llama_reference
+    llm = conserve_llm(
+        tiny_llama_dir,
+        linear_profile,
+        num_blocks=40,
+        block_size=16,
+        host_kv_gb=0,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=4096,
+    )
+    eng = llm.engine
+    for i in range(3):
+        eng.add_request(f"off{i}", prompts[i], GREEDY, OFF)
+    eng.step()  # all three start
+    stop_next_at(eng, 1)
+    eng.step()  # their decodes stop, held
+    assert eng.scheduler.held == {"off0", "off1", "off2"}
+    eng.add_request("on", prompts[7], GREEDY, ON)  # needs most of the pool
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+        eng.check_integrity()
+    assert eng.scheduler.preemptions_by_class[OFF] > 0
+    assert eng.num_layer_drops == 1
+    assert [outs[f"off{i}"].outputs[0].token_ids for i in range(3)] == [r[:24] for r in ref[:3]]
+    assert outs["on"].outputs[0].token_ids == ref[7][:24]
+    assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks
