@@ -238,6 +238,10 @@ class Scheduler:
             n = min(left, plan.budget, self.config.chunk_cap)
             n = self._fit(plan, request, request.num_computed_tokens, n)
             if n == 0:
+                if plan.time_limit is not None and request.request_class is OFFLINE:
+                    # not one more token fits the time limit: the requests after this one
+                    # would cost a prediction each to learn the same
+                    return
                 continue
             target = request.num_computed_tokens + n
             if not self._make_room(plan, request, target, None):
