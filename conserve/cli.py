@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from conserve.engine_args import EngineArgs, engine_config
 from conserve.model.config import UnsupportedModelError
@@ -54,22 +55,73 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from conserve.engine.engine import Engine
-    from conserve.engine.profiler import build_profile, profile_path, report_markdown
+    from conserve.engine.profiler import (
+        NoisyMachineError,
+        build_profile,
+        profile_path,
+        report_markdown,
+    )
 
     cfg = engine_config(args)
-    cfg = replace(cfg, scheduler=replace(cfg.scheduler, policy="fcfs"))
-    engine = Engine.from_config(cfg)
-    report = build_profile(engine, reps=args.reps)
-    path = profile_path(engine)
-    report.model.save(path)
+    # the profile times the runner directly: the engine needs no profile to be made
+    engine = Engine.from_config(replace(cfg, scheduler=replace(cfg.scheduler, policy="fcfs")))
+    if args.check:
+        return _profile_check(args, engine)
+    try:
+        report = build_profile(engine, reps=args.reps, heldout_count=args.heldout_count)
+    except NoisyMachineError as e:
+        print(f"conserve: error: {e}\nNothing was saved.", file=sys.stderr)
+        return 1
     print(report_markdown(report, engine))
-    print(f"\nsaved to {path}")
     if args.output:
         from conserve.bench.common import machine_info, write_results
 
         md = report_markdown(report, engine, machine_info())
         print(f"report: {write_results(args.output, 'profile', md, report.as_dict())}")
+    if not report.within_bound:
+        print(
+            f"conserve: error: the held-out median error {report.heldout_median_error:.1%} is "
+            "above the bound; nothing was saved. Profile again on a quiet machine.",
+            file=sys.stderr,
+        )
+        return 1
+    path = profile_path(engine)
+    report.model.save(path)
+    print(f"\nsaved to {path}")
     return 0
+
+
+def _profile_check(args: argparse.Namespace, engine) -> int:
+    """`conserve profile --check`: 0 within the bound, 1 above it, 2 no profile to check."""
+    from conserve.engine.profiler import (
+        MAX_HELDOUT_ERROR,
+        cached_profile,
+        check_profile,
+        load_profile,
+        profile_path,
+    )
+
+    where = engine.config.latency_profile
+    if where == "auto":
+        model, source = cached_profile(engine), str(profile_path(engine))
+    else:
+        try:
+            model, source = load_profile(engine, where), where  # warns if made elsewhere
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            print(f"conserve: error: cannot read latency profile {where}: {e}", file=sys.stderr)
+            return 2
+    if model is None:
+        print(
+            f"conserve: no latency profile to check (none cached at {source}); "
+            "`conserve profile` measures one.",
+            file=sys.stderr,
+        )
+        return 2
+    bound = MAX_HELDOUT_ERROR if args.max_error is None else args.max_error
+    report = check_profile(engine, model, reps=args.reps, count=args.heldout_count, bound=bound)
+    print(f"# Latency profile check\n\nprofile: {source}\n")
+    print(report.markdown())
+    return 0 if report.within_bound else 1
 
 
 def cmd_batch_run(args: argparse.Namespace) -> int:
@@ -156,18 +208,57 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_profile(sub: argparse._SubParsersAction) -> None:
+    from conserve.engine.profiler import HELDOUT_COUNT, MAX_HELDOUT_ERROR, MIN_REPS
+
     prof = sub.add_parser(
         "profile",
-        help="measure step latency over batch shapes and fit the latency model",
-        description="Measure the engine's step time over a grid of batch shapes (new tokens, "
-        "context attended, prefill and decode requests), fit the latency model that the "
-        "conserve policy plans with, and report its error on held-out shapes. The result is "
-        "cached (per model, dtype, device and threads) where `serve` finds it.",
+        help="measure step latency over batch shapes and fit the latency model (or --check it)",
+        description="Measure the engine's step time over a grid of batch shapes (decode "
+        "batches, prompt chunks, and the mixed steps co-serving runs), fit the latency model "
+        "that the conserve policy plans with, and report its error on held-out shapes. Each "
+        "shape runs several times and keeps its fastest run. A machine too busy to measure "
+        "(runs that disagree, a reference step that drifts) is measured again, then refused; "
+        f"a profile whose held-out median error is above {MAX_HELDOUT_ERROR:.0%} is refused "
+        "too. Refused: exit status 1, nothing saved. Accepted: cached per model, dtype, "
+        "device (CPU model or GPU name), threads and attention, where `serve` finds it "
+        "(docs/latency-profile.md).",
     )
     EngineArgs.add_cli_args(prof)
-    prof.add_argument("--reps", type=int, default=3, help="timed runs per shape (median)")
+    prof.add_argument(
+        "--reps",
+        type=_at_least(MIN_REPS),
+        default=MIN_REPS,
+        help=f"timed runs per shape; the fastest is kept (at least {MIN_REPS})",
+    )
     prof.add_argument("--output", help="also write a report under this directory")
+    prof.add_argument(
+        "--check",
+        action="store_true",
+        help="measure nothing into the cache: load the profile the engine would use (the "
+        "cached one, or --latency-profile FILE), time fresh held-out shapes now and print "
+        "measured against predicted per shape, the median and p90 error and the verdict; "
+        "exit status 0 within the bound, 1 above it, 2 when there is no profile to check",
+    )
+    prof.add_argument(
+        "--max-error",
+        type=float,
+        metavar="FRACTION",
+        help=f"with --check: the median relative error to judge against (default "
+        f"{MAX_HELDOUT_ERROR}, the bound a profile must meet to be cached)",
+    )
+    # for tests: fewer held-out shapes
+    prof.add_argument("--heldout-count", type=int, default=HELDOUT_COUNT, help=argparse.SUPPRESS)
     prof.set_defaults(func=cmd_profile)
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    return parse
 
 
 def _add_batch(sub: argparse._SubParsersAction) -> None:

@@ -220,9 +220,10 @@ class EngineArgs:
         _E.latency_profile,
         _Flag(
             "--latency-profile",
-            "latency model for the conserve policy: 'auto' (cached per model, dtype, device "
-            "and threads; measured on first use, about a minute) or a file from `conserve "
-            "profile`",
+            "latency model for the conserve policy: 'auto' (cached per model, dtype, device, "
+            "CPU or GPU model and threads; measured on first use, a minute or two, and cached "
+            "only if its error on held-out shapes is within the bound) or a file from "
+            "`conserve profile` (docs/latency-profile.md)",
             CO_SERVING,
         ),
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
+import platform
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +48,31 @@ def tune_cpu_allocator() -> bool:
         return bool(ok)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return False
+
+
+@functools.cache
+def device_name(device: str) -> str:
+    """What a step-latency profile was measured on: the GPU's name for a CUDA device, else the
+    CPU model ("model name" in /proc/cpuinfo, else `platform.processor()`) and its core count.
+    Two machines with the same name time steps alike; a profile keyed by it is not reused on a
+    machine that differs."""
+    kind = device.split(":", 1)[0]
+    if kind == "cuda":
+        import torch
+
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return torch.cuda.get_device_name(index)
+    if kind != "cpu":
+        return f"{kind} on {_cpu_model()}"
+    return f"{_cpu_model()} x{os.cpu_count() or 1}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

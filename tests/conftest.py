@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Everything conserve and Hugging Face cache (tokenizers, compiled kernels, latency profiles,
+# hub files) goes to one fresh directory per session, whatever the environment says: tests
+# never read a stale profile from the user's cache nor write into it. Set before anything is
+# imported that reads these variables; servers started as subprocesses inherit them.
+CACHE_ROOT = Path(tempfile.mkdtemp(prefix="conserve-test-cache-"))
+os.environ["CONSERVE_CACHE_DIR"] = str(CACHE_ROOT / "conserve")
+os.environ["XDG_CACHE_HOME"] = str(CACHE_ROOT / "xdg")
+os.environ["HF_HOME"] = str(CACHE_ROOT / "hf")
+atexit.register(shutil.rmtree, CACHE_ROOT, ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_root() -> Path:
+    """The session's temporary cache directory (CONSERVE_CACHE_DIR, XDG_CACHE_HOME and
+    HF_HOME all point inside it)."""
+    return CACHE_ROOT
+
 
 # A few paragraphs of plain text, cut to the token lengths the tests need.
 TEXT = (
@@ -151,6 +172,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_SESSION_PROFILE: list[str] = []
+
+
+def session_profile() -> str:
+    """A latency profile of the default model measured once per session (as `serve` would
+    measure it, but kept whatever its error: a busy test machine may not meet the bound, and
+    then every server start would measure again). Servers started by `start_server` use it
+    unless a test names another."""
+    if not _SESSION_PROFILE:
+        from conserve.config import EngineConfig, SchedulerConfig
+        from conserve.engine.engine import Engine
+        from conserve.engine.profiler import NoisyMachineError, build_profile
+
+        engine = Engine.from_config(EngineConfig(scheduler=SchedulerConfig(policy="fcfs")))
+        try:
+            model = build_profile(engine, progress=False, retries=0).model
+        except NoisyMachineError as e:
+            model = e.report.model
+        path = CACHE_ROOT / "session-profile.json"
+        model.save(path)
+        _SESSION_PROFILE.append(str(path))
+        del engine
+    return _SESSION_PROFILE[0]
+
+
 def start_server(*extra: str):
     """`conserve serve` on a free loopback port; returns (process, base URL) once healthy."""
     import subprocess
@@ -160,6 +206,8 @@ def start_server(*extra: str):
 
     import httpx
 
+    if "--latency-profile" not in extra and "--model" not in extra:
+        extra = (*extra, "--latency-profile", session_profile())
     port = free_port()
     env = dict(os.environ, CONSERVE_API_KEY=API_KEY)
     if "--data-dir" not in extra:  # never litter the working directory

@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -117,7 +116,6 @@ class Engine:
         self.num_layer_resumes = 0  # stopped steps resumed (their finished layers kept)
         self.num_layer_drops = 0  # stopped steps dropped before their resume
         self.latency: LatencyModel | None = None
-        self.refit_every = 256  # steps between refits of the latency model while serving
         # layer-wise preemption: the step that may be stopped, and which one to stop
         self._current: _Step | None = None
         self._stop_seq = -1
@@ -472,10 +470,8 @@ class Engine:
         return self.runner.execute(batch, stop)
 
     def _observe(self, batch: ScheduledBatch, seconds: float) -> None:
-        self.latency.observe(batch.shape, seconds)
+        self.latency.observe(batch.shape, seconds)  # refits itself on a schedule
         self.policy.observe_step(batch, seconds)
-        if self.latency.num_observed % self.refit_every == 0:
-            self.latency.refit()
 
     def announce_online(self, prompt_len: int) -> bool:
         """The monitor's entry point, called from another thread as an online request of
@@ -588,11 +584,9 @@ def _host_stats(host: HostKVStore) -> HostTierStats:
 
 
 def _load_latency_model(engine: Engine, where: str) -> LatencyModel:
-    from conserve.engine.profiler import load_or_build
+    from conserve.engine.profiler import load_profile
 
-    if where == "auto":
-        return load_or_build(engine)
-    return LatencyModel.load(Path(where))
+    return load_profile(engine, where)
 
 
 def _num_blocks(cfg: EngineConfig, model_cfg: ModelConfig) -> int:

@@ -6,7 +6,8 @@ context attended by prefill chunks (which grows with chunk length times position
 per-sequence cost. Small steps run the matmuls below their peak rate, so the token term is
 split at a knee (tokens below it cost more than tokens above it). The model is linear in its
 coefficients, fitted by non-negative least squares on a measured profile, and refined from
-measured steps while serving.
+measured steps while serving (`LatencyModel.observe`: a robust refit on a schedule, with the
+profile as a prior whose weight fades).
 """
 
 from __future__ import annotations
@@ -115,12 +116,41 @@ def nnls(a: np.ndarray, b: np.ndarray, iters: int = 500) -> np.ndarray:
     return x
 
 
+# -- the online refit ----------------------------------------------------------------------
+# Refit after these many observed steps, then every REFIT_EVERY: early refits correct a bad
+# profile within a few seconds of serving, later ones follow slow changes of the machine.
+REFIT_AT = (16, 32, 64, 128, 256)
+REFIT_EVERY = 256
+# The profile rows together weigh as much as PRIOR_STEPS observed steps until there are that
+# many; beyond, their weight falls as PRIOR_STEPS**2 / n, so their share of the fit is 20% at 128
+# steps, 1.5% at 512 and 0.4% at 1024: what the machine does wins, and the profile still decides
+# the directions the observed steps leave open (e.g. long prompts when only decodes ran).
+PRIOR_STEPS = 64
+OBS_WINDOW = 4096  # observed steps kept (the newest), so the fit follows a machine that changes
+# Robust refit: a step whose time is off the fit by more than this factor in log terms (or
+# 3x the median one, if larger) weighs less (Huber), and beyond REJECT times it, nothing: a 10x
+# step from a GC pause or a page-fault storm does not move the fit. 0.1 (about 10%) is twice
+# a quiet machine's step noise.
+HUBER_MIN = 0.1
+REJECT = 10
+ROBUST_ITERS = 3
+
+
+def refit_due(num_observed: int) -> bool:
+    """Whether `LatencyModel.observe` refits after its `num_observed`-th step."""
+    if num_observed <= REFIT_AT[-1]:
+        return num_observed in REFIT_AT
+    return num_observed % REFIT_EVERY == 0
+
+
 class LatencyModel:
     """Predicts a step's seconds from its `BatchShape`.
 
     Fitting minimises relative error (rows weighted by 1/time), since short decode steps and
-    long prefill steps matter alike. `observe` adds measured steps; `refit` folds them in with
-    the profile as a prior, so the model follows the machine while serving.
+    long prefill steps matter alike. `observe(shape, seconds)` is the whole serving contract:
+    call it after every step; it refits on the `refit_due` schedule, with the profile as a
+    prior whose weight fades as measured steps accumulate (PRIOR_STEPS) and with outlying
+    steps down-weighted, so a wrong profile is corrected within a few hundred steps.
     """
 
     def __init__(self, coef: np.ndarray, meta: dict | None = None) -> None:
@@ -130,6 +160,7 @@ class LatencyModel:
         self._obs_x: list[np.ndarray] = []
         self._obs_y: list[float] = []
         self.num_observed = 0
+        self.num_refits = 0
 
     # -- prediction -------------------------------------------------------------------------
     def predict(self, shape: BatchShape) -> float:
@@ -144,24 +175,41 @@ class LatencyModel:
         model._prior = (x, y)
         return model
 
-    def observe(self, shape: BatchShape, seconds: float, keep: int = 4096) -> None:
+    def observe(self, shape: BatchShape, seconds: float) -> None:
+        """One measured step; refits when `refit_due` says so."""
+        if not seconds > 0:  # nothing was timed (or a clock went backwards)
+            return
         self._obs_x.append(shape.vector())
-        self._obs_y.append(seconds)
+        self._obs_y.append(float(seconds))
         self.num_observed += 1
-        if len(self._obs_x) > keep:
-            del self._obs_x[: len(self._obs_x) - keep]
-            del self._obs_y[: len(self._obs_y) - keep]
+        if len(self._obs_y) > OBS_WINDOW:
+            del self._obs_x[: len(self._obs_x) - OBS_WINDOW]
+            del self._obs_y[: len(self._obs_y) - OBS_WINDOW]
+        if refit_due(self.num_observed):
+            self.refit()
 
     def refit(self) -> None:
-        """Fit profile and measured steps together (measured steps weigh as much as the
-        profile once there are as many of them)."""
-        if not self._obs_x:
+        """Fit the observed steps with the profile as a fading prior (see PRIOR_STEPS)."""
+        if not self._obs_y:
             return
-        xs, ys = [np.stack(self._obs_x)], [np.asarray(self._obs_y)]
+        px, py = self._prior_rows()
+        ox, oy = np.stack(self._obs_x), np.asarray(self._obs_y)
+        n = len(oy)
+        prior_total = PRIOR_STEPS if n <= PRIOR_STEPS else PRIOR_STEPS**2 / n
+        pw = np.full(len(py), prior_total / max(len(py), 1))
+        self.coef = _robust_nnls(px, py, pw, ox, oy, self.coef)
+        self.num_refits += 1
+
+    def _prior_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The profile's rows; for a model made from bare coefficients, its own predictions
+        on a few typical shapes (so the refit still has something to fall back on)."""
         if self._prior is not None:
-            xs.insert(0, self._prior[0])
-            ys.insert(0, self._prior[1])
-        self.coef = _weighted_nnls(np.concatenate(xs), np.concatenate(ys))
+            return self._prior
+        x = np.stack([s.vector() for s in _typical_shapes()])
+        y = x @ self.coef
+        keep = y > 0
+        self._prior = (x[keep], y[keep])
+        return self._prior
 
     # -- evaluation -------------------------------------------------------------------------
     def errors(self, shapes: list[BatchShape], times: list[float]) -> np.ndarray:
@@ -182,9 +230,16 @@ class LatencyModel:
     def from_json(d: dict) -> LatencyModel:
         if tuple(d.get("features", ())) != FEATURES:
             raise ValueError("latency profile was made for another feature set")
-        model = LatencyModel(np.array(d["coef"]), d.get("meta"))
+        coef = np.asarray(d["coef"], dtype=float)
+        if coef.shape != (len(FEATURES),) or not np.isfinite(coef).all():
+            raise ValueError("latency profile coefficients are malformed")
+        model = LatencyModel(coef, d.get("meta"))
         if "profile_x" in d:
-            model._prior = (np.array(d["profile_x"]), np.array(d["profile_y"]))
+            x = np.asarray(d["profile_x"], dtype=float)
+            y = np.asarray(d["profile_y"], dtype=float)
+            if x.ndim != 2 or x.shape[1] != len(FEATURES) or y.shape != (len(x),):
+                raise ValueError("latency profile rows are malformed")
+            model._prior = (x, y)
         return model
 
     def save(self, path: Path) -> None:
@@ -195,12 +250,91 @@ class LatencyModel:
 
     @staticmethod
     def load(path: Path) -> LatencyModel:
-        return LatencyModel.from_json(json.loads(path.read_text()))
+        """Raises OSError (unreadable), ValueError (not a profile: bad JSON, other features)
+        or KeyError (fields missing)."""
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict):
+            raise ValueError("latency profile is not a JSON object")
+        return LatencyModel.from_json(d)
 
     def describe(self) -> str:
         return ", ".join(f"{n}={c * 1e3:.4g}ms" for n, c in zip(FEATURES, self.coef, strict=True))
 
 
-def _weighted_nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    w = 1.0 / np.maximum(y, 1e-6)
-    return nnls(x * w[:, None], y * w)
+def _typical_shapes() -> list[BatchShape]:
+    shapes = []
+    for b, ctx in ((1, 128), (8, 512), (64, 512), (128, 1024)):
+        s = BatchShape()
+        for _ in range(b):
+            s.add(ctx - 1, 1)
+        shapes.append(s)
+    for start, n in ((0, 16), (0, 256), (0, 1024), (1024, 512)):
+        shapes.append(BatchShape().with_chunk(start, n))
+    shapes.append(shapes[2].with_chunk(0, 128))
+    return shapes
+
+
+def _weighted_nnls(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """NNLS on relative errors: row i weighs w_i * ((x_i . coef - y_i) / y_i)**2."""
+    scale = 1.0 / np.maximum(y, 1e-6)
+    if w is not None:
+        scale = scale * np.sqrt(w)
+    a, b = x * scale[:, None], y * scale
+    if len(b) > _REDUCE_ROWS:
+        a, b = _reduce(a, b)
+    return nnls(a, b)
+
+
+_REDUCE_ROWS = 256
+
+
+def _reduce(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same least-squares problem on a few rows: any R with R'R = [a b]'[a b] gives
+    |R[:, :-1] c - R[:, -1]|^2 = |a c - b|^2 - const, so NNLS finds the same coefficients.
+    For the thousands of rows of a serving refit this costs one small Gram matrix, where
+    LAPACK least squares on the tall matrix took tens of milliseconds on a busy CPU (BLAS
+    threads contending with the engine's)."""
+    m = np.column_stack([a, b])
+    norms = np.maximum(np.linalg.norm(m, axis=0), 1e-300)
+    vals, vecs = np.linalg.eigh((m / norms).T @ (m / norms))  # columns scaled for accuracy
+    r = (np.sqrt(np.maximum(vals, 0.0))[:, None] * vecs.T) * norms
+    return r[:, :-1], r[:, -1]
+
+
+def _robust_nnls(
+    px: np.ndarray,
+    py: np.ndarray,
+    pw: np.ndarray,
+    ox: np.ndarray,
+    oy: np.ndarray,
+    start: np.ndarray,
+) -> np.ndarray:
+    """Prior rows (weights `pw`) and observed rows (weight 1), iteratively reweighted from the
+    coefficients `start` (the model before the refit): a row far off the fit weighs less, one
+    very far off nothing. For observed rows that drops outlying steps; for prior rows, it lets
+    the profile yield where the machine's steps contradict it and keep its say where they do
+    not reach."""
+    x, y = np.concatenate([px, ox]), np.concatenate([py, oy])
+    base = np.concatenate([pw, np.ones(len(oy))])
+    coef = start
+    for _ in range(ROBUST_ITERS):
+        coef = _weighted_nnls(x, y, base * _robust_weights(x, y, coef, len(py)))
+    return coef
+
+
+def _robust_weights(x: np.ndarray, y: np.ndarray, coef: np.ndarray, n_prior: int) -> np.ndarray:
+    """Weights that turn the relative-error fit into a Huber fit of r = log(predicted /
+    measured), zero beyond REJECT times the Huber threshold. r is symmetric (a 10x pause and
+    a step 10x too short are equally far), where the relative error of a too short step is
+    huge. The threshold follows the observed rows' median |r|, so a wrong model is not taken
+    for outliers: rows keep their weight until the fit has come close."""
+    y = np.maximum(y, 1e-9)
+    pred = np.maximum(x @ coef, 1e-9)
+    rel = (pred - y) / y
+    r = np.abs(np.log(pred / y))
+    c = max(HUBER_MIN, 3 * float(np.median(r[n_prior:])))
+    # (r / rel)**2 makes the fit's loss rel**2 into r**2; the Huber weight then caps it
+    to_log = np.where(np.abs(rel) > 1e-9, (r / np.maximum(np.abs(rel), 1e-9)) ** 2, 1.0)
+    w = to_log * np.minimum(1.0, c / np.maximum(r, 1e-12))
+    w[r > REJECT * c] = 0.0
+    return w
