@@ -1,29 +1,57 @@
-"""`conserve bench coserve`: the offline job's mix, token accounting inside the window, and a
-short mixed run against the real server (offline requests cancelled when online ends)."""
+"""`conserve bench coserve`: the workloads (offline variants, closed-loop users), the order of
+runs, token accounting inside the window, the ratios / ceiling / acceptance computed from
+made-up records, the step-log summary, driving a real server, and one smoke invocation of the
+whole command on the tiny model."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import time
 
 import httpx
+import numpy as np
+import pytest
 from conftest import API_KEY
 
-from conserve.bench.coserve import (
-    offline_job,
+from conserve.bench.coserve_drive import NOT_SENT, RunResult, run_mixed, token_times
+from conserve.bench.coserve_metrics import (
+    HARVEST_MIN,
+    RATIO_LIMIT,
+    acceptance,
+    comparisons,
     offline_tokens,
-    run_mixed,
-    step_log_summary,
-    token_times,
+    run_summary,
+    tpot_s,
+)
+from conserve.bench.coserve_plan import (
+    MIXED,
+    OFFLINE_ALONE,
+    ONLINE_ALONE,
+    SLO_LABEL,
+    PlannedRun,
+    plan_runs,
+)
+from conserve.bench.coserve_report import render
+from conserve.bench.coserve_steps import step_log_summary
+from conserve.bench.coserve_workloads import (
+    DECODE_HEAVY,
+    PREFILL_HEAVY,
+    TraceLoad,
+    offline_job,
+    offline_variant,
+    users_load,
 )
 from conserve.bench.serve import BenchRequest, PromptMaker, RequestRecord, served_model
+
+# -- workloads --------------------------------------------------------------------------------
 
 
 def test_offline_job_mixes_three_kinds_with_shared_few_shot_prefixes(default_tokenizer):
     maker = PromptMaker(default_tokenizer, 0)
     job, desc = offline_job(30, maker, 0)
-    assert desc["offline_kinds"] == {"summary": 10, "generation": 10, "few-shot": 10}
+    assert desc["kinds"] == {"summary": 10, "generation": 10, "few-shot": 10}
     summaries, gens, shots = job[0::3], job[1::3], job[2::3]
     assert all(r.prompt_len >= 700 and r.output_len <= 24 for r in summaries)
     assert all(r.prompt_len <= 96 and r.output_len >= 128 for r in gens)
@@ -34,6 +62,74 @@ def test_offline_job_mixes_three_kinds_with_shared_few_shot_prefixes(default_tok
     assert [r.prompt for r in again] == [r.prompt for r in job]  # seeded
 
 
+VARIANT_RANGES = [("prefill-heavy", PREFILL_HEAVY), ("decode-heavy", DECODE_HEAVY)]
+
+
+@pytest.mark.parametrize(("name", "ranges"), VARIANT_RANGES)
+def test_offline_variants_keep_their_lengths_and_are_seeded(default_tokenizer, name, ranges):
+    (p_lo, p_hi), (o_lo, o_hi) = ranges
+    job, desc = offline_variant(name, 60, PromptMaker(default_tokenizer, 5), 3)
+    assert len(job) == 60 and desc["requests"] == 60 and desc["variant"] == name
+    assert all(p_lo <= r.prompt_len <= p_hi and len(r.prompt) == r.prompt_len for r in job)
+    assert all(o_lo <= r.output_len <= o_hi for r in job)
+    assert len({r.prompt_len for r in job}) > 10  # spread over the range, not one length
+    again, _ = offline_variant(name, 60, PromptMaker(default_tokenizer, 5), 3)
+    assert [(r.prompt, r.output_len) for r in again] == [(r.prompt, r.output_len) for r in job]
+    other, _ = offline_variant(name, 60, PromptMaker(default_tokenizer, 5), 4)
+    assert [r.output_len for r in other] != [r.output_len for r in job]
+    with pytest.raises(ValueError, match="unknown offline variant"):
+        offline_variant("huge", 1, PromptMaker(default_tokenizer, 5), 3)
+
+
+def test_closed_loop_users_share_the_rows_and_have_seeded_think_times(default_tokenizer):
+    lens = [(10 + i, 2 + i) for i in range(7)]
+    load = users_load(lens, 3, 2.0, PromptMaker(default_tokenizer, 1), seed=9, max_s=50.0)
+    assert [[r.index for r in u.requests] for u in load.users] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert all(
+        (r.prompt_len, r.output_len) == lens[r.index] for u in load.users for r in u.requests
+    )
+    assert [r.index for r in load.requests] == list(range(7)) and load.max_s == 50.0
+    thinks = [u.think_s for u in load.users]
+    assert all(len(t) == len(u.requests) for t, u in zip(thinks, load.users, strict=True))
+    assert all(x > 0 for t in thinks for x in t) and thinks[0][:2] != thinks[1]
+    again = users_load(lens, 3, 2.0, PromptMaker(default_tokenizer, 1), seed=9)
+    assert [u.think_s for u in again.users] == thinks  # every run thinks the same
+    assert [r.prompt for r in again.requests] == [r.prompt for r in load.requests]
+    other = users_load(lens, 3, 2.0, PromptMaker(default_tokenizer, 1), seed=10)
+    assert [u.think_s for u in other.users] != thinks
+
+
+def test_the_plan_rotates_policies_so_each_takes_each_place():
+    plan = plan_runs(["trace", "users"], ["a", "b", "c"], ["fcfs", "priority", "conserve"])
+    assert plan[0] == PlannedRun(ONLINE_ALONE, "trace", None, "conserve", ONLINE_ALONE)
+    for variant in "abc":  # the offline-alone run comes before the variant's mixed runs
+        first_mixed = next(
+            i for i, p in enumerate(plan) if p.variant == variant and p.kind == MIXED
+        )
+        alone = [i for i, p in enumerate(plan) if p.kind == OFFLINE_ALONE and p.variant == variant]
+        assert len(alone) == 1 and alone[0] < first_mixed
+    for mode in ("trace", "users"):
+        mixed = [p for p in plan if p.kind == MIXED and p.mode == mode]
+        groups = [[p.policy for p in mixed if p.variant == v] for v in "abc"]
+        assert all(sorted(g) == ["conserve", "fcfs", "priority"] for g in groups)
+        for place in range(3):  # every policy once in every place
+            assert sorted(g[place] for g in groups) == ["conserve", "fcfs", "priority"]
+    assert len(plan) == 2 + 3 + 2 * 3 * 3
+    slo = plan_runs(["users"], ["a"], ["conserve"], slo_from_alone=True, vllm=True)
+    assert [(p.label, p.engine) for p in slo] == [
+        (ONLINE_ALONE, "conserve"),
+        (OFFLINE_ALONE, "conserve"),
+        ("conserve", "conserve"),
+        (SLO_LABEL, "conserve"),
+        ("vllm alone", "vllm"),
+        ("vllm priority", "vllm"),
+    ]
+    assert [p.slo_from_alone for p in slo] == [False, False, False, True, False, False]
+
+
+# -- accounting -------------------------------------------------------------------------------
+
+
 def test_offline_tokens_count_only_what_arrived_inside_the_window():
     rec = RequestRecord(0, 100, 10, 0.0, sent_s=1.0, ttft_s=2.0, itl_s=[1.0, 1.0, 1.0])
     assert token_times(rec) == [3.0, 4.0, 5.0, 6.0]
@@ -42,24 +138,126 @@ def test_offline_tokens_count_only_what_arrived_inside_the_window():
     assert offline_tokens(RequestRecord(1, 50, 5, 0.0), 10.0) == 0
 
 
-def test_mixed_run_against_the_server_cancels_offline_work_at_the_end(server, default_tokenizer):
-    maker = PromptMaker(default_tokenizer, 1)
-    model = served_model(server, API_KEY)
-    online = [BenchRequest(i, 0.3 * i, maker.ids(40), 40, 8) for i in range(2)]
-    offline = [BenchRequest(i, 0.0, maker.ids(30), 30, 400) for i in range(3)]
-    on, off, window, _ = asyncio.run(run_mixed(server, model, online, offline, API_KEY))
-    assert all(r.ok and r.output_tokens == 8 for r in on)
-    assert window >= max(r.sent_s + r.e2e_s for r in on) - 1e-6
-    # 400 tokens each would take far longer than the online requests: cut off, not finished
-    assert all(not r.ok for r in off)
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{server}/debug/kv", headers=headers, timeout=10).json()
-        if state["kv_tables"] == 0 and state["running"] == 0 and state["waiting"] == 0:
-            break
-        time.sleep(0.2)
-    assert state["kv_tables"] == 0 and state["integrity_error"] is None
+def test_tpot_is_the_span_of_the_tokens_over_tokens_minus_one():
+    rec = RequestRecord(0, 10, 4, 0.0, ok=True, ttft_s=0.5, e2e_s=9.0, itl_s=[0.1, 0.2, 0.3])
+    rec.output_tokens = 4
+    assert tpot_s(rec) == pytest.approx(0.6 / 3)  # not (e2e - ttft) / 3: the stream's tail
+    rec.output_tokens = 1
+    assert tpot_s(rec) is None
+
+
+def _rec(i: int, ttft: float, tpot: float, n: int = 5, sent: float = 0.0) -> RequestRecord:
+    rec = RequestRecord(i, 20, n, 0.0, sent_s=sent, ok=True, ttft_s=ttft, output_tokens=n)
+    rec.e2e_s, rec.itl_s = ttft + tpot * (n - 1), [tpot] * (n - 1)
+    return rec
+
+
+def _online(scale_ttft: float, scale_tpot: float, n: int = 10) -> list[RequestRecord]:
+    """n requests whose TTFT and TPOT are those of the alone run times the scales."""
+    return [_rec(i, 0.1 * (1 + i) * scale_ttft, 0.02 * (1 + i % 3) * scale_tpot) for i in range(n)]
+
+
+def _batch(tok: int) -> dict:
+    return {
+        "prompt_tokens": tok - tok // 5,
+        "output_tokens": tok // 5,
+        "lines": 5,
+        "total_lines": 99,
+    }
+
+
+def _made_up(conserve: tuple[float, float], conserve_tok: int, priority_tpot: float) -> list[dict]:
+    """An invocation of one mode and one variant, from records: alone busy 25% of 10 s, the
+    offline job alone at 1000 tok/s (so a ceiling of 750), fcfs at 2x alone, priority at 1.5x
+    TTFT and `priority_tpot` x TPOT, conserve at the given scales and tokens in 10 s."""
+    runs = [
+        (PlannedRun(ONLINE_ALONE, "trace", None, "conserve", ONLINE_ALONE),
+         RunResult(_online(1, 1), [], 10.0, {"busy_s": 2.5})),
+        (PlannedRun(OFFLINE_ALONE, None, "mixed", "fcfs", OFFLINE_ALONE),
+         RunResult([], [], 10.0, {"busy_s": 10.0}, batch=_batch(10_000))),
+        (PlannedRun(MIXED, "trace", "mixed", "fcfs", "fcfs"),
+         RunResult(_online(2, 2), [], 10.0, batch=_batch(9000))),
+        (PlannedRun(MIXED, "trace", "mixed", "priority", "priority"),
+         RunResult(_online(1.5, priority_tpot), [], 10.0, batch=_batch(8000))),
+        (PlannedRun(MIXED, "trace", "mixed", "conserve", "conserve"),
+         RunResult(_online(*conserve), [], 10.0, {"preemptions_stop": 3.0},
+                   batch=_batch(conserve_tok))),
+    ]  # fmt: skip
+    return [run_summary(p, r, i) for i, (p, r) in enumerate(runs, 1)]
+
+
+def test_ratios_ceiling_and_acceptance_from_made_up_records_pass():
+    runs = _made_up(conserve=(1.1, 1.05), conserve_tok=7000, priority_tpot=1.5)
+    [c] = comparisons(runs, ["fcfs", "priority", "conserve"])
+    assert (c["mode"], c["variant"]) == ("trace", "mixed")
+    assert c["busy_share"] == pytest.approx(0.25)
+    assert c["offline_alone_tok_s"] == pytest.approx(1000.0)
+    assert c["ceiling_tok_s"] == pytest.approx(750.0)
+    assert [r["label"] for r in c["rows"]] == ["fcfs", "priority", "conserve"]
+    fcfs, prio, cons = c["rows"]
+    for q in ("p50", "p90", "p99"):  # every latency scaled alike: the ratio is the scale
+        assert fcfs["ratios"]["ttft"][q] == pytest.approx(2.0)
+        assert cons["ratios"]["ttft"][q] == pytest.approx(1.1)
+        assert cons["ratios"]["tpot"][q] == pytest.approx(1.05)
+    assert cons["ttft_ms"]["p50"] == pytest.approx(
+        np.percentile([110 * (1 + i) for i in range(10)], 50)
+    )
+    assert cons["share_of_ceiling"] == pytest.approx(700 / 750)
+    assert cons["preemptions"] == {"stop": 3.0}
+    acc = acceptance([c])
+    assert acc["passed"] is True and acc["ratio_limit"] == RATIO_LIMIT
+    checks = acc["workloads"][0]["checks"]
+    assert [ch["passed"] for ch in checks] == [True, True, True]
+    assert "1.10x" in checks[0]["detail"] and "93%" in checks[2]["detail"]
+    text = render(_data(runs, [c], acc), [])
+    assert "Overall: **PASS**" in text and "| conserve | 605 (1.10x) |" in text
+
+
+def test_acceptance_fails_on_latency_on_a_better_baseline_and_on_harvest():
+    # TTFT 1.3x alone; priority's TPOT alone-like (1.0x) beats conserve's 1.05x; 600 tok/s
+    runs = _made_up(conserve=(1.3, 1.05), conserve_tok=6000, priority_tpot=1.0)
+    comps = comparisons(runs, ["fcfs", "priority", "conserve"])
+    acc = acceptance(comps)
+    checks = acc["workloads"][0]["checks"]
+    assert acc["passed"] is False and [ch["passed"] for ch in checks] == [False, False, False]
+    assert "TTFT p99 1.30x" in checks[0]["detail"]
+    assert "TPOT p50 vs priority: 1.05x > 1.00x" in checks[1]["detail"]
+    assert "TTFT" not in checks[1]["detail"]  # 1.3x TTFT is still better than priority's 1.5x
+    assert "80%" in checks[2]["detail"] and HARVEST_MIN > 0.8
+    assert "Overall: **FAIL**" in render(_data(runs, comps, acc), [])
+    # without fcfs and priority runs the comparison cannot be made: not run, which is no pass
+    alone_only = [r for r in runs if r["label"] not in ("fcfs", "priority")]
+    acc = acceptance(comparisons(alone_only, ["conserve"]))
+    assert acc["workloads"][0]["checks"][1]["passed"] is None and acc["passed"] is False
+
+
+def test_ratios_compare_the_same_requests_when_users_left_some_unsent():
+    alone = _online(1, 1)
+    slow = _online(2, 2)
+    for rec in slow[7:]:  # the users' time limit passed before these were sent
+        rec.ok, rec.error, rec.ttft_s, rec.itl_s = False, NOT_SENT, None, []
+    runs = [
+        run_summary(PlannedRun(ONLINE_ALONE, "users", None, "conserve", ONLINE_ALONE),
+                    RunResult(alone, [], 10.0, {"busy_s": 1.0}), 1),
+        run_summary(PlannedRun(MIXED, "users", "mixed", "priority", "priority"),
+                    RunResult(slow, [], 10.0), 2),
+    ]  # fmt: skip
+    [c] = comparisons(runs, ["priority"])
+    row = c["rows"][0]
+    assert row["online_not_sent"] == 3 and row["ratios"]["common_requests"] == 7
+    # over the 7 requests answered in both runs, not against all 10 alone
+    assert row["ratios"]["ttft"]["p99"] == pytest.approx(2.0)
+    assert c["ceiling_tok_s"] is None  # no offline-alone run: no ceiling
+
+
+def _data(runs: list[dict], comps: list[dict], acc: dict) -> dict:
+    return {
+        "info": {"command": "conserve bench coserve"},
+        "load": {"online": {}, "offline": {}, "settings": {}},
+        "runs": runs,
+        "comparisons": comps,
+        "acceptance": acc,
+    }
 
 
 def test_step_log_summary_explains_an_online_wait(tmp_path):
@@ -92,3 +290,104 @@ def test_step_log_summary_explains_an_online_wait(tmp_path):
     assert s["busy_s"] == {"online only": 0.05, "mixed": 0.0, "offline only": 0.5}
     # the median of |0.4 - 0.5| / 0.5 and |0.05 - 0.05| / 0.05
     assert abs(s["prediction_error_median"] - 0.1) < 1e-9
+
+
+# -- against servers --------------------------------------------------------------------------
+
+
+def test_mixed_run_against_the_server_cancels_offline_work_at_the_end(server, default_tokenizer):
+    maker = PromptMaker(default_tokenizer, 1)
+    model = served_model(server, API_KEY)
+    online = TraceLoad([BenchRequest(i, 0.3 * i, maker.ids(40), 40, 8) for i in range(2)])
+    offline = [BenchRequest(i, 0.0, maker.ids(30), 30, 400) for i in range(3)]
+    w = asyncio.run(run_mixed(server, model, online, offline, API_KEY))
+    assert all(r.ok and r.output_tokens == 8 for r in w.online)
+    assert w.window_s >= max(r.sent_s + r.e2e_s for r in w.online) - 1e-6
+    # 400 tokens each would take far longer than the online requests: cut off, not finished
+    assert all(not r.ok for r in w.offline)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{server}/debug/kv", headers=headers, timeout=10).json()
+        if state["kv_tables"] == 0 and state["running"] == 0 and state["waiting"] == 0:
+            break
+        time.sleep(0.2)
+    assert state["kv_tables"] == 0 and state["integrity_error"] is None
+
+
+def test_closed_loop_users_wait_for_each_answer_and_think(server, default_tokenizer):
+    model = served_model(server, API_KEY)
+    load = users_load([(30, 6)] * 5, 2, 0.2, PromptMaker(default_tokenizer, 2), seed=1)
+    w = asyncio.run(run_mixed(server, model, load, [], API_KEY))
+    assert [r.index for r in w.online] == list(range(5)) and all(r.ok for r in w.online)
+    for plan in load.users:
+        recs = [w.online[r.index] for r in plan.requests]
+        # the first after its think time; each next one after the answer plus its think time
+        assert recs[0].sent_s >= plan.think_s[0] - 1e-3
+        for prev, nxt, think in zip(recs, recs[1:], plan.think_s[1:], strict=False):
+            assert nxt.sent_s >= prev.sent_s + prev.e2e_s + think - 1e-3
+    # a time limit already passed: nothing is sent, every request says why
+    late = users_load([(30, 6)] * 2, 2, 0.01, PromptMaker(default_tokenizer, 2), 1, max_s=0.0)
+    w = asyncio.run(run_mixed(server, model, late, [], API_KEY))
+    assert all(r.error == NOT_SENT and r.sent_s == 0.0 for r in w.online)
+
+
+def test_smoke_invocation_reports_every_section(
+    tmp_path, tiny_llama_dir, linear_profile, monkeypatch
+):
+    """Both online modes, one offline variant, fcfs and conserve, tiny sizes, on fresh
+    servers of the tiny model: the JSON has every section, ratios and ceiling follow from the
+    runs it holds, and the acceptance summary is there."""
+    from conserve.cli import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # step logs and server logs
+    out = tmp_path / "results"
+    argv = ["bench", "coserve", "--model", str(tiny_llama_dir), "--dtype", "float32",
+            "--online-modes", "trace,users", "--offline-variants", "decode-heavy",
+            "--policies", "fcfs,conserve", "--online-requests", "5", "--online-rate", "4",
+            "--users", "2", "--requests-per-user", "3", "--think-s", "0.1",
+            "--offline-requests", "40", "--offline-alone-s", "2", "--skip-vllm",
+            "--conserve-args", f"--latency-profile {linear_profile}",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    [path] = out.glob("coserve-*.json")
+    data = json.loads(path.read_text())
+    assert set(data) >= {"info", "load", "constants", "runs", "comparisons", "acceptance"}
+    assert data["failed_runs"] == [] and len(data["plots"]) == 3
+    assert all((out / p).is_file() for p in data["plots"])
+    assert set(data["load"]["online"]) == {"trace", "users"}
+    runs = {r["id"]: r for r in data["runs"]}
+    assert [r["order"] for r in data["runs"]] == list(range(1, 8))
+    assert sorted(runs) == sorted(
+        ["trace/-/online alone", "users/-/online alone", "-/decode-heavy/offline alone"]
+        + [f"{m}/decode-heavy/{p}" for m in ("trace", "users") for p in ("fcfs", "conserve")]
+    )
+    for r in runs.values():
+        assert r["online"]["completed"] == r["online"]["requests"]
+    _check_ratio_by_hand(data, runs)
+    for c in data["comparisons"]:  # the ceiling comes from the two alone runs
+        alone, off = runs[f"{c['mode']}/-/online alone"], runs["-/decode-heavy/offline alone"]
+        b = alone["engine"]["busy_s"] / alone["window_s"]
+        assert 0 < b < 1 and c["busy_share"] == pytest.approx(b)
+        assert c["ceiling_tok_s"] == pytest.approx((1 - b) * off["offline"]["tok_s"])
+        assert off["offline"]["tok_s"] > 0
+    acc = data["acceptance"]
+    assert [(w["mode"], len(w["checks"])) for w in acc["workloads"]] == [("trace", 3), ("users", 3)]
+    assert all(ch["passed"] in (True, False) for w in acc["workloads"] for ch in w["checks"])
+    assert runs["users/decode-heavy/conserve"]["steps"]["steps"] > 0
+    md = path.with_suffix(".md").read_text()
+    assert "## Acceptance" in md and ("**PASS**" in md or "**FAIL**" in md)
+
+
+def _check_ratio_by_hand(data: dict, runs: dict) -> None:
+    """P90 TTFT of the users-mode conserve run over the alone run's, from the per-request
+    records in the JSON, equals the reported ratio."""
+    [c] = [c for c in data["comparisons"] if c["mode"] == "users"]
+    row = next(r for r in c["rows"] if r["label"] == "conserve")
+    mine = {
+        x["index"]: x["ttft_ms"] for x in runs["users/decode-heavy/conserve"]["online_requests"]
+    }
+    alone = {x["index"]: x["ttft_ms"] for x in runs["users/-/online alone"]["online_requests"]}
+    assert sorted(mine) == sorted(alone) == list(range(6))
+    by_hand = np.percentile(list(mine.values()), 90) / np.percentile(list(alone.values()), 90)
+    assert row["ratios"]["ttft"]["p90"] == pytest.approx(by_hand)

