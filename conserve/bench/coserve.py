@@ -78,6 +78,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "think_s": 2.0,
         "users_max_s": 120.0,
         "offline_alone_s": 60.0,
+        "offline_clients": 64,
     },
     "quick": {
         "online_requests": 8,
@@ -87,6 +88,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "think_s": 0.5,
         "users_max_s": 30.0,
         "offline_alone_s": 10.0,
+        "offline_clients": 16,
         "offline_requests": 100,
     },
 }
@@ -208,6 +210,12 @@ def _add_offline_args(p: argparse.ArgumentParser) -> None:
         "tokens/s set the ceiling",
     )
     o.add_argument(
+        "--offline-clients",
+        type=int,
+        help="the offline job is sent by this many clients, each sending its next request when "
+        f"the last one is answered ({_D['offline_clients']}; 0: every request at time 0)",
+    )
+    o.add_argument(
         "--offline-via",
         choices=("requests", "batch"),
         default="requests",
@@ -310,7 +318,8 @@ def run_coserve(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
-    keys = ("users_max_s", "offline_alone_s", "offline_via", "conserve_args", "seed", "quick")
+    keys = ("users_max_s", "offline_alone_s", "offline_clients", "offline_via", "conserve_args")
+    keys += ("seed", "quick")
     return {"dtype": dtype, "model": args.model} | {k: getattr(args, k) for k in keys}
 
 
@@ -359,7 +368,8 @@ class Runner:
             server = launch_vllm(
                 self.vllm_py, self.vllm_folder(), "default-model", self.dtype, flags
             )
-            return one_run(server, online, offline, work.warm, None, window)
+            clients = self.args.offline_clients or None
+            return one_run(server, online, offline, work.warm, None, window, False, clients)
         step_log = self.logs / f"{order:02d}-{re.sub(r'[^a-z0-9]+', '-', p.id)}.jsonl"
         flags = ["--policy", p.policy, "--step-log", str(step_log)]
         flags += ["--data-dir", str(step_log.with_suffix(".data"))]
@@ -367,7 +377,8 @@ class Runner:
             flags += self.slo_flags(p, summaries)
         server = self.launch(flags)
         as_batch = self.args.offline_via == "batch"
-        return one_run(server, online, offline, work.warm, step_log, window, as_batch)
+        clients = self.args.offline_clients or None
+        return one_run(server, online, offline, work.warm, step_log, window, as_batch, clients)
 
     def launch(self, flags: list[str]) -> LaunchedServer:
         extra = shlex.split(self.args.conserve_args)

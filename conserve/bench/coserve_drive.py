@@ -117,11 +117,14 @@ async def run_mixed(
     api_key: str | None = None,
     window_s: float | None = None,
     as_batch: bool = False,
+    offline_clients: int | None = None,
 ) -> Window:
-    """Offline work at time 0 and the online load beside it; the window ends when the online
-    load is done (or after `window_s` when there is none). Offline requests still running then
-    are cancelled (their connections close, so the server aborts them); a batch is cancelled
-    and what it finished is counted."""
+    """Offline work from time 0 and the online load beside it; the window ends when the online
+    load is done (or after `window_s` when there is none). Offline requests are sent by
+    `offline_clients` clients, each sending the next request of the job when its last one is
+    answered (None: all at time 0). Offline requests still running at the end are cancelled
+    (their connections close, so the server aborts them); a batch is cancelled and what it
+    finished is counted."""
     import httpx
 
     url = base_url + "/v1/completions"
@@ -134,9 +137,12 @@ async def run_mixed(
         batch_task, off_tasks = None, []
         if as_batch and offline:
             batch_task = asyncio.create_task(_submit_batch(c, base_url, headers, offline, model))
-        for r, rec in zip(offline if not as_batch else [], off_recs, strict=True):
-            body = request_body(r, model, "completions") | {"priority": 1}
-            off_tasks.append(asyncio.create_task(send_one(c, url, headers, body, rec, t0)))
+        jobs = list(zip(offline if not as_batch else [], off_recs, strict=True))
+        clients = len(jobs) if offline_clients is None else min(offline_clients, len(jobs))
+        queue = iter(jobs)
+        for _ in range(clients):
+            client = _offline_client(c, url, headers, model, queue, t0)
+            off_tasks.append(asyncio.create_task(client))
         await _online_part(c, url, headers, model, online, on_recs, t0, window_s)
         window = time.perf_counter() - t0
         for t in off_tasks:
@@ -148,6 +154,13 @@ async def run_mixed(
         if batch_task is not None:
             done = await _cancel_batch(c, base_url, headers, await batch_task)
     return Window(on_recs, off_recs, window, t0_monotonic, done)
+
+
+async def _offline_client(c, url: str, headers: dict, model: str, queue, t0: float) -> None:
+    """Send the job's requests one at a time, taking the next from the shared `queue`."""
+    for r, rec in queue:
+        body = request_body(r, model, "completions") | {"priority": 1}
+        await send_one(c, url, headers, body, rec, t0)
 
 
 # -- the offline job as one batch --------------------------------------------------------------
@@ -222,6 +235,7 @@ def one_run(
     step_log: Path | None = None,
     window_s: float | None = None,
     as_batch: bool = False,
+    offline_clients: int | None = None,
 ) -> RunResult:
     """Wait for the server, warm it up with one short request (not measured), drive the
     window, read its counters and step log, and stop it."""
@@ -232,7 +246,9 @@ def one_run(
         info = _version(server.base_url)
         before = scrape(server.base_url)
         w = asyncio.run(
-            run_mixed(server.base_url, model, online, offline, None, window_s, as_batch)
+            run_mixed(
+                server.base_url, model, online, offline, None, window_s, as_batch, offline_clients
+            )
         )
         after = scrape(server.base_url)
     finally:

@@ -39,9 +39,6 @@ ONLINE_RECENT_S = 60.0
 BUDGET_WINDOW = 64
 BUDGET_MIN_STEPS = 8
 MAX_PREDICTION_SCALE = 2.0
-# relative objectives: mixed steps that run faster than predicted (against steps without
-# offline work) may enlarge the budget, but by no more than this
-MIN_RELATIVE_SCALE = 0.8
 
 
 @dataclass(frozen=True)
@@ -330,8 +327,11 @@ class ConservePolicy(Policy):
     ) -> OfflineBudget:
         planned = online is not None and online.tokens > 0
         if online_present and self.relative and planned:
-            budget = self.relative_budget(online)
-            return OfflineBudget(budget, online_budget=True, decodes_only=online_prefill)
+            if online_prefill:
+                # the step computes an online prompt: its TTFT gets no offline work beside it
+                # (the slack of its TTFT is spent waiting for a stopped step's safepoint)
+                return OfflineBudget(0.0, online_budget=True, decodes_only=True)
+            return OfflineBudget(self.relative_budget(online), online_budget=True)
         if online_present and not self.relative:
             budget = self.tpot_budget(running, now)
             return OfflineBudget(budget, online_budget=True, decodes_only=online_prefill)
@@ -360,8 +360,10 @@ class ConservePolicy(Policy):
         """A step with online work took `measured` seconds against the `predicted`; `mixed`:
         it carried offline work. `prediction_scale` becomes the median of measured / predicted
         of the last BUDGET_WINDOW mixed steps over that of the steps without offline work (1
-        for either side with fewer than BUDGET_MIN_STEPS), within [MIN_RELATIVE_SCALE,
-        MAX_PREDICTION_SCALE]."""
+        for either side with fewer than BUDGET_MIN_STEPS), within [1, MAX_PREDICTION_SCALE]:
+        mixed steps that seem faster than predicted never enlarge the budget (measured in
+        serving, that ratio came from the few online-only steps, mostly prefills, and let
+        offline work take 1.5x the online step)."""
         if predicted <= 0:
             return
         (self._mixed_errors if mixed else self._online_errors).append(measured / predicted)
@@ -370,7 +372,7 @@ class ConservePolicy(Policy):
         ratio = _median(self._mixed_errors)
         if len(self._online_errors) >= BUDGET_MIN_STEPS:
             ratio /= _median(self._online_errors)
-        self.prediction_scale = min(MAX_PREDICTION_SCALE, max(MIN_RELATIVE_SCALE, ratio))
+        self.prediction_scale = min(MAX_PREDICTION_SCALE, max(1.0, ratio))
 
     def observe_budgeted(self, predicted: float, measured: float) -> None:
         """A step planned under the online TPOT budget took `measured` seconds against the

@@ -31,6 +31,7 @@ class StepLog(StepObserver):
             "run_s": round(record.run_s, 6),
             "apply_s": round(record.apply_s, 6),
             "predicted_s": None if predicted is None else round(predicted, 6),
+            "online_predicted_s": _round(batch.online_predicted_s),
             "online": [len(on), sum(c.num_tokens for c in on)],  # [chunks, tokens]
             "offline": [len(off), sum(c.num_tokens for c in off)],
             "online_prefill_ids": [c.request_id for c in on if c.num_tokens > 1],
@@ -44,3 +45,7 @@ class StepLog(StepObserver):
 
     def close(self) -> None:
         self.file.close()
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
