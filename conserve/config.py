@@ -26,7 +26,7 @@ class SchedulerConfig:
     ttft_slo: float | None = None
     slo_margin: float = 0.1  # absolute TPOT: offline work fills the SLO minus this fraction
     # relative objectives: online latency may exceed the predicted alone latency by this fraction
-    slo_slack: float = 0.1
+    slo_slack: float = 0.05
     # conserve, no online work: predicted seconds per step for offline prompt chunks (None:
     # ten times a one-token step, from the latency profile)
     offline_step_s: float | None = None

@@ -164,7 +164,7 @@ class EngineArgs:
         _Flag(
             "--slo-slack",
             "how much slower than alone online requests may get, as a fraction of their "
-            "predicted alone latency (default 0.1; more slack buys offline throughput; "
+            "predicted alone latency (default 0.05; more slack buys offline throughput; "
             "docs/co-serving.md)",
             CO_SERVING,
             {"type": float},

@@ -22,6 +22,7 @@ from conserve.bench.coserve_metrics import (
     acceptance,
     comparisons,
     offline_tokens,
+    percentiles,
     run_summary,
     tpot_s,
 )
@@ -114,17 +115,23 @@ def test_the_plan_rotates_policies_so_each_takes_each_place():
         assert all(sorted(g) == ["conserve", "fcfs", "priority"] for g in groups)
         for place in range(3):  # every policy once in every place
             assert sorted(g[place] for g in groups) == ["conserve", "fcfs", "priority"]
-    assert len(plan) == 2 + 3 + 2 * 3 * 3
+    assert len(plan) == 2 * 2 + 3 + 2 * 3 * 3  # online alone before and after each mode
+    for mode in ("trace", "users"):
+        alone = [i for i, p in enumerate(plan) if p.kind == ONLINE_ALONE and p.mode == mode]
+        mixed = [i for i, p in enumerate(plan) if p.kind == MIXED and p.mode == mode]
+        assert len(alone) == 2 and alone[0] < min(mixed) and alone[1] > max(mixed)
+        assert plan[alone[1]].id.endswith("#2")
     slo = plan_runs(["users"], ["a"], ["conserve"], slo_from_alone=True, vllm=True)
     assert [(p.label, p.engine) for p in slo] == [
         (ONLINE_ALONE, "conserve"),
         (OFFLINE_ALONE, "conserve"),
         ("conserve", "conserve"),
         (SLO_LABEL, "conserve"),
+        (ONLINE_ALONE, "conserve"),
         ("vllm alone", "vllm"),
         ("vllm priority", "vllm"),
     ]
-    assert [p.slo_from_alone for p in slo] == [False, False, False, True, False, False]
+    assert [p.slo_from_alone for p in slo] == [False, False, False, True, False, False, False]
 
 
 # -- accounting -------------------------------------------------------------------------------
@@ -133,6 +140,10 @@ def test_the_plan_rotates_policies_so_each_takes_each_place():
 def test_offline_tokens_count_only_what_arrived_inside_the_window():
     rec = RequestRecord(0, 100, 10, 0.0, sent_s=1.0, ttft_s=2.0, itl_s=[1.0, 1.0, 1.0])
     assert token_times(rec) == [3.0, 4.0, 5.0, 6.0]
+    # a window that starts late (the online lead): the prompt counted only if the first token
+    # came inside it
+    assert offline_tokens(rec, 10.0, start=3.5) == 3
+    assert offline_tokens(rec, 10.0, start=2.5) == 104
     assert offline_tokens(rec, 4.5) == 100 + 2
     assert offline_tokens(rec, 2.5) == 0  # not started inside the window: no prompt credit
     assert offline_tokens(RequestRecord(1, 50, 5, 0.0), 10.0) == 0
@@ -391,3 +402,32 @@ def _check_ratio_by_hand(data: dict, runs: dict) -> None:
     assert sorted(mine) == sorted(alone) == list(range(6))
     by_hand = np.percentile(list(mine.values()), 90) / np.percentile(list(alone.values()), 90)
     assert row["ratios"]["ttft"]["p90"] == pytest.approx(by_hand)
+
+
+def test_the_two_online_alone_runs_are_averaged_per_request_and_their_drift_reported():
+    from conserve.bench.coserve_metrics import merge_alone
+
+    def run(rid: str, ttfts: list[float], tpots: list[float], busy: float) -> dict:
+        rows = [
+            {"index": i, "ttft_ms": t, "tpot_ms": p}
+            for i, (t, p) in enumerate(zip(ttfts, tpots, strict=True))
+        ]
+        return {
+            "id": rid,
+            "window_s": 100.0,
+            "busy_share": busy,
+            "online_requests": rows,
+            "online": {
+                "ttft_ms": percentiles(ttfts),
+                "tpot_ms": percentiles(tpots),
+            },
+        }
+
+    first = run("a", [100.0, 200.0, 300.0], [50.0, 60.0, 70.0], 0.4)
+    later = run("b", [120.0, 240.0, 360.0], [50.0, 60.0, 70.0], 0.5)
+    m = merge_alone([first, later])
+    assert [x["ttft_ms"] for x in m["online_requests"]] == [110.0, 220.0, 330.0]
+    assert m["busy_share"] == pytest.approx(0.45)
+    assert m["drift"]["ttft"] == pytest.approx(1.2) and m["drift"]["tpot"] == pytest.approx(1.0)
+    assert m["online"]["ttft_ms"]["p50"] == pytest.approx(220.0)
+    assert merge_alone([first]) is first and merge_alone([]) is None

@@ -330,7 +330,7 @@ def test_slo_from_config_unset_targets_are_relative():
     assert Slo.from_config(cfg) == Slo(0.1, 2.0, 0.2)
     assert Slo(0.1, 2.0, 0.2).tpot_budget == pytest.approx(0.08)
     half = Slo.from_config(SchedulerConfig(ttft_slo=0.5))
-    assert half.describe() == "TTFT 0.5 s, TPOT as if alone +10%"
+    assert half.describe() == "TTFT 0.5 s, TPOT as if alone +5%"
     with pytest.raises(ValueError, match="slo_slack"):
         SchedulerConfig(slo_slack=-0.1)
 
@@ -409,7 +409,7 @@ def test_engine_switching_to_conserve_loads_the_latency_model_with_relative_slos
     assert eng.policy.name == "fcfs" and eng.latency is None and eng.slo is None
     eng.set_policy("conserve")
     assert eng.latency is not None and eng.policy.latency is eng.latency
-    assert eng.slo == Slo(None, None, 0.1, 0.1) and eng.policy.relative
+    assert eng.slo == Slo(None, None, 0.1, 0.05) and eng.policy.relative
     sc = eng.config.scheduler
     assert (sc.policy, sc.tpot_slo, sc.ttft_slo) == ("conserve", None, None)
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=3, ignore_eos=True))

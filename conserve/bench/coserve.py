@@ -78,7 +78,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "think_s": 2.0,
         "users_max_s": 120.0,
         "offline_alone_s": 60.0,
-        "offline_clients": 64,
+        "offline_clients": 256,
     },
     "quick": {
         "online_requests": 8,

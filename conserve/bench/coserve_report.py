@@ -68,6 +68,13 @@ def _comparison_section(c: dict[str, Any]) -> list[str]:
         f"Alone, the online load kept the engine busy {_pct(b)} of the time; the offline job "
         f"alone ran at {_num(full)} tok/s; ceiling {_num(ceil)} tok/s."
     )
+    drift = c["alone"].get("drift") if c["alone"] else None
+    if drift and all(v is not None for v in drift.values()):
+        lines.append(
+            "The online load ran alone before and after the mixed runs (averaged below); the "
+            f"later run's P50 TTFT was {drift['ttft']:.2f}x and P50 TPOT {drift['tpot']:.2f}x "
+            "the earlier one's (how far the machine's speed moved)."
+        )
     lines.append("")
     head = ["run"] + [f"{m.upper()} {q}" for m in METRICS for q in QUANTILES]
     head += ["offline tok/s", "of ceiling", "window s", "preemptions"]

@@ -54,7 +54,7 @@ class Slo:
     tpot: float | None = None
     ttft: float | None = None
     margin: float = 0.1
-    slack: float = 0.1
+    slack: float = 0.05
 
     @property
     def tpot_budget(self) -> float | None:
