@@ -40,10 +40,10 @@ class RunResult:
     offline: list[RequestRecord]
     window_s: float
     engine: dict[str, float] = field(default_factory=dict)  # /metrics deltas (conserve only)
-    lead_s: float = 0.0  # the online load started this long after the offline job
     steps: dict[str, Any] | None = None  # what the engine's step log says (conserve only)
     batch: dict[str, Any] | None = None  # the offline job's result when it ran as a batch
     server: dict[str, Any] | None = None  # the server's /version (policy, SLOs)
+    lead_s: float = 0.0  # the online load started this long after the offline job
 
 
 @dataclass
