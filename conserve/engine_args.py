@@ -186,9 +186,9 @@ class EngineArgs:
         _Flag(
             "--offline-step-s",
             "conserve policy, no online work but online requests in the last minute: "
-            "offline prompt chunks are cut to this predicted step time, seconds (default: ten "
-            "times a one-token step; longer steps are hardly faster and lose more work when an "
-            "online arrival stops them)",
+            "offline prompt chunks are cut to this predicted step time, seconds (default: "
+            "twenty times a one-token step; longer steps are hardly faster, and an online "
+            "arrival waits for the running layer of the step it stops)",
             CO_SERVING,
             {"type": float},
         ),

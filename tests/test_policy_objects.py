@@ -221,11 +221,11 @@ def test_conserve_learns_only_from_steps_planned_under_the_online_budget():
     assert policy.prediction_scale == pytest.approx(1.3)
 
 
-def test_conserve_offline_step_limit_is_configured_or_ten_one_token_steps():
+def test_conserve_offline_step_limit_is_configured_or_twenty_one_token_steps():
     assert conserve(offline_step_s=0.3).offline_step_limit == 0.3
     policy = conserve()
-    assert policy.offline_step_limit == pytest.approx(0.11)  # 10 x (10 ms + 1 ms)
-    assert policy.offline_step_limit == pytest.approx(0.11)
+    assert policy.offline_step_limit == pytest.approx(0.22)  # 20 x (10 ms + 1 ms)
+    assert policy.offline_step_limit == pytest.approx(0.22)
     assert policy.latency.calls == 1  # derived once
     assert ConservePolicy(None, None).offline_step_limit is None
 
@@ -255,7 +255,11 @@ def test_conserve_as_if_alone_budget_is_the_online_work_alone_plus_the_slack():
     running = [request("on", ON, running=True, outputs=3)]
     online = decodes(4)  # 10 ms + 4 ms alone
     budget = policy.offline_budget(running, True, False, now=1.0, online=online)
-    assert budget == OfflineBudget(pytest.approx(0.014 * 1.2), online_budget=True)
+    # offline decodes only beside online work (small prompt chunks cost far more than their
+    # tokens), up to the online work alone plus the slack
+    assert budget == OfflineBudget(
+        pytest.approx(0.014 * 1.2), online_budget=True, decodes_only=True
+    )
     prefill = policy.offline_budget(running, True, True, now=1.0, online=online)
     assert prefill == OfflineBudget(0.0, online_budget=True, decodes_only=True)  # nothing
     # online work waits but none is planned in this step: an offline step, kept short
