@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 class Runner(Protocol):
     """Computes a planned step. The engine reads `progress` from another thread while a step
-    runs (the fraction of its layers done, 0 between steps) to estimate its remaining time."""
+    runs (the fraction of its layers done, 0 between steps) to estimate its remaining time.
+    A runner whose stopped steps can be finished later also has `resume(continuation, stop)`
+    (`ModelRunner.resume`), and puts the continuation in its `IterationPreempted`."""
 
     progress: float
 
