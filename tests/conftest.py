@@ -179,22 +179,31 @@ def session_profile() -> str:
     """A latency profile of the default model measured once per session (as `serve` would
     measure it, but kept whatever its error: a busy test machine may not meet the bound, and
     then every server start would measure again). Servers started by `start_server` use it
-    unless a test names another."""
+    unless a test names another. Measured in a child process, so that its engine's KV cache
+    and activations do not stay in the test process."""
     if not _SESSION_PROFILE:
-        from conserve.config import EngineConfig, SchedulerConfig
-        from conserve.engine.engine import Engine
-        from conserve.engine.profiler import NoisyMachineError, build_profile
+        import subprocess
+        import sys
 
-        engine = Engine.from_config(EngineConfig(scheduler=SchedulerConfig(policy="fcfs")))
-        try:
-            model = build_profile(engine, progress=False, retries=0).model
-        except NoisyMachineError as e:
-            model = e.report.model
         path = CACHE_ROOT / "session-profile.json"
-        model.save(path)
+        subprocess.run([sys.executable, "-c", _PROFILE_SCRIPT, str(path)], check=True)
         _SESSION_PROFILE.append(str(path))
-        del engine
     return _SESSION_PROFILE[0]
+
+
+_PROFILE_SCRIPT = """
+import sys
+from conserve.config import EngineConfig, SchedulerConfig
+from conserve.engine.engine import Engine
+from conserve.engine.profiler import NoisyMachineError, build_profile
+
+engine = Engine.from_config(EngineConfig(scheduler=SchedulerConfig(policy="fcfs")))
+try:
+    model = build_profile(engine, progress=False, retries=0).model
+except NoisyMachineError as e:
+    model = e.report.model
+model.save(__import__("pathlib").Path(sys.argv[1]))
+"""
 
 
 def start_server(*extra: str):
