@@ -24,6 +24,16 @@ import torch  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _collect_engines():
+    """Free each test's engines before the next test: an engine holds its KV cache (gigabytes
+    by default) and reference cycles keep it alive until a full collection."""
+    yield
+    import gc
+
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def cache_root() -> Path:
     """The session's temporary cache directory (CONSERVE_CACHE_DIR, XDG_CACHE_HOME and

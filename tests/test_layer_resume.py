@@ -18,6 +18,9 @@ OFF, ON = RequestClass.OFFLINE, RequestClass.ONLINE
 
 
 def conserve_llm(folder, profile, **kw) -> LLM:
+    # small pools: the default (4 GiB of KV, 2 GiB of host tier) per engine adds up in one
+    # test process
+    kw = {"kv_cache_gb": 0.05, "host_kv_gb": 0.05} | kw
     return LLM(str(folder), dtype="float32", policy="conserve", latency_profile=profile, **kw)
 
 
