@@ -227,6 +227,10 @@ def start_server(*extra: str):
 
     if "--latency-profile" not in extra and "--model" not in extra:
         extra = (*extra, "--latency-profile", session_profile())
+    if "--kv-cache-gb" not in extra:
+        # the defaults (4 GiB of KV, 2 GiB of host tier) per server, next to the shared server
+        # and the test process, ran a 24 GiB machine out of memory
+        extra = (*extra, "--kv-cache-gb", "1", "--host-kv-gb", "0.25")
     port = free_port()
     env = dict(os.environ, CONSERVE_API_KEY=API_KEY)
     if "--data-dir" not in extra:  # never litter the working directory
