@@ -352,9 +352,13 @@ def test_smoke_invocation_reports_every_section(
     from conserve.cli import main
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # step logs and server logs
+    trace = tmp_path / "trace.csv"  # the trace's format, so the test needs no shared files
+    rows = [f"2023-11-16 18:15:{10 + i:02d}.000000,{40 + 13 * i},{6 + i % 5}" for i in range(20)]
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
     out = tmp_path / "results"
     argv = ["bench", "coserve", "--model", str(tiny_llama_dir), "--dtype", "float32",
             "--online-modes", "trace,users", "--offline-variants", "decode-heavy",
+            "--trace", str(trace),
             "--policies", "fcfs,conserve", "--online-requests", "5", "--online-rate", "4",
             "--users", "2", "--requests-per-user", "3", "--think-s", "0.1",
             "--offline-requests", "40", "--offline-alone-s", "2", "--skip-vllm",
