@@ -364,6 +364,37 @@ def test_online_request_takes_the_seat_of_an_offline_one() -> None:
     assert len(s.running) == 2
 
 
+def test_conserve_keeps_seats_for_online_arrivals_while_online_work_is_recent() -> None:
+    """With online requests seen recently, offline requests fill at most 15 of 16 seats, so
+    an online arrival starts in the free one and preempts nobody; a server that has seen no
+    online request gives offline work every seat."""
+    clock = FakeClock()
+    s, r = make("conserve", max_num_seqs=16, clock=clock)
+    for i in range(20):
+        s.add(req(f"off{i}", OFFLINE, 8, 50))
+    step(s, r)
+    assert len(s.running) == 16  # no online request seen yet: every seat
+    s.add(req("on0", ONLINE, 8, 1))  # an online request comes and goes
+    while "on0" in s.requests:
+        step(s, r)
+    for i in range(20):  # the first job is cancelled
+        s.finish(f"off{i}", RequestStatus.FINISHED_ABORTED)
+    assert not s.running
+    for i in range(20, 40):
+        s.add(req(f"off{i}", OFFLINE, 8, 50))
+    step(s, r)
+    assert len(s.running) == 15  # one seat kept free
+    s.add(req("on1", ONLINE, 8, 2))
+    batch = step(s, r)
+    assert batch.preempted_ids == []
+    assert "on1" in [c.request_id for c in batch.chunks] and len(s.running) == 16
+    clock.now += 61  # no online work for longer than ONLINE_RECENT_S: every seat again
+    s.finish("on1", RequestStatus.FINISHED_ABORTED)
+    step(s, r)
+    assert len(s.running) == 16
+    s.kv.check_integrity()
+
+
 def test_fcfs_serves_both_classes_in_arrival_order() -> None:
     s, r = make("fcfs", budget=16)
     s.add(req("a", OFFLINE, 16, 1))

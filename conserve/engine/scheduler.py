@@ -252,15 +252,19 @@ class Scheduler:
             self._add_chunk(plan, request, n)
 
     def _admit(self, plan: _Plan, order: Callable[[set[str]], Iterable[Request]]) -> None:
-        """Start waiting requests in queue order while budget, seats and blocks last. A
+        """Start waiting requests in queue order while budget, seats and blocks last (an
+        offline request only while the policy's `offline_seats` are not all taken). A
         request whose prompt continues into blocks another request is computing now is passed
         over (it starts once they are cached, and computes only the rest)."""
         skip: set[str] = set()
+        offline_seats = self.policy.offline_seats(self.config.max_num_seqs, self.clock())
         for request in order(skip):  # each request yielded is started, skipped, or we return
             if plan.budget <= 0:
                 return
             if plan.offline_decodes_only and request.request_class is OFFLINE:
                 return  # a new start computes prompt tokens
+            if request.request_class is OFFLINE and len(self.running) >= offline_seats:
+                return  # the seats left are kept for online arrivals
             full = len(self.running) >= self.config.max_num_seqs
             if full and self._preempt_victim(plan, request) is None:
                 return  # no seat, and nobody the policy lets it take one from
