@@ -74,6 +74,35 @@ def test_runner_resume_gives_the_uninterrupted_result(tiny_llama_dir, linear_pro
     assert all(torch.equal(a, b) for a, b in zip(kv.k, whole_k, strict=True))
 
 
+def test_a_step_stopped_inside_a_layer_resumes_where_it_stopped(tiny_llama_dir, linear_profile):
+    """A step of at least `sublayer_rows` rows has a safepoint between the attention and the
+    feed-forward half of each layer. Stopped there and resumed, it gives the logits and the KV
+    of the step run without a stop, bit for bit (float32)."""
+    llm = conserve_llm(tiny_llama_dir, linear_profile)
+    eng = llm.engine
+    eng.add_request("a", list(range(300, 340)), GREEDY, OFF)
+    eng.add_request("b", list(range(500, 517)), GREEDY, OFF)
+    batch = eng.scheduler.schedule()
+    runner = eng.runner
+    kv = runner.kv
+    before_k = [t.clone() for t in kv.k]
+    logits, _ = runner.forward(batch)
+    whole_k = [t.clone() for t in kv.k]
+    for t, b in zip(kv.k, before_k, strict=True):
+        t.copy_(b)
+    runner.sublayer_rows = 16  # 57 rows: safepoints after each attention half as well
+    calls = iter(range(1, 100))
+    with pytest.raises(IterationPreempted) as stopped:
+        # 1: inside layer 0, 2: before layer 1, 3: inside layer 1
+        runner.forward(batch, lambda: next(calls) == 3)
+    p = stopped.value.continuation
+    assert stopped.value.layer == 1 and (p.layer, p.attended) == (1, True)
+    with torch.inference_mode():
+        resumed_logits, _ = runner._logits(runner._layers(p, None))
+    assert torch.equal(logits, resumed_logits)
+    assert all(torch.equal(a, b) for a, b in zip(kv.k, whole_k, strict=True))
+
+
 def test_a_stopped_offline_step_resumes_after_the_online_work(
     tiny_llama_dir, tiny_llama_reference, linear_profile
 ):

@@ -36,6 +36,8 @@ class StepLog(StepObserver):
             "offline": [len(off), sum(c.num_tokens for c in off)],
             "online_prefill_ids": [c.request_id for c in on if c.num_tokens > 1],
             "stopped_at_layer": record.stopped_at_layer,
+            # a stopped step: from the stop request to the safepoint that honoured it
+            "stop_wait_s": _round(record.stop_wait_s),
             "resumed_from_layer": record.resumed_from_layer,
             "kept": record.kept,  # a stopped step to be resumed: its layers are not lost
             "online_budget": batch.online_budget,

@@ -129,6 +129,13 @@ class DecoderLayer(nn.Module):
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
     ) -> torch.Tensor:
         # h: [N, hidden]
+        h = self.attend(h, cos, sin, attention)
+        return h + self.mlp(h)
+
+    def attend(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
+    ) -> torch.Tensor:
+        """The attention half of the layer, with its residual: a new [N, hidden] tensor."""
         n = h.shape[0]
         qkv = self.qkv(self.input_norm(h))
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
@@ -136,9 +143,13 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        h = h + self.o_proj(attention(self.layer_idx, q, k, v))
+        return h + self.o_proj(attention(self.layer_idx, q, k, v))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The feed-forward half without its residual; rows are independent, so it may run
+        on a slice of the rows (`h[a:b] += layer.mlp(h[a:b])`)."""
         gate, up = self.gate_up(self.post_attention_norm(h)).split(self.intermediate_size, -1)
-        return h + self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate) * up)
 
 
 class LlamaModel(nn.Module):
