@@ -76,3 +76,15 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_steal_s() -> float | None:
+    """CPU time the hypervisor gave to others while this machine wanted it, summed over its
+    CPUs, in seconds since boot (Linux `/proc/stat`); None elsewhere. A benchmark window with
+    steal was run on a machine that was partly taken away."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None

@@ -115,12 +115,14 @@ def test_the_plan_rotates_policies_so_each_takes_each_place():
         assert all(sorted(g) == ["conserve", "fcfs", "priority"] for g in groups)
         for place in range(3):  # every policy once in every place
             assert sorted(g[place] for g in groups) == ["conserve", "fcfs", "priority"]
-    assert len(plan) == 2 * 2 + 3 + 2 * 3 * 3  # online alone before and after each mode
+    assert len(plan) == 2 * 4 + 3 + 2 * 3 * 3  # online alone before and after each variant
     for mode in ("trace", "users"):
         alone = [i for i, p in enumerate(plan) if p.kind == ONLINE_ALONE and p.mode == mode]
-        mixed = [i for i, p in enumerate(plan) if p.kind == MIXED and p.mode == mode]
-        assert len(alone) == 2 and alone[0] < min(mixed) and alone[1] > max(mixed)
-        assert plan[alone[1]].id.endswith("#2")
+        assert len(alone) == 4
+        for v, (lo, hi) in zip("abc", zip(alone, alone[1:], strict=False), strict=True):
+            mixed = [i for i, p in enumerate(plan) if (p.mode, p.variant) == (mode, v)]
+            assert lo < min(mixed) and max(mixed) < hi  # the variant's runs between two
+        assert [plan[i].id[-2:] for i in alone[1:]] == ["#2", "#3", "#4"]
     slo = plan_runs(["users"], ["a"], ["conserve"], slo_from_alone=True, vllm=True)
     assert [(p.label, p.engine) for p in slo] == [
         (ONLINE_ALONE, "conserve"),
@@ -413,6 +415,16 @@ def _check_ratio_by_hand(data: dict, runs: dict) -> None:
     assert sorted(mine) == sorted(alone) == list(range(6))
     by_hand = np.percentile(list(mine.values()), 90) / np.percentile(list(alone.values()), 90)
     assert row["ratios"]["ttft"]["p90"] == pytest.approx(by_hand)
+
+
+def test_mixed_runs_are_compared_with_the_alone_runs_next_to_them():
+    from conserve.bench.coserve_metrics import bracket
+
+    alones = [{"order": o} for o in (1, 6, 11, 16)]
+    assert [a["order"] for a in bracket(alones, [7, 8, 9])] == [6, 11]
+    assert [a["order"] for a in bracket(alones, [17])] == [16]  # none after
+    assert [a["order"] for a in bracket(alones, [0])] == [1]  # none before
+    assert bracket([], [3]) == []
 
 
 def test_the_two_online_alone_runs_are_averaged_per_request_and_their_drift_reported():

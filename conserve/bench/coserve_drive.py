@@ -23,6 +23,7 @@ from conserve.bench.serve import (
     send_one,
     served_model,
 )
+from conserve.platform import cpu_steal_s
 
 NOT_SENT = "not sent: the users' time limit had passed"
 # With offline work, the online load starts this long after it: the window measured is one in
@@ -44,6 +45,7 @@ class RunResult:
     batch: dict[str, Any] | None = None  # the offline job's result when it ran as a batch
     server: dict[str, Any] | None = None  # the server's /version (policy, SLOs)
     lead_s: float = 0.0  # the online load started this long after the offline job
+    steal_s: float | None = None  # CPU time the hypervisor took during the window (Linux)
 
 
 @dataclass
@@ -252,13 +254,13 @@ def one_run(
         model = served_model(server.base_url, None)
         asyncio.run(run_mixed(server.base_url, model, TraceLoad([warm]), []))
         info = _version(server.base_url)
-        before = scrape(server.base_url)
+        before, steal = scrape(server.base_url), cpu_steal_s()
         w = asyncio.run(
             run_mixed(
                 server.base_url, model, online, offline, None, window_s, as_batch, offline_clients
             )
         )
-        after = scrape(server.base_url)
+        after, steal_after = scrape(server.base_url), cpu_steal_s()
     finally:
         server.stop()
     engine = {k: after[k] - before.get(k, 0.0) for k in after}
@@ -266,7 +268,10 @@ def one_run(
     if step_log is not None and step_log.exists():
         lead = w.lead_s  # the step log is summarised over the part with online load
         steps = step_log_summary(step_log, w.t0_monotonic + lead, w.window_s - lead)
-    return RunResult(w.online, w.offline, w.window_s, engine, steps, w.batch, info, lead_s=w.lead_s)
+    stolen = None if steal is None or steal_after is None else steal_after - steal
+    return RunResult(
+        w.online, w.offline, w.window_s, engine, steps, w.batch, info, w.lead_s, stolen
+    )
 
 
 def _version(base_url: str) -> dict[str, Any] | None:

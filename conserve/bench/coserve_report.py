@@ -42,8 +42,10 @@ def render(data: dict[str, Any], plots: list[str]) -> str:
             "",
             "Engine TTFT: from the request reaching the engine to the end of the step that "
             "computed its prompt. Behind offline: the part of that spent while steps carrying "
-            "offline work ran. Prediction error: median |predicted - measured| / measured over "
-            "the steps that ran to their end.",
+            "offline work ran. Stop wait: from an arrival's stop request to the safepoint that "
+            "honoured it. Prediction error: median |predicted - measured| / measured over "
+            "the steps that ran to their end. CPU steal: time the hypervisor gave to other "
+            "machines during the window (`/proc/stat`).",
         ]
     if plots:
         lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
@@ -71,7 +73,8 @@ def _comparison_section(c: dict[str, Any]) -> list[str]:
     drift = c["alone"].get("drift") if c["alone"] else None
     if drift and all(v is not None for v in drift.values()):
         lines.append(
-            "The online load ran alone before and after the mixed runs (averaged below); the "
+            "The online load ran alone just before and just after these mixed runs (averaged "
+            "below); the "
             f"later run's P50 TTFT was {drift['ttft']:.2f}x and P50 TPOT {drift['tpot']:.2f}x "
             "the earlier one's (how far the machine's speed moved)."
         )
@@ -132,6 +135,7 @@ def _step_log_table(logged: list[dict]) -> str:
         st = r["steps"]
         t, b, busy = st["engine_ttft_ms"], st["offline_blocking_ms"], st["busy_s"]
         err = st["prediction_error_median"]
+        wait = st.get("stop_wait_ms") or {}
         rows.append(
             [
                 _run_name(r),
@@ -139,15 +143,17 @@ def _step_log_table(logged: list[dict]) -> str:
                 _num(b["p99"]) + " / " + _num(b["max"]),
                 f"{st['stopped_steps']} / {st.get('resumed_steps', 0)} "
                 f"({st['stopped_compute_s']:.1f} s)",
+                _num(wait.get("median")) + " / " + _num(wait.get("max")),
                 " / ".join(f"{busy[k]:.1f}" for k in ("online only", "mixed", "offline only")),
                 f"{st['plan_apply_s']:.1f}",
                 "" if err is None else f"{err:.0%}",
+                _num(r.get("cpu_steal_s")),
             ]
         )
     head = ["run", "engine TTFT p50/p99/max ms", "behind offline p99/max ms"]
-    head += ["stopped / resumed steps (compute lost)", "busy s: online / mixed / offline"]
-    head += ["plan+apply s"]
-    head += ["step prediction error (median)"]
+    head += ["stopped / resumed steps (compute lost)", "stop wait p50/max ms"]
+    head += ["busy s: online / mixed / offline", "plan+apply s"]
+    head += ["step prediction error (median)", "CPU steal s"]
     return md_table(head, rows)
 
 

@@ -48,6 +48,7 @@ def step_log_summary(path: Path, t0: float, window: float) -> dict[str, Any]:
         return float(np.percentile(np.asarray(v) * 1e3, q)) if v else None
 
     stopped = [r for r in steps if r["stopped_at_layer"] is not None]
+    waits = [r["stop_wait_s"] for r in stopped if r.get("stop_wait_s") is not None]
     finished = [r for r in steps if r["stopped_at_layer"] is None]
     err = [
         abs(r["predicted_s"] - r["run_s"]) / r["run_s"]
@@ -68,6 +69,8 @@ def step_log_summary(path: Path, t0: float, window: float) -> dict[str, Any]:
         },
         "busy_s": _busy_by_kind(finished),
         "stopped_steps": len(stopped),
+        # from a stop request to the safepoint that honoured it
+        "stop_wait_ms": {"median": pct(waits, 50), "max": pct(waits, 100)},
         # a stopped step kept for its resume loses nothing (unless dropped later)
         "stopped_compute_s": round(sum(r["run_s"] for r in stopped if not r.get("kept")), 2),
         "resumed_steps": sum(1 for r in steps if r.get("resumed_from_layer") is not None),

@@ -24,7 +24,6 @@ from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
 from conserve.sampling.sampler import sample
 
-
 # Steps of at least this many rows have a second safepoint in each layer, between its
 # attention and feed-forward halves. An online arrival waits for the running part of a step it
 # stops: a 2048-token offline step's layer took 32 ms on a 2-core CPU (attention 58% of it,
