@@ -232,8 +232,7 @@ def test_an_arrival_between_steps_stops_the_next_offline_step(
     assert eng.announce_online(16) is False  # nothing is running yet
     assert eng.step() == []
     assert eng.num_layer_preemptions == 1
-    # at the first safepoint: a 700-token step has one after the first layer's attention
-    assert stops.stops[0][1] == 0
+    assert stops.stops[0][1] == 0  # at the first safepoint, before any layer ran
     assert eng.scheduler.requests["off"].num_computed_tokens == 0
     eng.online_received()
     eng.add_request("on", list(range(300, 316)), GREEDY, RequestClass.ONLINE)

@@ -34,7 +34,8 @@ class Log(StepObserver):
 
 
 def stop_next_at(engine, layer: int) -> None:
-    """Stop the next preemptible step that starts from layer 0 at safepoint `layer` (once)."""
+    """Stop the next preemptible step that starts from layer 0 at the safepoint before layer
+    `layer` (once; the step's rows are too few for safepoints inside layers)."""
     execute = engine.runner.execute
     state = {"armed": True}
 
@@ -43,7 +44,7 @@ def stop_next_at(engine, layer: int) -> None:
             return execute(batch, stop)
         state["armed"] = False
         seen = iter(range(1, 10_000))
-        return execute(batch, lambda: next(seen) == layer)
+        return execute(batch, lambda: next(seen) == layer + 1)
 
     engine.runner.execute = wrapped
 
@@ -65,7 +66,8 @@ def test_runner_resume_gives_the_uninterrupted_result(tiny_llama_dir, linear_pro
         t.copy_(b)
     calls = iter(range(1, 100))
     with pytest.raises(IterationPreempted) as stopped:
-        runner.forward(batch, lambda: next(calls) == 2)  # at the safepoint before layer 2
+        # safepoints before layers 0, 1, 2: the third
+        runner.forward(batch, lambda: next(calls) == 3)
     assert stopped.value.layer == 2 and stopped.value.continuation is not None
     assert runner.progress == 0.0
     with torch.inference_mode():
@@ -93,8 +95,8 @@ def test_a_step_stopped_inside_a_layer_resumes_where_it_stopped(tiny_llama_dir, 
     runner.sublayer_rows = 16  # 57 rows: safepoints after each attention half as well
     calls = iter(range(1, 100))
     with pytest.raises(IterationPreempted) as stopped:
-        # 1: inside layer 0, 2: before layer 1, 3: inside layer 1
-        runner.forward(batch, lambda: next(calls) == 3)
+        # 1: before layer 0, 2: inside it, 3: before layer 1, 4: inside layer 1
+        runner.forward(batch, lambda: next(calls) == 4)
     p = stopped.value.continuation
     assert stopped.value.layer == 1 and (p.layer, p.attended) == (1, True)
     with torch.inference_mode():

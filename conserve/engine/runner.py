@@ -81,7 +81,7 @@ class ModelRunner:
         (`IterationPreempted` with a continuation for `resume`): nothing is sampled and the
         caller commits nothing."""
         t0 = time.perf_counter()
-        return self._finish(self._layers(self._start(batch), stop), t0)
+        return self._finish(self._layers(self._start(batch), stop, resumed=False), t0)
 
     @torch.inference_mode()
     def resume(self, continuation: _Pass, stop: Callable[[], bool] | None = None) -> StepResult:
@@ -94,7 +94,7 @@ class ModelRunner:
         self, batch: ScheduledBatch, stop: Callable[[], bool] | None = None
     ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run the layers; logits [M, vocab] float32 for the M chunks that sample, in order."""
-        return self._logits(self._layers(self._start(batch), stop))
+        return self._logits(self._layers(self._start(batch), stop, resumed=False))
 
     def _start(self, batch: ScheduledBatch) -> _Pass:
         # Single-token chunks first: they are attended together in one batched call.
@@ -104,16 +104,17 @@ class ModelRunner:
         attention = PagedAttention(self.kv, meta, self.scale, self.workspace, self.kernels)
         return _Pass(self.model.embed(input_ids), cos, sin, attention, sample_rows)
 
-    def _layers(self, p: _Pass, stop: Callable[[], bool] | None) -> _Pass:
+    def _layers(self, p: _Pass, stop: Callable[[], bool] | None, resumed: bool = True) -> _Pass:
         """Run `p` from where it is to the last layer, or to a safepoint where `stop` says so:
-        before every `safepoint_every`-th layer and, in steps of `sublayer_rows` rows or more
-        (with `safepoint_every` 1), between each layer's halves too. A resumed pass runs one
-        part at least before it may stop again."""
+        before every `safepoint_every`-th layer (the first one included: an online request
+        that arrived while the step was planned stops it before any layer ran) and, in steps
+        of `sublayer_rows` rows or more (with `safepoint_every` 1), between each layer's
+        halves too. A `resumed` pass runs one part at least before it may stop again."""
         every = self.safepoint_every
         layers = self.model.layers
         n = len(layers)
         halves = stop is not None and every == 1 and p.h.shape[0] >= self.sublayer_rows
-        fresh = True  # nothing has run yet in this call
+        fresh = resumed  # nothing has run yet in this call of a resumed pass
         try:
             while p.layer < n:
                 layer = layers[p.layer]
