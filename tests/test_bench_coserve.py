@@ -282,10 +282,11 @@ def test_step_log_summary_explains_an_online_wait(tmp_path):
         {"t": 10.0, "plan_s": 0.001, "run_s": 0.5, "apply_s": 0.002, "predicted_s": 0.4,
          "online": [0, 0], "offline": [1, 512], "online_prefill_ids": [],
          "stopped_at_layer": None},
-        {"t": 10.6, "added": "on", "class": "online", "prompt_len": 40},
+        # reached the engine's process at 10.55; the loop took it in at 10.66
+        {"t": 10.66, "added": "on", "class": "online", "prompt_len": 40, "arrived": 10.55},
         {"t": 10.51, "plan_s": 0.001, "run_s": 0.15, "apply_s": 0.0, "predicted_s": 0.4,
          "online": [0, 0], "offline": [1, 288], "online_prefill_ids": [],
-         "stopped_at_layer": 9},
+         "stopped_at_layer": 9, "stop_wait_s": 0.02},
         {"t": 10.7, "plan_s": 0.001, "run_s": 0.05, "apply_s": 0.01, "predicted_s": 0.05,
          "online": [1, 40], "offline": [0, 0], "online_prefill_ids": ["on"],
          "stopped_at_layer": None},
@@ -298,8 +299,9 @@ def test_step_log_summary_explains_an_online_wait(tmp_path):
     s = step_log_summary(path, t0=9.0, window=5.0)
     assert s["steps"] == 3 and s["stopped_steps"] == 1
     assert s["stopped_compute_s"] == 0.15
-    assert abs(s["engine_ttft_ms"]["max"] - 160.0) < 1e-6  # 10.6 -> 10.76
-    assert abs(s["offline_blocking_ms"]["max"] - 60.0) < 1e-6  # 10.6 -> 10.66 behind offline
+    assert abs(s["engine_ttft_ms"]["max"] - 210.0) < 1e-6  # 10.55 -> 10.76
+    assert abs(s["offline_blocking_ms"]["max"] - 110.0) < 1e-6  # 10.55 -> 10.66 behind offline
+    assert abs(s["stop_wait_ms"]["median"] - 20.0) < 1e-6
     assert s["busy_s"] == {"online only": 0.05, "mixed": 0.0, "offline only": 0.5}
     # the median of |0.4 - 0.5| / 0.5 and |0.05 - 0.05| / 0.05
     assert abs(s["prediction_error_median"] - 0.1) < 1e-9

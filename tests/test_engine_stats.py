@@ -18,7 +18,9 @@ class Recorder(StepObserver):
         self.started: list[int] = []  # tokens of each step as it starts
         self.ended: list[StepRecord] = []
 
-    def on_request_added(self, request_id: str, request_class: str, prompt_len: int) -> None:
+    def on_request_added(
+        self, request_id: str, request_class: str, prompt_len: int, arrived: float
+    ) -> None:
         self.added.append((request_id, request_class, prompt_len))
 
     def on_step_start(self, batch) -> None:

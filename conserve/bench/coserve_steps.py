@@ -41,7 +41,8 @@ def step_log_summary(path: Path, t0: float, window: float) -> dict[str, Any]:
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     recs = [r for r in recs if t0 <= r["t"] <= t0 + window]
     steps = [r for r in recs if "run_s" in r]
-    added = {r["added"]: r["t"] for r in recs if r.get("class") == "online"}
+    # from when the request reached the engine's process (older logs: when the loop took it)
+    added = {r["added"]: r.get("arrived", r["t"]) for r in recs if r.get("class") == "online"}
     engine_ttft, blocked = _online_waits(steps, added)
 
     def pct(v: list[float], q: float) -> float | None:

@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -146,17 +147,19 @@ def engine_stats(engine: Engine, steps: StepCollector) -> Stats:
 
 
 def _read_pipe(conn: Connection, inbox: queue.SimpleQueue, engine: Any) -> None:
-    """Receive messages while the main thread computes. An arriving online request may stop
-    the running step at its next safepoint (layer-wise preemption)."""
+    """Receive messages while the main thread computes, each put in the inbox with the time it
+    arrived. An arriving online request may stop the running step at its next safepoint
+    (layer-wise preemption)."""
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
-            inbox.put(Shutdown())
+            inbox.put((Shutdown(), time.monotonic()))
             return
+        arrived = time.monotonic()
         if isinstance(msg, AddRequest) and msg.request_class is RequestClass.ONLINE:
             engine.announce_online(len(msg.prompt_token_ids))
-        inbox.put(msg)
+        inbox.put((msg, arrived))
         if isinstance(msg, Shutdown):
             return
 
@@ -216,14 +219,14 @@ class _CoreLoop:
         """Handle what has arrived (waiting for one message if `block`); False on Shutdown."""
         while True:
             try:
-                msg = self.inbox.get(block=block)
+                msg, arrived = self.inbox.get(block=block)
             except queue.Empty:
                 return True
             block = False
             if isinstance(msg, Shutdown):
                 return False
             if isinstance(msg, AddRequest):
-                self._add(msg)
+                self._add(msg, arrived)
             elif isinstance(msg, Abort):
                 for rid in msg.request_ids:
                     self.engine.abort(rid)
@@ -231,12 +234,17 @@ class _CoreLoop:
             elif msg == "stats":
                 self.conn.send(engine_stats(self.engine, self.steps))
 
-    def _add(self, msg: AddRequest) -> None:
+    def _add(self, msg: AddRequest, arrived: float) -> None:
         if msg.request_class is RequestClass.ONLINE:
             self.engine.online_received()
         try:
             self.engine.add_request(
-                msg.request_id, msg.prompt_token_ids, msg.params, msg.request_class, msg.stream
+                msg.request_id,
+                msg.prompt_token_ids,
+                msg.params,
+                msg.request_class,
+                msg.stream,
+                arrived,
             )
         except ValueError as e:
             self.conn.send(Rejected(msg.request_id, str(e)))

@@ -249,7 +249,10 @@ class Engine:
         params: SamplingParams | None = None,
         request_class: RequestClass = RequestClass.ONLINE,
         stream: bool = False,
+        arrived: float | None = None,
     ) -> None:
+        """Queue a request. `arrived`: when it reached the engine's process
+        (`time.monotonic()`; default now), its arrival time for the scheduler and observers."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text: str | None = prompt
@@ -260,7 +263,7 @@ class Engine:
         if request_id in self._groups:
             raise ValueError(f"duplicate request id {request_id!r}")
         group = _Group(request_id, text, ids)
-        now = time.monotonic()
+        now = time.monotonic() if arrived is None else arrived
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = None if params.seed is None else params.seed + i
@@ -271,7 +274,7 @@ class Engine:
             self.scheduler.add(req)
         self._groups[request_id] = group
         for obs in self._observers:
-            obs.on_request_added(request_id, request_class.value, len(ids))
+            obs.on_request_added(request_id, request_class.value, len(ids), now)
 
     def validate_prompt(self, ids: Sequence[int], params: SamplingParams) -> None:
         if not ids:

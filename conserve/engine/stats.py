@@ -87,8 +87,12 @@ class StepRecord:
 class StepObserver:
     """Called by the engine loop's thread: keep it cheap. Override what you need."""
 
-    def on_request_added(self, request_id: str, request_class: str, prompt_len: int) -> None:
-        """A request (all its sequences) entered the engine."""
+    def on_request_added(
+        self, request_id: str, request_class: str, prompt_len: int, arrived: float
+    ) -> None:
+        """A request (all its sequences) entered the engine; `arrived`: when it reached the
+        engine's process (`time.monotonic()`), which may be earlier when it waited for a
+        running step to stop."""
 
     def on_step_start(self, batch: ScheduledBatch) -> None:
         """A planned step is about to compute."""

@@ -14,9 +14,12 @@ class StepLog(StepObserver):
     def __init__(self, path: str) -> None:
         self.file: TextIO = open(path, "a", buffering=1)  # noqa: SIM115 - engine-long
 
-    def on_request_added(self, request_id: str, request_class: str, prompt_len: int) -> None:
+    def on_request_added(
+        self, request_id: str, request_class: str, prompt_len: int, arrived: float
+    ) -> None:
         rec = {"t": round(time.monotonic(), 6), "added": request_id, "class": request_class}
-        self.file.write(json.dumps(rec | {"prompt_len": prompt_len}) + "\n")
+        rec |= {"prompt_len": prompt_len, "arrived": round(arrived, 6)}
+        self.file.write(json.dumps(rec) + "\n")
 
     def on_step_end(self, record: StepRecord) -> None:
         batch = record.batch
