@@ -41,11 +41,11 @@ def render(data: dict[str, Any], plots: list[str]) -> str:
         lines += [
             "",
             "Engine TTFT: from the request reaching the engine's process to the end of the "
-            "step that computed its prompt. Behind offline: the part of that spent while steps "
-            "carrying offline work ran. Stop wait: from an arrival's stop request to the "
-            "safepoint that honoured it. Prediction error: median |predicted - measured| / measured over "
-            "the steps that ran to their end. CPU steal: time the hypervisor gave to other "
-            "machines during the window (`/proc/stat`).",
+            "step that computed its prompt. Behind offline: the part of that spent while "
+            "steps carrying offline work ran. Stop wait: from an arrival's stop request to "
+            "the safepoint that honoured it. Prediction error: median |predicted - measured| "
+            "/ measured over the steps that ran to their end. CPU steal: time the hypervisor "
+            "gave to other machines during the window (`/proc/stat`).",
         ]
     if plots:
         lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
