@@ -146,8 +146,7 @@ class DecoderLayer(nn.Module):
         return h + self.o_proj(attention(self.layer_idx, q, k, v))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """The feed-forward half without its residual; rows are independent, so it may run
-        on a slice of the rows (`h[a:b] += layer.mlp(h[a:b])`)."""
+        """The feed-forward half of the layer, without its residual."""
         gate, up = self.gate_up(self.post_attention_norm(h)).split(self.intermediate_size, -1)
         return self.down(F.silu(gate) * up)
 
