@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 from conftest import API_KEY
 
-from conserve.bench.coserve_drive import NOT_SENT, RunResult, run_mixed, token_times
+from conserve.bench.coserve_drive import (
+    NOT_SENT,
+    ONLINE_LEAD_S,
+    RunResult,
+    run_mixed,
+    token_times,
+)
 from conserve.bench.coserve_metrics import (
     HARVEST_MIN,
     RATIO_LIMIT,
@@ -308,6 +314,19 @@ def test_step_log_summary_explains_an_online_wait(tmp_path):
 
 
 # -- against servers --------------------------------------------------------------------------
+
+
+def test_an_offline_alone_window_starts_after_the_same_lead_as_a_mixed_one(
+    server, default_tokenizer
+):
+    """The offline job's start-up (its first prompts) is outside the measured window in the
+    offline-alone run as in the mixed runs, so the ceiling is not credited with it."""
+    maker = PromptMaker(default_tokenizer, 3)
+    model = served_model(server, API_KEY)
+    offline = [BenchRequest(i, 0.0, maker.ids(30), 30, 400) for i in range(2)]
+    w = asyncio.run(run_mixed(server, model, None, offline, API_KEY, window_s=0.5))
+    assert w.lead_s == ONLINE_LEAD_S and w.window_s >= ONLINE_LEAD_S + 0.5
+    assert all(r.ttft_s is not None and r.sent_s + r.ttft_s < w.lead_s for r in w.offline)
 
 
 def test_mixed_run_against_the_server_cancels_offline_work_at_the_end(server, default_tokenizer):

@@ -206,8 +206,8 @@ def _add_offline_args(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--offline-alone-s",
         type=float,
-        help=f"window of the offline-alone runs, seconds ({_D['offline_alone_s']:g}): their "
-        "tokens/s set the ceiling",
+        help=f"window of the offline-alone runs, seconds ({_D['offline_alone_s']:g}; it starts "
+        "5 s into the job, as in the mixed runs): their tokens/s set the ceiling",
     )
     o.add_argument(
         "--offline-clients",
