@@ -384,7 +384,7 @@ def test_smoke_invocation_reports_every_section(
             "--trace", str(trace),
             "--policies", "fcfs,conserve", "--online-requests", "5", "--online-rate", "4",
             "--users", "2", "--requests-per-user", "3", "--think-s", "0.1",
-            "--offline-requests", "40", "--offline-alone-s", "2", "--skip-vllm",
+            "--offline-requests", "400", "--offline-alone-s", "2", "--skip-vllm",
             "--conserve-args", f"--latency-profile {linear_profile}",
             "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
