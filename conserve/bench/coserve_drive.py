@@ -30,7 +30,7 @@ NOT_SENT = "not sent: the users' time limit had passed"
 # then, if there is one; the offline-alone runs wait the same): the window is one in which the
 # offline job is already running, and offline tokens are counted from then on in every run. (An
 # offline-alone run counted from time 0 credited itself with the start-up burst of 256 prompts
-# that no mixed run counted: a decode-heavy job's ceiling came out about 10% too high.)
+# that no mixed run counted: a decode-heavy job's ceiling came out about 8% too high.)
 ONLINE_LEAD_S = 5.0
 
 
@@ -46,7 +46,7 @@ class RunResult:
     steps: dict[str, Any] | None = None  # what the engine's step log says (conserve only)
     batch: dict[str, Any] | None = None  # the offline job's result when it ran as a batch
     server: dict[str, Any] | None = None  # the server's /version (policy, SLOs)
-    lead_s: float = 0.0  # the online load started this long after the offline job
+    lead_s: float = 0.0  # the measured window started this long after the offline job
     steal_s: float | None = None  # CPU time the hypervisor took during the window (Linux)
 
 
