@@ -49,21 +49,28 @@ def stop_next_at(engine, layer: int) -> None:
     engine.runner.execute = wrapped
 
 
-def test_runner_resume_gives_the_uninterrupted_result(tiny_llama_dir, linear_profile):
-    """Stopped after 2 layers and resumed: the same logits, bit for bit (float32), and the
-    same KV cache, as the step run in one go."""
-    llm = conserve_llm(tiny_llama_dir, linear_profile)
-    eng = llm.engine
+def one_step_run_whole(folder, profile):
+    """An offline step of 57 rows (two prompts), run once without a stop: the runner, the
+    batch, its logits and the K cache it wrote; the cache is then put back as it was before,
+    so that the step can run again."""
+    eng = conserve_llm(folder, profile).engine
     eng.add_request("a", list(range(300, 340)), GREEDY, OFF)
     eng.add_request("b", list(range(500, 517)), GREEDY, OFF)
     batch = eng.scheduler.schedule()
     runner = eng.runner
-    kv = runner.kv
-    before_k = [t.clone() for t in kv.k]
+    before_k = [t.clone() for t in runner.kv.k]
     logits, _ = runner.forward(batch)
-    whole_k = [t.clone() for t in kv.k]
-    for t, b in zip(kv.k, before_k, strict=True):
+    whole_k = [t.clone() for t in runner.kv.k]
+    for t, b in zip(runner.kv.k, before_k, strict=True):
         t.copy_(b)
+    return runner, batch, logits, whole_k
+
+
+def test_runner_resume_gives_the_uninterrupted_result(tiny_llama_dir, linear_profile):
+    """Stopped after 2 layers and resumed: the same logits, bit for bit (float32), and the
+    same KV cache, as the step run in one go."""
+    runner, batch, logits, whole_k = one_step_run_whole(tiny_llama_dir, linear_profile)
+    kv = runner.kv
     calls = iter(range(1, 100))
     with pytest.raises(IterationPreempted) as stopped:
         # safepoints before layers 0, 1, 2: the third
@@ -80,18 +87,8 @@ def test_a_step_stopped_inside_a_layer_resumes_where_it_stopped(tiny_llama_dir, 
     """A step of at least `sublayer_rows` rows has a safepoint between the attention and the
     feed-forward half of each layer. Stopped there and resumed, it gives the logits and the KV
     of the step run without a stop, bit for bit (float32)."""
-    llm = conserve_llm(tiny_llama_dir, linear_profile)
-    eng = llm.engine
-    eng.add_request("a", list(range(300, 340)), GREEDY, OFF)
-    eng.add_request("b", list(range(500, 517)), GREEDY, OFF)
-    batch = eng.scheduler.schedule()
-    runner = eng.runner
+    runner, batch, logits, whole_k = one_step_run_whole(tiny_llama_dir, linear_profile)
     kv = runner.kv
-    before_k = [t.clone() for t in kv.k]
-    logits, _ = runner.forward(batch)
-    whole_k = [t.clone() for t in kv.k]
-    for t, b in zip(kv.k, before_k, strict=True):
-        t.copy_(b)
     runner.sublayer_rows = 16  # 57 rows: safepoints after each attention half as well
     calls = iter(range(1, 100))
     with pytest.raises(IterationPreempted) as stopped:
