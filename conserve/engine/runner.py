@@ -28,7 +28,8 @@ from conserve.sampling.sampler import sample
 # attention and feed-forward halves. An online arrival waits for the running part of a step it
 # stops: a 2048-token offline step's layer took 32 ms on a 2-core CPU (attention 58% of it,
 # with two fresh 1024-token prompts), so this halves the expected wait, at no cost. (Splitting
-# the feed-forward half into row blocks as well cost 6-14% of the step at 512 rows.)
+# the feed-forward half into row blocks as well cost 6-14% of the step at 512 rows; see
+# benchmarks/results/coserve-diagnostics-20261202.md.)
 SUBLAYER_ROWS = 256
 
 
