@@ -83,21 +83,47 @@ def test_runner_resume_gives_the_uninterrupted_result(tiny_llama_dir, linear_pro
     assert all(torch.equal(a, b) for a, b in zip(kv.k, whole_k, strict=True))
 
 
-def test_a_step_stopped_inside_a_layer_resumes_where_it_stopped(tiny_llama_dir, linear_profile):
-    """A step of at least `sublayer_rows` rows has a safepoint between the attention and the
-    feed-forward half of each layer. Stopped there and resumed, it gives the logits and the KV
-    of the step run without a stop, bit for bit (float32)."""
+# A 57-row step of two prompts with `sublayer_rows` 16 has four safepoints in each layer: before
+# it, inside its attention before each prompt's part (the first part, the K/V write, runs
+# after the projection), and between its attention and feed-forward halves.
+INSIDE = {
+    6: (1, False, 1),  # layer 1, attention begun, one part done (K/V written)
+    7: (1, False, 2),  # layer 1, the first prompt's attention done too
+    8: (1, True, None),  # layer 1, attention half done
+}
+
+
+def where(p) -> tuple[int, bool, int]:
+    """How far a pass has come, in the order its parts run."""
+    return p.layer, p.attended, p.call.done if p.call is not None else 0
+
+
+@pytest.mark.parametrize("at", sorted(INSIDE))
+def test_a_step_stopped_inside_a_layer_resumes_where_it_stopped(
+    tiny_llama_dir, linear_profile, at
+):
+    """A step of at least `sublayer_rows` rows has safepoints inside each layer: between the
+    parts of its attention and between its halves. Stopped there and resumed, it gives the
+    logits and the KV of the step run without a stop, bit for bit (float32); the resumed pass
+    runs one part at least before it honours a stop again."""
     runner, batch, logits, whole_k = one_step_run_whole(tiny_llama_dir, linear_profile)
     kv = runner.kv
-    runner.sublayer_rows = 16  # 57 rows: safepoints after each attention half as well
+    runner.sublayer_rows = 16
     calls = iter(range(1, 100))
     with pytest.raises(IterationPreempted) as stopped:
-        # 1: before layer 0, 2: inside it, 3: before layer 1, 4: inside layer 1
-        runner.forward(batch, lambda: next(calls) == 4)
+        runner.forward(batch, lambda: next(calls) == at)
     p = stopped.value.continuation
-    assert stopped.value.layer == 1 and (p.layer, p.attended) == (1, True)
+    layer, attended, parts = INSIDE[at]
+    assert stopped.value.layer == layer and (p.layer, p.attended) == (layer, attended)
+    assert (p.call.done if p.call is not None else None) == parts
+    before = where(p)  # the pass is advanced in place
     with torch.inference_mode():
-        resumed_logits, _ = runner._logits(runner._layers(p, None))
+        # a stop asked at every safepoint: the resumed pass still moves on by one part
+        with pytest.raises(IterationPreempted) as again:
+            runner._layers(p, lambda: True)
+        q = again.value.continuation
+        assert where(q) > before
+        resumed_logits, _ = runner._logits(runner._layers(q, None))
     assert torch.equal(logits, resumed_logits)
     assert all(torch.equal(a, b) for a, b in zip(kv.k, whole_k, strict=True))
 

@@ -67,16 +67,18 @@ from conserve.bench.serve import (
 from conserve.config import POLICIES
 
 DEFAULT_POLICIES = ("fcfs", "priority", "conserve")
-# Sizes of the default invocation (about 40 minutes on a 2-core machine: each mixed run about
-# 90-120 s) and of --quick (a smoke run); a flag given on the command line wins over both.
+# Sizes of the default invocation (on a 2-core machine about 40 minutes for the trace mode and
+# 50 for the users mode: each mixed run 100-250 s) and of --quick (a smoke run); a flag given on
+# the command line wins over both. Users mode sends 150 requests: with 75, its P99 was the
+# slowest one or two, and which online prompts happened to coincide decided it.
 SIZES: dict[str, dict[str, Any]] = {
     "default": {
         "online_requests": 60,
         "online_rate": 0.6,
         "users": 3,
-        "requests_per_user": 25,
+        "requests_per_user": 50,
         "think_s": 2.0,
-        "users_max_s": 120.0,
+        "users_max_s": 150.0,
         "offline_alone_s": 60.0,
         "offline_clients": 256,
     },
@@ -95,7 +97,7 @@ SIZES: dict[str, dict[str, Any]] = {
 _D = SIZES["default"]
 # Offline requests per variant: enough to outlast the longest window (checked: the report marks
 # a run whose job ran out).
-OFFLINE_REQUESTS = {"prefill-heavy": 1000, "decode-heavy": 1500, "mixed": 1000}
+OFFLINE_REQUESTS = {"prefill-heavy": 1500, "decode-heavy": 2000, "mixed": 1500}
 VLLM_FLAGS = {"fcfs": [], "priority": ["--scheduling-policy", "priority"]}
 
 

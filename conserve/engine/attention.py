@@ -7,6 +7,7 @@ their gathered blocks; each prefill chunk is attended on its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,21 +114,13 @@ class PagedAttention:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         # q: [N, Hq, D]; k, v: [N, Hkv, D] -> [N, Hq * D]
-        n, hq, d = q.shape
-        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]  # [Hkv, NB, BS, D]
-        hkv = k_cache.shape[0]
-        flat_k = k_cache.view(hkv, -1, d)
-        flat_v = v_cache.view(hkv, -1, d)
-        flat_k.index_copy_(1, self.meta.slot_mapping, k.transpose(0, 1))
-        flat_v.index_copy_(1, self.meta.slot_mapping, v.transpose(0, 1))
-        out = torch.empty(n, hq, d, dtype=q.dtype, device=q.device)
-        nd = self.meta.num_decodes
-        if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache)
-        for seg in self.meta.prefills:
-            rows = slice(seg.row_start, seg.row_start + seg.num_tokens)
-            out[rows] = self._prefill(seg, q[rows], k[rows], v[rows], k_cache, v_cache)
-        return out.view(n, hq * d)
+        call = self.begin(layer, q, k, v)
+        call.run()
+        return call.result()
+
+    def begin(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionCall:
+        """One layer's attention as parts that may be run with pauses between them."""
+        return AttentionCall(self, layer, q, k, v)
 
     def _gather(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         # cache: [Hkv, NB, BS, D] -> [Hkv, len(block_ids) * BS, D]
@@ -221,3 +214,50 @@ class PagedAttention:
             enable_gqa=True,
         )  # [1, Hq, T, D]
         return out[0].transpose(0, 1)
+
+
+class AttentionCall:
+    """One layer's attention for a step, in parts: the K/V write with the decodes' attention,
+    then each prefill chunk's. A stopped step keeps the call and finishes it when resumed; the
+    parts and their order are those of an uninterrupted call, so the result is the same."""
+
+    def __init__(
+        self, att: PagedAttention, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        self.att, self.layer, self.q, self.k, self.v = att, layer, q, k, v
+        self.out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        self.done = 0  # parts finished: 0 (none), 1 (K/V written, decodes), 1 + prefills
+
+    @property
+    def num_parts(self) -> int:
+        return 1 + len(self.att.meta.prefills)
+
+    def run(self, stop: Callable[[], bool] | None = None) -> bool:
+        """Run the parts left; before each one but the first run in this call, `stop` may say
+        to pause here. True when all parts are done."""
+        first = True
+        while self.done < self.num_parts:
+            if stop is not None and not first and stop():
+                return False
+            self._part(self.done)
+            self.done, first = self.done + 1, False
+        return True
+
+    def result(self) -> torch.Tensor:
+        n, hq, d = self.out.shape
+        return self.out.view(n, hq * d)
+
+    def _part(self, i: int) -> None:
+        att, q, k, v = self.att, self.q, self.k, self.v
+        k_cache, v_cache = att.kv.k[self.layer], att.kv.v[self.layer]  # [Hkv, NB, BS, D]
+        if i == 0:
+            hkv, d = k_cache.shape[0], q.shape[-1]
+            k_cache.view(hkv, -1, d).index_copy_(1, att.meta.slot_mapping, k.transpose(0, 1))
+            v_cache.view(hkv, -1, d).index_copy_(1, att.meta.slot_mapping, v.transpose(0, 1))
+            nd = att.meta.num_decodes
+            if nd:
+                self.out[:nd] = att._decode(q[:nd], k_cache, v_cache)
+            return
+        seg = att.meta.prefills[i - 1]
+        rows = slice(seg.row_start, seg.row_start + seg.num_tokens)
+        self.out[rows] = att._prefill(seg, q[rows], k[rows], v[rows], k_cache, v_cache)

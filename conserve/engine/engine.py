@@ -521,7 +521,11 @@ class Engine:
 
     def _apply(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
         advanced = self.scheduler.update(batch, result)
-        self.scheduler.checkpoint_offline()
+        if self._announced == self._received and all(c.offline for c in batch.chunks):
+            # Copies to the host tier wait for a step without online work, with no online
+            # request waiting for the loop: their time would delay online tokens. The
+            # checkpoint is incremental, so that step takes the blocks of this one too.
+            self.scheduler.checkpoint_offline()
         touched: dict[str, _Group] = {}
         eos = self.tokenizer.eos_token_ids
         for req in advanced:

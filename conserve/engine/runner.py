@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from conserve.engine.attention import AttentionMetadata, PagedAttention, Workspace
+from conserve.engine.attention import (
+    AttentionCall,
+    AttentionMetadata,
+    PagedAttention,
+    Workspace,
+)
 from conserve.engine.batch import (
     IterationPreempted,
     ScheduledBatch,
@@ -24,20 +29,22 @@ from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
 from conserve.sampling.sampler import sample
 
-# Steps of at least this many rows have a second safepoint in each layer, between its
-# attention and feed-forward halves. An online arrival waits for the running part of a step it
-# stops: a 2048-token offline step's layer took 32 ms on a 2-core CPU (attention 58% of it,
-# with two fresh 1024-token prompts), so this halves the expected wait, at no cost. (Splitting
-# the feed-forward half into row blocks as well cost 6-14% of the step at 512 rows; see
-# benchmarks/results/coserve-diagnostics-20261202.md.)
+# Steps of at least this many rows have safepoints inside each layer as well: between the
+# parts of its attention (the K/V write with the decodes, then each prefill chunk) and between
+# its attention and feed-forward halves. An online arrival waits for the running part of a
+# step it stops: a 2048-token offline step's layer took 32 ms on a 2-core CPU (attention 58%
+# of it, with two fresh 1024-token prompts), so this shortens the expected wait at no cost.
+# (Splitting the feed-forward half into row blocks as well cost 6-14% of the step at 512
+# rows; see benchmarks/results/coserve-diagnostics-20261202.md.)
 SUBLAYER_ROWS = 256
 
 
 @dataclass
 class _Pass:
     """One step on its way through the layers: the hidden states after `layer` layers (and
-    after the attention half of layer `layer` if `attended`), and what the remaining layers
-    need. A stopped step keeps it (`IterationPreempted`)."""
+    after the attention half of layer `layer` if `attended`, or with that half's attention
+    begun in `call`), and what the remaining layers need. A stopped step keeps it
+    (`IterationPreempted`)."""
 
     h: torch.Tensor
     cos: torch.Tensor
@@ -46,6 +53,7 @@ class _Pass:
     sample_rows: list[tuple[int, ScheduledChunk]]
     layer: int = 0
     attended: bool = False
+    call: AttentionCall | None = None  # layer `layer`'s attention, begun and not finished
 
 
 class ModelRunner:
@@ -109,23 +117,34 @@ class ModelRunner:
         """Run `p` from where it is to the last layer, or to a safepoint where `stop` says so:
         before every `safepoint_every`-th layer (the first one included: an online request
         that arrived while the step was planned stops it before any layer ran) and, in steps
-        of `sublayer_rows` rows or more (with `safepoint_every` 1), between each layer's
-        halves too. A `resumed` pass runs one part at least before it may stop again."""
+        of `sublayer_rows` rows or more (with `safepoint_every` 1), inside each layer too:
+        between the parts of its attention (`AttentionCall`) and between its halves. A
+        `resumed` pass runs one part at least before it may stop again."""
         every = self.safepoint_every
         layers = self.model.layers
         n = len(layers)
-        halves = stop is not None and every == 1 and p.h.shape[0] >= self.sublayer_rows
+        inner = stop is not None and every == 1 and p.h.shape[0] >= self.sublayer_rows
         fresh = resumed  # nothing has run yet in this call of a resumed pass
         try:
             while p.layer < n:
                 layer = layers[p.layer]
                 self.progress = p.layer / n
-                if not p.attended:
+                if not p.attended and p.call is None:
                     if stop is not None and not fresh and p.layer % every == 0 and stop():
                         raise IterationPreempted(p.layer, p)
-                    p.h = layer.attend(p.h, p.cos, p.sin, p.attention)
-                    p.attended, fresh = True, False
-                if halves and not fresh and stop():
+                    if inner:
+                        q, k, v = layer.project(p.h, p.cos, p.sin)
+                        p.call = p.attention.begin(layer.layer_idx, q, k, v)
+                    else:
+                        p.h = layer.attend(p.h, p.cos, p.sin, p.attention)
+                        p.attended = True
+                    fresh = False
+                if p.call is not None:
+                    if not p.call.run(stop):  # its first part runs in any case
+                        raise IterationPreempted(p.layer, p)
+                    p.h = layer.attended(p.h, p.call.result())
+                    p.call, p.attended, fresh = None, True, False
+                if inner and not fresh and stop():
                     raise IterationPreempted(p.layer, p)
                 p.h = p.h + layer.mlp(p.h)
                 p.layer, p.attended, fresh = p.layer + 1, False, False

@@ -136,14 +136,23 @@ class DecoderLayer(nn.Module):
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
     ) -> torch.Tensor:
         """The attention half of the layer, with its residual: a new [N, hidden] tensor."""
+        return self.attended(h, attention(self.layer_idx, *self.project(h, cos, sin)))
+
+    def project(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [N, Hq, D], k and v [N, Hkv, D] for the attention, rotated."""
         n = h.shape[0]
         qkv = self.qkv(self.input_norm(h))
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads rotated in one pass: [N, Hq + Hkv, D]
         qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        return h + self.o_proj(attention(self.layer_idx, q, k, v))
+        return q, k, v.view(n, self.num_kv_heads, self.head_dim)
+
+    def attended(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The attention half's output projection and residual, from the attention `a`."""
+        return h + self.o_proj(a)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The feed-forward half of the layer, without its residual."""
