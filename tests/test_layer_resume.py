@@ -99,9 +99,7 @@ def where(p) -> tuple[int, bool, int]:
 
 
 @pytest.mark.parametrize("at", sorted(INSIDE))
-def test_a_step_stopped_inside_a_layer_resumes_where_it_stopped(
-    tiny_llama_dir, linear_profile, at
-):
+def test_a_step_stopped_inside_a_layer_resumes_where_it_stopped(tiny_llama_dir, linear_profile, at):
     """A step of at least `sublayer_rows` rows has safepoints inside each layer: between the
     parts of its attention and between its halves. Stopped there and resumed, it gives the
     logits and the KV of the step run without a stop, bit for bit (float32); the resumed pass
