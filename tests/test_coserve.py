@@ -134,15 +134,15 @@ class Stops(StepObserver):
 
 def slow_layers(eng, seconds: float = 0.05) -> None:
     """Make every layer of the engine's model sleep `seconds` before it runs (before its
-    attention half: the runner calls the halves)."""
+    attention's projection, which the runner calls on every path through a layer)."""
     for layer in eng.runner.model.layers:
-        fwd = layer.attend
+        fwd = layer.project
 
         def slow(*a, _fwd=fwd, **k):
             time.sleep(seconds)
             return _fwd(*a, **k)
 
-        layer.attend = slow
+        layer.project = slow
 
 
 def test_request_stop_from_another_thread_stops_a_long_offline_step(tiny_llama_dir, linear_profile):
@@ -206,7 +206,7 @@ def test_request_stop_stops_a_step_that_overruns_its_prediction(tiny_llama_dir, 
     assert eng.step() == []
     t.join()
     assert results == [True] and eng.num_layer_preemptions == 1
-    # stopped at the next safepoint: in layer 1, after its attention half (500 rows)
+    # stopped at the next safepoint: inside layer 1 (500 rows: safepoints inside layers)
     assert stops.stops[0][1] == 1
     assert eng.runner.progress == 0.0  # reset between steps
     eng.abort("off")
