@@ -1,6 +1,5 @@
 import json, sys, pickle, bisect, numpy as np
 from pathlib import Path
-sys.path.insert(0, '/work/main')
 d = Path(sys.argv[1])
 win = pickle.load(open(d / "window.pkl", "rb"))
 ev = {}
