@@ -46,6 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_order=args.batch_order,
         planner_tflops=args.planner_tflops,
         planner_gbs=args.planner_gbs,
+        restart_engine=not args.no_engine_restart,
     )
     serve(engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
     return 0
@@ -181,6 +182,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=30,
         help="on SIGTERM, seconds to let running requests finish (new ones get 503)",
+    )
+    serve.add_argument(
+        "--no-engine-restart",
+        action="store_true",
+        help="when the engine core process dies, stay down (/health 503) instead of starting "
+        "a new one (by default it restarts, pausing 1 s, 2 s, ... up to 60 s between repeated "
+        "failures; unfinished batches resume)",
     )
     serve.add_argument(
         "--max-queued-requests",

@@ -191,6 +191,10 @@ def session_profile() -> str:
     then every server start would measure again). Servers started by `start_server` use it
     unless a test names another. Measured in a child process, so that its engine's KV cache
     and activations do not stay in the test process."""
+    if not _SESSION_PROFILE and os.environ.get("CONSERVE_TEST_PROFILE"):
+        # a profile measured earlier (e.g. by a previous session), to save the measurement
+        # when running a few tests by hand
+        _SESSION_PROFILE.append(os.environ["CONSERVE_TEST_PROFILE"])
     if not _SESSION_PROFILE:
         import subprocess
         import sys

@@ -107,10 +107,10 @@ def _engine_core_pid(server_pid: int) -> int:
     raise AssertionError("engine core process not found")
 
 
-def test_dead_engine_gives_503_not_500():
+def test_without_restarts_a_dead_engine_gives_503_not_500():
     import os
 
-    proc, base = start_server()
+    proc, base = start_server("--no-engine-restart")
     try:
         model = httpx.get(f"{base}/v1/models", headers=AUTH).json()["data"][0]["id"]
         assert httpx.get(f"{base}/health").status_code == 200
@@ -119,6 +119,7 @@ def test_dead_engine_gives_503_not_500():
         while httpx.get(f"{base}/health").status_code != 503:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        assert httpx.get(f"{base}/health").json() == {"status": "engine dead"}
         r = httpx.post(f"{base}/v1/completions", json=_body(model, 2), headers=AUTH, timeout=30)
         assert r.status_code == 503
         assert r.json()["error"]["type"] == "server_error"

@@ -58,6 +58,7 @@ class BatchManager:
         self._stop_if: Callable[[], bool] | None = None
         self._stopping = False
         self.lines_started = 0  # lines sent to the engine since this process started
+        self.generation = 0  # engines started: a batch the old one failed resumes on the new
 
     def workdir(self, batch_id: str) -> Path:
         return self.data_dir / "batches" / batch_id
@@ -70,13 +71,17 @@ class BatchManager:
         stop_if: Callable[[], bool] | None = None,
     ) -> None:
         """Resume every unfinished batch. `stop_if` (polled) pauses all batches when it turns
-        true, e.g. while the server drains before exiting."""
+        true, e.g. while the server drains before exiting. Called again with a new engine's
+        `execute` after the old engine died: batches still driven on the old one resume on
+        the new one as soon as the old one fails them."""
         self.execute, self.model, self._stop_if = execute, model, stop_if
         self.window = self.window or default_window
+        self.generation += 1
         active, _ = self.store.list_batches(limit=1_000_000, statuses=ACTIVE)
         for b in reversed(active):  # oldest first
-            log.info("resuming batch %s (%s)", b.id, b.status)
-            self._spawn(b.id)
+            if b.id not in self._tasks:
+                log.info("resuming batch %s (%s)", b.id, b.status)
+                self._spawn(b.id)
 
     async def stop(self) -> None:
         """Stop feeding lines and abort the ones in flight; unfinished batches stay unfinished
@@ -123,13 +128,23 @@ class BatchManager:
     def _spawn(self, batch_id: str) -> None:
         task = asyncio.create_task(self._drive(batch_id), name=f"batch-{batch_id}")
         self._tasks[batch_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(batch_id, None))
+
+        def forget(_: asyncio.Task) -> None:
+            if self._tasks.get(batch_id) is task:
+                del self._tasks[batch_id]
+
+        task.add_done_callback(forget)
 
     async def _drive(self, batch_id: str) -> None:
+        generation = self.generation
         try:
             await self._run_batch(batch_id)
         except EngineGone as e:
-            log.error("batch %s paused: engine gone (%s); it resumes on restart", batch_id, e)
+            if self.generation != generation and not self._stopping:
+                log.warning("batch %s resumes on the new engine", batch_id)
+                self._spawn(batch_id)
+            else:
+                log.error("batch %s paused: engine gone (%s); it resumes on restart", batch_id, e)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - one broken batch must not take the server down

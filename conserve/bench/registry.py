@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from conserve.bench import coserve, dtype, offline, pause, preempt, serve, throughput
+from conserve.bench import coserve, dtype, offline, pause, preempt, serve, soak, throughput
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,20 @@ BENCHES: tuple[Bench, ...] = (
         "Send the same seeded stream of requests to each server in turn (an already running "
         "one with --server, or one started here with --launch) and write a Markdown results "
         "file.",
+        engine_args=False,
+    ),
+    Bench(
+        "soak",
+        "one server for --minutes under mixed traffic (online streams, some leaving; flex "
+        "requests; batch jobs, some cancelled; malformed bodies) with the engine core "
+        "SIGKILLed every --kill-every-s",
+        soak.add_soak_args,
+        soak.run_soak,
+        "Starts `conserve serve` with a temporary data directory and drives it; reports per "
+        "phase (between two kills) requests ok / left / failed with an OpenAI error object / "
+        "unanswered and P99 latencies, batch lines lost or duplicated, the KV integrity "
+        "check once idle and resident memory over time with its slope after warm-up. Exits 1 "
+        "when a check fails.",
         engine_args=False,
     ),
 )

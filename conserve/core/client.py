@@ -34,9 +34,16 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        startup_timeout_s: float = 600,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        """Starts the engine core for `config`; `tokenizer`: the model's, when the caller has
+        it loaded already (a restart), else loaded here."""
         self.config = config
-        self.tokenizer = Tokenizer.load(resolve_model(config.model))
+        self.tokenizer = tokenizer or Tokenizer.load(resolve_model(config.model))
         self.proc, self.conn = start_core(config)
         if not self.conn.poll(startup_timeout_s):
             self.proc.kill()
@@ -52,6 +59,7 @@ class EngineClient:
         self.tpot_slo = ready.tpot_slo
         self.ttft_slo = ready.ttft_slo
         self.slo_slack = ready.slo_slack
+        self.latency_profile = ready.latency_profile
         self.model_config, self.dtype, self.device = ready.model_config, ready.dtype, ready.device
         self._queues: dict[str, asyncio.Queue] = {}
         self._stats: list[asyncio.Future] = []

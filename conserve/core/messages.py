@@ -66,6 +66,9 @@ class Ready:
     device: str = "cpu"
     # relative ("as if alone") objectives: the slack; None when the policy has no objectives
     slo_slack: float | None = None
+    # the latency profile the engine plans with (JSON text; None without one): a restarted
+    # core reuses it instead of measuring again
+    latency_profile: str | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ tokenization and streaming happen in the API process, so they never stall an ite
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -203,6 +204,7 @@ class _CoreLoop:
                 engine.config.dtype,
                 engine.config.device,
                 None if slo is None else slo.slack,
+                None if engine.latency is None else json.dumps(engine.latency.to_json()),
             )
         )
         threading.Thread(

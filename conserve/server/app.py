@@ -21,6 +21,7 @@ from conserve.server.batch_routes import batch_api_routes, start_batches
 from conserve.server.completions import completion_routes
 from conserve.server.info import info_routes
 from conserve.server.state import ServerSettings, ServerState
+from conserve.server.supervisor import EngineSupervisor
 from conserve.version import __version__
 
 
@@ -71,12 +72,31 @@ def _lifespan(
         print(startup_line(client), file=sys.stderr, flush=True)
         if state.batches is not None:
             await start_batches(state, client, settings)
+        supervisor = None
+        if settings.restart_engine:
+            supervisor = EngineSupervisor(state, client_factory, _resume(state, settings))
+            supervisor.start()
         yield
+        if supervisor is not None:
+            await supervisor.stop()
         if state.batches is not None:
             await state.batches.stop()
-        client.shutdown()
+        state.engine().shutdown()
+        close = getattr(client_factory, "close", None)
+        if close is not None:
+            close()
 
     return lifespan
+
+
+def _resume(state: ServerState, settings: ServerSettings):
+    """What a restarted engine takes over: the unfinished batches."""
+
+    async def on_restart(client: EngineClient) -> None:
+        if state.batches is not None:
+            await start_batches(state, client, settings)
+
+    return on_restart
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -13,7 +13,7 @@ from conserve.openai.formats import response_format
 from conserve.openai.prepare import Prepared, prepare, request_class
 from conserve.openai.protocol import ChatCompletionRequest, CompletionRequest
 from conserve.server.state import ServerSettings, ServerState
-from conserve.server.streaming import sse, until_disconnected
+from conserve.server.streaming import engine_failed, sse, until_disconnected
 
 
 def completion_routes(state: ServerState, settings: ServerSettings) -> APIRouter:
@@ -52,7 +52,8 @@ async def respond(
 ) -> Response:
     c = state.engine()
     if not c.alive:
-        raise OpenAIError(503, "the engine is not running", "server_error")
+        why = "restarting" if state.restarting else "not running"
+        raise OpenAIError(503, f"the engine is {why}; retry later", "server_error")
     refused = queue_full(state, settings, p)
     if refused is not None:
         return refused
@@ -65,7 +66,7 @@ async def respond(
         if body is None:  # the client left: its requests are aborted
             return Response(status_code=499)
     except EngineDeadError as e:
-        raise OpenAIError(503, f"the engine failed: {e}", "server_error") from e
+        raise OpenAIError(503, engine_failed(e), "server_error") from e
     except ValueError as e:
         raise OpenAIError(400, str(e)) from e
     return JSONResponse(body)

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from conserve.openai.errors import OpenAIError
 from conserve.server.state import ServerState
 from conserve.version import __version__
 
@@ -18,9 +19,11 @@ def info_routes(state: ServerState) -> APIRouter:
 
     @router.get("/health")
     async def health() -> Response:
-        if not state.engine().alive:
-            return JSONResponse({"status": "engine dead"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        c = state.engine()
+        if not c.alive:
+            status = "restarting" if state.restarting else "engine dead"
+            return JSONResponse({"status": status}, status_code=503)
+        return JSONResponse({"status": "ok", "engine_pid": c.proc.pid})
 
     @router.get("/version")
     async def version() -> dict[str, Any]:
@@ -52,7 +55,10 @@ def info_routes(state: ServerState) -> APIRouter:
     @router.get("/debug/kv")
     async def debug_kv() -> dict[str, Any]:
         """KV and queue state, and the engine's integrity check (null when it holds)."""
-        s = await state.engine().stats()
+        c = state.engine()
+        if not c.alive:
+            raise OpenAIError(503, "the engine is not running", "server_error")
+        s = await c.stats()
         state.metrics.update_engine(s)
         return {
             "running": s.running,

@@ -169,6 +169,12 @@ class Metrics:
             registry=r,
         )
 
+        self.engine_restarts = Counter(
+            "conserve:engine_restarts",
+            "Times the engine core died and a new one was started",
+            registry=r,
+        )
+
     def update_engine(self, stats: Stats) -> None:
         self.engine.stats = stats
         for t in stats.step_times:

@@ -8,9 +8,9 @@ import time
 import uvicorn
 
 from conserve.config import EngineConfig
-from conserve.core.client import EngineClient
 from conserve.server.app import create_app
 from conserve.server.state import ServerSettings, ServerState
+from conserve.server.supervisor import EngineFactory
 
 
 class DrainingServer(uvicorn.Server):
@@ -44,6 +44,6 @@ def serve(
     verbose: bool = False,
 ) -> None:
     state = ServerState()
-    app = create_app(lambda: EngineClient(config), settings, state)
+    app = create_app(EngineFactory(config), settings, state)
     uv = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning")
     DrainingServer(uv, state, shutdown_timeout_s).run()

@@ -33,6 +33,8 @@ class ServerSettings:
     batch_order: str = "dfs"
     planner_tflops: float | None = None
     planner_gbs: float | None = None
+    # start a new engine core when it dies (conserve.server.supervisor)
+    restart_engine: bool = True
 
     def queue_limit(self, klass: RequestClass) -> int:
         return self.max_queued_online if klass == RequestClass.ONLINE else self.max_queued_offline
@@ -48,6 +50,7 @@ class ServerState:
         self.queued = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
         self.in_flight = 0
         self.draining = False
+        self.restarting = False  # the engine core died and a new one is starting
         self.batches: BatchManager | None = None  # the Batch API, when a data dir is given
 
     def engine(self) -> EngineClient:

@@ -33,11 +33,17 @@ def _event(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def engine_failed(exc: EngineDeadError) -> str:
+    """The message of a request the engine core's death ended (the server restarts the core,
+    so the request can be sent again)."""
+    return f"the engine failed: {exc}; retry the request"
+
+
 def _error_event(exc: Exception) -> str:
-    dead = isinstance(exc, EngineDeadError)
-    err = OpenAIError(
-        500 if dead else 400, str(exc), "server_error" if dead else "invalid_request_error"
-    )
+    if isinstance(exc, EngineDeadError):
+        err = OpenAIError(503, engine_failed(exc), "server_error")
+    else:
+        err = OpenAIError(400, str(exc), "invalid_request_error")
     return _event(err.body())
 
 
