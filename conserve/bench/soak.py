@@ -77,12 +77,13 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def _engine_pid(http, base: str, timeout_s: float) -> int | None:
+async def _engine_pid(http, base: str, timeout_s: float, not_pid: int | None = None) -> int | None:
+    """The engine core's pid once `/health` is 200 (with a pid other than `not_pid`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
             r = await http.get(f"{base}/health", timeout=5)
-            if r.status_code == 200:
+            if r.status_code == 200 and r.json()["engine_pid"] != not_pid:
                 return r.json()["engine_pid"]
         await asyncio.sleep(0.2)
     return None
@@ -100,7 +101,7 @@ async def _killer(http, base: str, every_s: float, tally: Tally, s: Samples, t0:
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         tally.phase += 1
-        back = await _engine_pid(http, base, 300)
+        back = await _engine_pid(http, base, 300, not_pid=pid)
         s.kills.append({"t_s": killed - t0, "back_after_s": time.monotonic() - killed})
         if back is None:
             s.health_gaps.append(f"{killed - t0:.0f} s: not healthy 300 s after the kill")
@@ -146,8 +147,18 @@ async def _drive(args: argparse.Namespace, base: str, api_pid: int) -> dict[str,
         await asyncio.gather(*tasks, *bg)
         await batches  # the batch running at the end is awaited to its end
         await _engine_pid(http, base, 300)
+        final = await _final_request(http, base, model)
         kv = (await http.get(f"{base}/debug/kv")).json()
-    return {"tally": tally, "jobs": jobs.tally, "samples": samples, "kv": kv}
+    return {"tally": tally, "jobs": jobs.tally, "samples": samples, "kv": kv, "final": final}
+
+
+async def _final_request(http, base: str, model: str) -> bool:
+    """Once the traffic stopped: does a plain request get its answer (after the last kill)?"""
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    with contextlib.suppress(Exception):
+        r = await http.post(f"{base}/v1/chat/completions", json=body)
+        return r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+    return False
 
 
 async def _progress(duration_s: float, tally: Tally, jobs: BatchJobs, s: Samples) -> None:
@@ -198,6 +209,7 @@ def summarize(run: dict[str, Any], duration_s: float) -> dict[str, Any]:
         "no request left in the engine": kv.get("running") == 0 and kv.get("waiting") == 0,
         "every failure an OpenAI error object": unanswered == 0,
         "engine healthy after every kill": not s.health_gaps,
+        "a request answered once the traffic stopped": run["final"],
     }
     return {
         "phases": phases,
@@ -213,6 +225,10 @@ def summarize(run: dict[str, Any], duration_s: float) -> dict[str, Any]:
         "kills": s.kills,
         "health_gaps": s.health_gaps,
         "unanswered_examples": tally.examples,
+        "errors": [
+            {"phase": p, "kind": k, "error": e, "n": n}
+            for (p, k, e), n in sorted(tally.errors.items())
+        ],
         "checks": checks,
         "passed": all(checks.values()),
     }
@@ -261,6 +277,9 @@ def render_markdown(info: dict[str, Any], res: dict[str, Any]) -> str:
         "|---|---|",
         *(f"| {k} | {'PASS' if v else 'FAIL'} |" for k, v in res["checks"].items()),
     ]
+    if res["errors"]:
+        lines += ["", "Failures answered with an OpenAI error object (phase, kind, error):", ""]
+        lines += [f"- {e['phase']} {e['kind']}: {e['error']} (x{e['n']})" for e in res["errors"]]
     if res["unanswered_examples"] or res["health_gaps"] or b["problems"]:
         lines += ["", "Problems:", ""]
         lines += [f"- {x}" for x in [*res["unanswered_examples"], *res["health_gaps"]]]

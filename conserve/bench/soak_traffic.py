@@ -46,8 +46,13 @@ class Tally:
     e2e_s: dict[tuple[int, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     examples: list[str] = field(default_factory=list)  # a few unanswered failures, for the report
 
+    # failures answered with an error object, by phase, kind and "status: message" (cut)
+    errors: dict[tuple[int, str, str], int] = field(default_factory=lambda: defaultdict(int))
+
     def add(self, kind: str, outcome: str, e2e_s: float | None = None, note: str = "") -> None:
         self.outcomes[(self.phase, kind, outcome)] += 1
+        if outcome == "error":
+            self.errors[(self.phase, kind, note[:80])] += 1
         if e2e_s is not None and outcome == "ok":
             self.e2e_s[(self.phase, kind)].append(e2e_s)
         if outcome == "unanswered" and len(self.examples) < 10:
@@ -64,7 +69,9 @@ def _error_outcome(status: int, text: str) -> tuple[str, str]:
         body = json.loads(text)
     except ValueError:
         return "unanswered", f"HTTP {status}, not JSON: {text[:200]}"
-    return ("error", "") if is_error_object(body) else ("unanswered", f"HTTP {status}: {text}")
+    if is_error_object(body):
+        return "error", f"{status}: {body['error']['message']}"
+    return "unanswered", f"HTTP {status}: {text}"
 
 
 @dataclass
@@ -107,8 +114,10 @@ class Traffic:
                         return self.tally.add("online", "ok", time.monotonic() - t0)
                     obj = json.loads(data)
                     if "error" in obj:
-                        ok = is_error_object(obj)
-                        return self.tally.add("online", "error" if ok else "unanswered", note=data)
+                        if not is_error_object(obj):
+                            return self.tally.add("online", "unanswered", note=data)
+                        note = f"stream: {obj['error']['message']}"
+                        return self.tally.add("online", "error", note=note)
                     chunks += 1
                     first = first or time.monotonic()
                     if leave and chunks >= 3:
