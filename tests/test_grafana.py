@@ -78,9 +78,9 @@ def metrics_text(server) -> str:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
     model = client.models.list().data[0].id
     for tier in ("default", "flex"):
-        r = client.completions.create(
+        r = client.chat.completions.create(
             model=model,
-            prompt="The river town woke slowly.",
+            messages=[{"role": "user", "content": "Tell me about rivers."}],
             max_tokens=4,
             service_tier=tier,
             extra_body={"ignore_eos": True},

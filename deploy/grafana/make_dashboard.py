@@ -328,15 +328,18 @@ def lines(row: list[dict]) -> list[list[dict]]:
     return [row[i : i + per_line] for i in range(0, len(row), per_line)]
 
 
+def row_panel(title: str, y: int) -> dict:
+    grid = {"h": 1, "w": WIDTH, "x": 0, "y": y}
+    return {"type": "row", "title": title, "collapsed": False, "gridPos": grid, "panels": []}
+
+
 def layout(rows: list[tuple[str, list[dict]]]) -> list[dict]:
     """Rows top to bottom, each row's panels left to right sharing the width of their line,
     with ids and grid positions."""
     panels: list[dict] = []
     y = 0
     for title, row in rows:
-        grid = {"h": 1, "w": WIDTH, "x": 0, "y": y}
-        panels.append({"type": "row", "title": title, "collapsed": False, "gridPos": grid})
-        panels[-1]["panels"] = []
+        panels.append(row_panel(title, y))
         y += 1
         for line in lines(row):
             w = WIDTH // len(line)
