@@ -20,6 +20,8 @@ def info_routes(state: ServerState) -> APIRouter:
     async def health() -> Response:
         if not state.engine().alive:
             return JSONResponse({"status": "engine dead"}, status_code=503)
+        if state.draining:  # shutting down: finishing what runs, taking nothing new
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @router.get("/version")
