@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
-import time
 
-import httpx
 import numpy as np
 import pytest
 from conftest import API_KEY
+from test_server import aborted_requests, wait_idle
 
 from conserve.bench.coserve_drive import (
     NOT_SENT,
@@ -334,19 +333,19 @@ def test_mixed_run_against_the_server_cancels_offline_work_at_the_end(server, de
     model = served_model(server, API_KEY)
     online = TraceLoad([BenchRequest(i, 0.3 * i, maker.ids(40), 40, 8) for i in range(2)])
     offline = [BenchRequest(i, 0.0, maker.ids(30), 30, 400) for i in range(3)]
+    wait_idle(server)  # nothing of earlier tests left to abort: the counts below are exact
+    before = aborted_requests(server)
     w = asyncio.run(run_mixed(server, model, online, offline, API_KEY))
     assert all(r.ok and r.output_tokens == 8 for r in w.online)
     assert w.window_s >= max(r.sent_s + r.e2e_s for r in w.online) - 1e-6
     # 400 tokens each would take far longer than the online requests: cut off, not finished
     assert all(not r.ok for r in w.offline)
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{server}/debug/kv", headers=headers, timeout=10).json()
-        if state["kv_tables"] == 0 and state["running"] == 0 and state["waiting"] == 0:
-            break
-        time.sleep(0.2)
+    state = wait_idle(server)
     assert state["kv_tables"] == 0 and state["integrity_error"] is None
+    # the engine aborted the three offline requests the bench cancelled, and nothing online
+    after = aborted_requests(server)
+    assert after["offline"] - before["offline"] == 3, (before, after)
+    assert after["online"] == before["online"]
 
 
 def test_closed_loop_users_wait_for_each_answer_and_think(server, default_tokenizer):

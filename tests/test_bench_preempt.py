@@ -4,13 +4,39 @@ profile): the results files exist and hold what the docs promise; no timing is a
 from __future__ import annotations
 
 import json
+import time
 
+import conserve.bench.preempt as preempt
 from conserve.cli import main
+
+LAYER_SLEEP_S = 0.25
+
+
+def slow_prefill_layers(build):
+    """`build_engine`, whose engines sleep LAYER_SLEEP_S in every layer of a step of 256 rows
+    or more (the offline prefill): the step's layers then take about equal, known times on a
+    busy machine too, so an arrival in the middle of the step (seeds chosen so) comes after
+    the first layer and before the last safepoint, where policy conserve stops it."""
+
+    def built(args, safepoint_every):
+        engine = build(args, safepoint_every)
+        for layer in engine.runner.model.layers:
+
+            def project(h, *a, _fwd=layer.project, **k):
+                if h.shape[0] >= 256:
+                    time.sleep(LAYER_SLEEP_S)
+                return _fwd(h, *a, **k)
+
+            layer.project = project
+        return engine
+
+    return built
 
 
 def test_bench_preempt_writes_waits_per_setting_and_overhead(
-    tiny_llama_dir, linear_profile, tmp_path
+    tiny_llama_dir, linear_profile, tmp_path, monkeypatch
 ):
+    monkeypatch.setattr(preempt, "build_engine", slow_prefill_layers(preempt.build_engine))
     out = tmp_path / "results"
     rc = main(
         [
@@ -38,6 +64,8 @@ def test_bench_preempt_writes_waits_per_setting_and_overhead(
             "1,2",
             "--overhead-reps",
             "2",
+            "--bench-seed",
+            "7",  # arrivals at 54%, 51%, 49% and 33% of the step
             "--output",
             str(out),
         ]
@@ -61,6 +89,9 @@ def test_bench_preempt_writes_waits_per_setting_and_overhead(
             layer = t["stopped_before_layer"]
             assert layer is None or (t["stop_requested"] and 1 <= layer < 3)
         assert s["layer_preemptions"] <= s["stop_requests"]
+    for s in d["settings"][:-1]:  # conserve stops the offline step between layers
+        stops = [t for t in s["trials"] if t["stopped_before_layer"] is not None]
+        assert s["layer_preemptions"] == len(stops) >= 1, s["setting"]
     prio = d["settings"][-1]
     assert prio["layer_preemptions"] == 0 and prio["stop_requests"] == 0  # never preemptible
     o = d["overhead"]

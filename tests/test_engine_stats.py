@@ -71,3 +71,23 @@ def test_observers_see_every_step_and_stats_add_up(tiny_llama_dir, tmp_path):
         eng.step()
     assert len(rec.ended) == after.num_steps  # removed: sees nothing more
     eng.check_integrity()
+
+
+def test_aborts_are_counted_by_class_only_for_unfinished_requests(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), dtype="float32")
+    eng = llm.engine
+    assert eng.stats().aborted_by_class == {"online": 0, "offline": 0}
+    eng.add_request("done", list(range(300, 310)), GREEDY)
+    while eng.has_unfinished():
+        eng.step()
+    eng.add_request("on", list(range(300, 340)), GREEDY)
+    eng.add_request("off", list(range(500, 540)), GREEDY, RequestClass.OFFLINE)
+    eng.add_request("waiting", list(range(600, 640)), GREEDY, RequestClass.OFFLINE)
+    eng.step()
+    for rid in ("on", "off", "waiting", "done", "unknown"):
+        eng.abort(rid)
+    eng.abort("on")  # twice: counted once
+    # a finished or unknown request is not counted; a running or waiting one is
+    assert eng.stats().aborted_by_class == {"online": 1, "offline": 2}
+    assert not eng.has_unfinished()
+    eng.check_integrity()

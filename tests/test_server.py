@@ -4,6 +4,7 @@ official `openai` client (sync and async) and by raw HTTP for the error cases.""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import httpx
@@ -241,6 +242,8 @@ def test_metrics_exposed(server, client, model):
         "conserve:shared_prefix_waits_total",
         'conserve:num_preemptions_total{kind="recompute_offline"}',
         'conserve:num_preemptions_total{kind="layer"}',
+        'conserve:num_aborted_requests_total{class="online"}',
+        'conserve:num_aborted_requests_total{class="offline"}',
         "conserve:checkpointed_blocks_total",
         "conserve:recomputed_tokens_total",
         "conserve:iteration_time_ratio_bucket",
@@ -261,12 +264,25 @@ def wait_idle(server: str, timeout_s: float = 60) -> dict:
         time.sleep(0.2)
 
 
+def aborted_requests(server: str) -> dict[str, int]:
+    """The engine's own count of requests it aborted before they finished, by class."""
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    pattern = r'^conserve:num_aborted_requests_total\{class="(\w+)"\} ([0-9.e+]+)$'
+    return {k: int(float(v)) for k, v in re.findall(pattern, text, re.MULTILINE)}
+
+
 def test_32_streams_with_8_disconnecting_half_way(server, model):
+    """8 of 32 streaming clients leave after 20 chunks of 400 tokens: the engine aborts exactly
+    those 8 (its own count, so a request that merely ran to its end does not pass), the others
+    finish, and every KV block is free afterwards."""
+
     async def one(i: int, ac: httpx.AsyncClient) -> str:
+        leaver = i % 4 == 0
         body = {
             "model": model,
             "stream": True,
-            "max_tokens": 40,
+            # a leaver asks for far more than it reads: only an abort ends it early
+            "max_tokens": 400 if leaver else 40,
             "temperature": 0,
             "ignore_eos": True,
             "messages": [{"role": "user", "content": f"Story {i}"}],
@@ -285,7 +301,7 @@ def test_32_streams_with_8_disconnecting_half_way(server, model):
                 if line == "data: [DONE]":
                     return "done"
                 chunks += 1
-                if i % 4 == 0 and chunks == 20:
+                if leaver and chunks == 20:
                     return "left"  # leaving the context closes the connection mid-stream
         return "cut"
 
@@ -293,10 +309,16 @@ def test_32_streams_with_8_disconnecting_half_way(server, model):
         async with httpx.AsyncClient(timeout=300) as ac:
             return await asyncio.gather(*(one(i, ac) for i in range(32)))
 
+    wait_idle(server)  # nothing of earlier tests left to abort: the counts below are exact
+    before = aborted_requests(server)
+    assert set(before) == {"online", "offline"}
     results = asyncio.run(run())
     assert results.count("left") == 8 and results.count("done") == 24
     state = wait_idle(server)
-    assert state["integrity_error"] is None
+    assert state["integrity_error"] is None and state["kv_usage"] == 0
+    after = aborted_requests(server)
+    assert after["online"] - before["online"] == 8, (before, after)
+    assert after["offline"] == before["offline"]
 
 
 def test_streamed_text_never_contains_a_stop_string_split_across_tokens(client, model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -57,20 +58,31 @@ def test_full_queue_gets_429_with_retry_after():
         stop_server(proc)
 
 
+def _wait_for_drain(proc, base: str) -> httpx.Response:
+    """Poll /health until it stops saying ok (no fixed wait: the drain is observed)."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, "the server exited without reporting that it drains"
+        r = httpx.get(f"{base}/health", timeout=10)
+        if r.json()["status"] != "ok":
+            return r
+        assert time.monotonic() < deadline, "the server never reported that it drains"
+        time.sleep(0.02)
+
+
 def test_sigterm_drains_running_requests_and_refuses_new_ones():
-    proc, base = start_server("--shutdown-timeout", "60")
+    # a drain long enough for the running request on a busy machine (a bound, not a wait)
+    proc, base = start_server("--shutdown-timeout", "600")
     try:
         model = httpx.get(f"{base}/v1/models", headers=AUTH).json()["data"][0]["id"]
         lines: list[str] = []
         started = threading.Event()
+        n_tokens = 200  # long enough to be still running when the drain is seen
 
         def stream() -> None:
+            body = _body(model, n_tokens, True) | {"stream_options": {"include_usage": True}}
             with httpx.stream(
-                "POST",
-                f"{base}/v1/completions",
-                json=_body(model, 60, True),
-                headers=AUTH,
-                timeout=120,
+                "POST", f"{base}/v1/completions", json=body, headers=AUTH, timeout=600
             ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
@@ -81,15 +93,18 @@ def test_sigterm_drains_running_requests_and_refuses_new_ones():
         t.start()
         assert started.wait(60)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        health = _wait_for_drain(proc, base)
+        assert health.status_code == 503 and health.json() == {"status": "draining"}
+        assert t.is_alive()  # the drain began while the request was running
         refused = httpx.post(
             f"{base}/v1/completions", json=_body(model, 2), headers=AUTH, timeout=30
         )
         assert refused.status_code == 503
         assert refused.json()["error"]["type"] == "server_error"
-        t.join(120)
+        t.join(600)
         assert lines[-1] == "data: [DONE]"
-        assert len(lines) >= 30  # the running request finished its tokens
+        usage = json.loads(lines[-2][len("data: ") :])["usage"]
+        assert usage["completion_tokens"] == n_tokens  # the running request finished
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:

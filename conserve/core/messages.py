@@ -105,3 +105,5 @@ class Stats:
     kv_tiers: dict[str, int] = field(default_factory=dict)
     # times a waiting request was passed over for prompt blocks another one was computing
     shared_prefix_waits: int = 0
+    # requests aborted before they finished, per class, cumulative
+    aborted_by_class: dict[str, int] = field(default_factory=dict)

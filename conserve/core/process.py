@@ -144,6 +144,7 @@ def engine_stats(engine: Engine, steps: StepCollector) -> Stats:
         steps._drain(steps.step_predictions),
         kv_tiers,
         st.shared_prefix_waits,
+        aborted_by_class=st.aborted_by_class,
     )
 
 

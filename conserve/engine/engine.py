@@ -117,6 +117,8 @@ class Engine:
         self._stopped: _Stopped | None = None  # a stopped offline step, to be resumed
         self.num_layer_resumes = 0  # stopped steps resumed (their finished layers kept)
         self.num_layer_drops = 0  # stopped steps dropped before their resume
+        # requests aborted before they finished (a client left, a batch was cancelled), by class
+        self.aborted_by_class = {c: 0 for c in RequestClass}
         self.latency: LatencyModel | None = None
         # layer-wise preemption: the step that may be stopped, and which one to stop
         self._current: _Step | None = None
@@ -293,6 +295,8 @@ class Engine:
         group = self._groups.pop(request_id, None)
         if group is None:
             return None
+        # a group is kept until all its sequences finish: this request had not
+        self.aborted_by_class[group.sequences[0].request.request_class] += 1
         for seq in group.sequences:
             self._seq_to_group.pop(seq.request.request_id, None)
             if not seq.request.is_finished:
@@ -443,6 +447,7 @@ class Engine:
             tokens_recomputed=sched.tokens_recomputed,
             tokens_restored=sched.tokens_restored,
             shared_prefix_waits=sched.num_shared_waits,
+            aborted_by_class={c.value: n for c, n in self.aborted_by_class.items()},
         )
 
     def _execute(self, batch: ScheduledBatch, stopped: _Stopped | None = None) -> StepResult:

@@ -4,7 +4,7 @@ benchmarks read the engine only through these, never through its internals."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conserve.engine.batch import ScheduledBatch
 
@@ -54,6 +54,8 @@ class EngineStats:
     tokens_recomputed: int  # computed before a preemption, computed again after it
     tokens_restored: int  # copied back from the host tier instead
     shared_prefix_waits: int  # admissions put off to share a prefix being computed
+    # requests aborted before they finished, per class (every class, 0 included)
+    aborted_by_class: dict[str, int] = field(default_factory=dict)
 
     def preemptions_by_kind(self) -> dict[str, int]:
         """`recompute_<class>` per class and `layer`: the server's metric labels."""

@@ -23,6 +23,8 @@ def info_routes(state: ServerState) -> APIRouter:
         if not c.alive:
             status = "restarting" if state.restarting else "engine dead"
             return JSONResponse({"status": status}, status_code=503)
+        if state.draining:  # shutting down: finishing what runs, taking nothing new
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok", "engine_pid": c.proc.pid})
 
     @router.get("/version")

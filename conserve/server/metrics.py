@@ -90,6 +90,14 @@ class _EngineCollector:
         }
         for key, n in s.kv_tiers.items():
             yield CounterMetricFamily(f"conserve:{key}", help_text.get(key, key), value=n)
+        aborted = CounterMetricFamily(
+            "conserve:num_aborted_requests",
+            "Requests aborted before they finished (client gone, work cancelled)",
+            labels=["class"],
+        )
+        for klass, n in s.aborted_by_class.items():
+            aborted.add_metric([klass], n)
+        yield aborted
 
 
 @dataclass
