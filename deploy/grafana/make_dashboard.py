@@ -222,6 +222,18 @@ def engine_row() -> list[dict]:
             "Times a waiting request was passed over while another request computed the "
             "blocks of the prompt prefix they share.",
         ),
+        timeseries(
+            "Aborted requests / s",
+            [target(rate("conserve:num_aborted_requests_total", "class"), "{{class}}")],
+            "short",
+            "Requests the engine aborted, by class: clients that left, cancelled batches.",
+        ),
+        timeseries(
+            "Engine restarts",
+            [target(f"increase({sel('conserve:engine_restarts_total')}[1h])", "last hour")],
+            "short",
+            "Times the engine core died and the server started a new one.",
+        ),
     ]
 
 
