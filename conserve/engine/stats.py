@@ -4,7 +4,7 @@ benchmarks read the engine only through these, never through its internals."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conserve.engine.batch import ScheduledBatch
 
@@ -35,6 +35,16 @@ class HostTierStats:
 
 
 @dataclass(frozen=True)
+class HarvestStats:
+    """What offline work got beside online work (cumulative; `attainment.HarvestCounter`)."""
+
+    online_busy_s: float = 0.0  # seconds of steps that carried online work
+    offline_only_busy_s: float = 0.0  # seconds of steps with offline work only
+    offline_only_tokens: int = 0  # tokens those steps computed
+    offline_computed_tokens: int = 0  # every offline token computed, in any step
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot; counters are cumulative since the engine started."""
 
@@ -54,6 +64,9 @@ class EngineStats:
     tokens_recomputed: int  # computed before a preemption, computed again after it
     tokens_restored: int  # copied back from the host tier instead
     shared_prefix_waits: int  # admissions put off to share a prefix being computed
+    # online objectives met / missed: "ttft" / "tpot" -> (met, missed) (`attainment`)
+    objectives: dict[str, tuple[int, int]] = field(default_factory=dict)
+    harvest: HarvestStats = field(default_factory=HarvestStats)
 
     def preemptions_by_kind(self) -> dict[str, int]:
         """`recompute_<class>` per class and `layer`: the server's metric labels."""
