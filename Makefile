@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test lint format bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/conserve serve --model default
 
-test: $(STAMP)
+# Debian's Chromium: tests/test_dashboard.py drives the dashboard in it (headless).
+browser:
+	command -v chromium || (apt-get update && apt-get install -y chromium)
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check conserve tests
 	$(VENV)/bin/ruff format --check conserve tests
 	$(PY) -m pytest -q

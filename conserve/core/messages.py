@@ -107,3 +107,12 @@ class Stats:
     shared_prefix_waits: int = 0
     # requests aborted before they finished, per class, cumulative
     aborted_by_class: dict[str, int] = field(default_factory=dict)
+    # online sequences whose objectives were met / missed: "ttft" / "tpot" -> (met, missed)
+    online_objectives: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # seconds of steps with online work; seconds and tokens of steps with offline work only;
+    # every offline token computed (cumulative: the dashboard's harvest ceiling)
+    online_busy_s: float = 0.0
+    offline_only_busy_s: float = 0.0
+    offline_only_tokens: int = 0
+    offline_computed_tokens: int = 0
+    host_kv_usage: float = 0.0  # host-tier blocks in use (0-1; 0 without a host tier)

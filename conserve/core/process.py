@@ -145,6 +145,12 @@ def engine_stats(engine: Engine, steps: StepCollector) -> Stats:
         kv_tiers,
         st.shared_prefix_waits,
         aborted_by_class=st.aborted_by_class,
+        online_objectives=st.objectives,
+        online_busy_s=st.harvest.online_busy_s,
+        offline_only_busy_s=st.harvest.offline_only_busy_s,
+        offline_only_tokens=st.harvest.offline_only_tokens,
+        offline_computed_tokens=st.harvest.offline_computed_tokens,
+        host_kv_usage=1 - host.free_blocks / host.num_blocks if host and host.num_blocks else 0.0,
     )
 
 

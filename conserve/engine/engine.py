@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from conserve.config import DEFAULT_KV_CACHE_GB, EngineConfig
+from conserve.engine.attainment import HarvestCounter, ObjectiveCounter
 from conserve.engine.batch import IterationPreempted, ScheduledBatch, StepResult
 from conserve.engine.latency import BatchShape, LatencyModel
 from conserve.engine.output import RequestOutput, SequenceState, stop_status
@@ -113,7 +114,10 @@ class Engine:
         self._seq_to_group: dict[str, tuple[_Group, SequenceState]] = {}
         self.num_steps = 0
         self.busy_s = 0.0  # seconds the steps that ran to the end computed
-        self._observers: list[StepObserver] = []
+        # what co-serving achieved: online objectives met, offline work beside online work
+        self.objectives = ObjectiveCounter()
+        self.harvest = HarvestCounter()
+        self._observers: list[StepObserver] = [self.harvest]
         self._stopped: _Stopped | None = None  # a stopped offline step, to be resumed
         self.num_layer_resumes = 0  # stopped steps resumed (their finished layers kept)
         self.num_layer_drops = 0  # stopped steps dropped before their resume
@@ -274,6 +278,8 @@ class Engine:
             group.sequences.append(state)
             self._seq_to_group[seq_id] = (group, state)
             self.scheduler.add(req)
+            if request_class is RequestClass.ONLINE and self.slo is not None:
+                self.objectives.watch(seq_id, now, self._predict_prefill(len(ids)))
         self._groups[request_id] = group
         for obs in self._observers:
             obs.on_request_added(request_id, request_class.value, len(ids), now)
@@ -299,6 +305,7 @@ class Engine:
         self.aborted_by_class[group.sequences[0].request.request_class] += 1
         for seq in group.sequences:
             self._seq_to_group.pop(seq.request.request_id, None)
+            self.objectives.forget(seq.request.request_id)
             if not seq.request.is_finished:
                 self.scheduler.finish(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
                 seq.refresh(RequestStatus.FINISHED_ABORTED)
@@ -331,6 +338,7 @@ class Engine:
             wait = time.monotonic() - done.stop_requested_at if done.stop_requested_at else 0.0
             ran = time.monotonic() - t_exec
             self._keep_stopped(batch, e)
+            self.objectives.on_step(batch, t_plan, time.monotonic(), (), self.slo, stopped=True)
             resumed = None if stopped is None else stopped.layer
             self._notify(batch, t_exec, t_exec - t_plan, ran, 0.0, e.layer, wait, resumed)
             return []
@@ -343,7 +351,7 @@ class Engine:
             self.num_layer_resumes += 1
         elif self.latency is not None and batch.shape is not None:
             self._observe(batch, result.elapsed_s)  # (a resumed step ran only some layers)
-        outputs = self._apply(batch, result)  # apply
+        outputs = self._apply(batch, result, t_plan)  # apply
         applied = time.monotonic() - t_exec - result.elapsed_s
         resumed = None if stopped is None else stopped.layer
         self._notify(batch, t_exec, t_exec - t_plan, result.elapsed_s, applied, None, None, resumed)
@@ -448,6 +456,8 @@ class Engine:
             tokens_restored=sched.tokens_restored,
             shared_prefix_waits=sched.num_shared_waits,
             aborted_by_class={c.value: n for c, n in self.aborted_by_class.items()},
+            objectives=self.objectives.counts(),
+            harvest=self.harvest.stats(),
         )
 
     def _execute(self, batch: ScheduledBatch, stopped: _Stopped | None = None) -> StepResult:
@@ -482,6 +492,12 @@ class Engine:
     def _observe(self, batch: ScheduledBatch, seconds: float) -> None:
         self.latency.observe(batch.shape, seconds)  # refits itself on a schedule
         self.policy.observe_step(batch, seconds)
+
+    def _predict_prefill(self, prompt_len: int) -> float:
+        """The predicted time of a prompt's prefill alone (0 without a latency model)."""
+        if self.latency is None:
+            return 0.0
+        return self.latency.predict(BatchShape().with_chunk(0, prompt_len))
 
     def announce_online(self, prompt_len: int) -> bool:
         """The monitor's entry point, called from another thread as an online request of
@@ -524,7 +540,9 @@ class Engine:
         self._stop_seq = step.seq
         return True
 
-    def _apply(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
+    def _apply(
+        self, batch: ScheduledBatch, result: StepResult, started: float
+    ) -> list[RequestOutput]:
         advanced = self.scheduler.update(batch, result)
         if self._announced == self._received and all(c.offline for c in batch.chunks):
             # Copies to the host tier wait for a step without online work, with no online
@@ -544,6 +562,7 @@ class Engine:
                 self._seq_to_group.pop(req.request_id)
             seq.refresh(status)
             touched[group.request_id] = group
+        self.objectives.on_step(batch, started, time.monotonic(), advanced, self.slo)
         outputs = []
         for group in touched.values():
             out = group.output()

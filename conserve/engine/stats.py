@@ -35,6 +35,16 @@ class HostTierStats:
 
 
 @dataclass(frozen=True)
+class HarvestStats:
+    """What offline work got beside online work (cumulative; `attainment.HarvestCounter`)."""
+
+    online_busy_s: float = 0.0  # seconds of steps that carried online work
+    offline_only_busy_s: float = 0.0  # seconds of steps with offline work only
+    offline_only_tokens: int = 0  # tokens those steps computed
+    offline_computed_tokens: int = 0  # every offline token computed, in any step
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot; counters are cumulative since the engine started."""
 
@@ -56,6 +66,9 @@ class EngineStats:
     shared_prefix_waits: int  # admissions put off to share a prefix being computed
     # requests aborted before they finished, per class (every class, 0 included)
     aborted_by_class: dict[str, int] = field(default_factory=dict)
+    # online objectives met / missed: "ttft" / "tpot" -> (met, missed) (`attainment`)
+    objectives: dict[str, tuple[int, int]] = field(default_factory=dict)
+    harvest: HarvestStats = field(default_factory=HarvestStats)
 
     def preemptions_by_kind(self) -> dict[str, int]:
         """`recompute_<class>` per class and `layer`: the server's metric labels."""

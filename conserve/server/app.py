@@ -19,6 +19,7 @@ from conserve.core.client import EngineClient
 from conserve.openai.errors import OpenAIError, validation_error
 from conserve.server.batch_routes import batch_api_routes, start_batches
 from conserve.server.completions import completion_routes
+from conserve.server.dashboard import dashboard_routes
 from conserve.server.info import info_routes
 from conserve.server.state import ServerSettings, ServerState
 from conserve.server.supervisor import EngineSupervisor
@@ -44,6 +45,7 @@ def create_app(
     _install_guard(app, settings, state)
     app.include_router(info_routes(state))
     app.include_router(completion_routes(state, settings))
+    app.include_router(dashboard_routes(state))
     if settings.data_dir is not None:
         app.include_router(batch_api_routes(state, settings))
     return app

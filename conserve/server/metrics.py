@@ -98,6 +98,37 @@ class _EngineCollector:
         for klass, n in s.aborted_by_class.items():
             aborted.add_metric([klass], n)
         yield aborted
+        yield from _coserve_metrics(s)
+
+
+def _coserve_metrics(s: Stats):
+    """Online objectives met or missed, what offline work got beside online work, and the
+    host tier's use (docs/dashboard.md)."""
+    objectives = CounterMetricFamily(
+        "conserve:online_objective",
+        "Online sequences that met or missed their TTFT / TPOT objective",
+        labels=["objective", "result"],
+    )
+    for objective, (met, missed) in s.online_objectives.items():
+        objectives.add_metric([objective, "met"], met)
+        objectives.add_metric([objective, "missed"], missed)
+    yield objectives
+    for name, help_text, value in (
+        ("online_busy_seconds", "Seconds of steps that carried online work", s.online_busy_s),
+        (
+            "offline_only_busy_seconds",
+            "Seconds of steps with offline work only",
+            s.offline_only_busy_s,
+        ),
+        ("offline_only_tokens", "Tokens computed by offline-only steps", s.offline_only_tokens),
+        ("offline_computed_tokens", "Offline tokens computed", s.offline_computed_tokens),
+    ):
+        yield CounterMetricFamily(f"conserve:{name}", help_text, value=value)
+    yield GaugeMetricFamily(
+        "conserve:host_kv_usage_perc",
+        "Fraction of host-tier KV blocks in use (0-1; 0 without a host tier)",
+        value=s.host_kv_usage,
+    )
 
 
 @dataclass

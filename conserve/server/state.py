@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from conserve.core.messages import RequestDelta
 from conserve.engine.request import RequestClass
 from conserve.openai.protocol import UnknownFields
 from conserve.server.metrics import Metrics, RequestTimer
+from conserve.server.recent import RecentRequests
 
 if TYPE_CHECKING:
     from conserve.batch.manager import BatchManager
@@ -52,6 +54,7 @@ class ServerState:
         self.draining = False
         self.restarting = False  # the engine core died and a new one is starting
         self.batches: BatchManager | None = None  # the Batch API, when a data dir is given
+        self.recent = RecentRequests()  # finished requests, timed (the dashboard's latencies)
 
     def engine(self) -> EngineClient:
         """The engine client (set while the app runs)."""
@@ -98,18 +101,22 @@ async def _tracked(
     slot: _QueueSlot,
 ) -> AsyncIterator[RequestDelta]:
     timer = RequestTimer(state.metrics, klass.value)
+    first = last = None
     state.in_flight += 1
     try:
         async for d in stream:
             n = sum(len(s.token_ids) for s in d.seqs)
             if n:
                 slot.release()
+                last = time.monotonic()
+                first = first or last
             timer.on_delta(n)
             if d.finished:
                 reasons = [s.finish_reason for s in d.seqs if s.finish_reason]
                 timer.on_finish(
                     d.num_prompt_tokens, d.num_generated_tokens, reasons[0] if reasons else None
                 )
+                state.recent.add(klass.value, timer.start, first, last, d.num_generated_tokens)
             yield d
     finally:
         slot.release()
