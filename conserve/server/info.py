@@ -9,6 +9,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from conserve.core.client import EngineDeadError
+from conserve.core.messages import Stats
 from conserve.openai.errors import OpenAIError
 from conserve.server.state import ServerState
 from conserve.version import __version__
@@ -57,10 +59,9 @@ def info_routes(state: ServerState) -> APIRouter:
     @router.get("/debug/kv")
     async def debug_kv() -> dict[str, Any]:
         """KV and queue state, and the engine's integrity check (null when it holds)."""
-        c = state.engine()
-        if not c.alive:
-            raise OpenAIError(503, "the engine is not running", "server_error")
-        s = await c.stats()
+        s = await _engine_stats(state)
+        if s is None:
+            raise OpenAIError(503, "the engine is not running or did not answer", "server_error")
         state.metrics.update_engine(s)
         return {
             "running": s.running,
@@ -72,8 +73,20 @@ def info_routes(state: ServerState) -> APIRouter:
 
     @router.get("/metrics")
     async def metrics() -> Response:
-        if state.engine().alive:
-            state.metrics.update_engine(await state.engine().stats())
+        s = await _engine_stats(state)
+        if s is not None:  # else: the last snapshot (the engine restarts, or is busy)
+            state.metrics.update_engine(s)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+async def _engine_stats(state: ServerState) -> Stats | None:
+    """The engine's stats snapshot; None when the engine is dead or did not answer in time."""
+    c = state.engine()
+    if not c.alive:
+        return None
+    try:
+        return await c.stats()
+    except (TimeoutError, EngineDeadError):
+        return None
