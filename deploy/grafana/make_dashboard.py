@@ -178,6 +178,36 @@ def throughput_row() -> list[dict]:
             "Offline generation tokens per second: what co-serving gets out of the capacity "
             "the online requests leave.",
         ),
+        timeseries(
+            "Online objectives met",
+            [
+                target(
+                    f"{rate('conserve:online_objective_total', 'objective', result='met')}"
+                    f" / {rate('conserve:online_objective_total', 'objective')}",
+                    "{{objective}}",
+                )
+            ],
+            "percentunit",
+            "Share of online sequences that met their TTFT / TPOT objective (as if alone "
+            "plus the slack, or the absolute --ttft-slo / --tpot-slo).",
+            max=1,
+        ),
+        timeseries(
+            "Offline tokens computed / s and the harvest ceiling",
+            [
+                target(rate("conserve:offline_computed_tokens_total"), "offline tokens / s"),
+                target(
+                    f"{rate('conserve:offline_only_tokens_total')}"
+                    f" / {rate('conserve:offline_only_busy_seconds_total')}"
+                    f" * (1 - {rate('conserve:online_busy_seconds_total')})",
+                    "ceiling",
+                ),
+            ],
+            "short",
+            "Offline tokens (prompt and output) the engine computed per second, beside a "
+            "ceiling: the rate of offline-only steps times the share of time online work left "
+            "(docs/dashboard.md).",
+        ),
     ]
 
 
