@@ -15,7 +15,16 @@ def _bench_parsers():
 
 def test_every_table_row_is_a_bench_subcommand_running_its_function():
     names = [b.name for b in BENCHES]
-    assert names == ["throughput", "coserve", "dtype", "offline", "preempt", "pause", "serve"]
+    assert names == [
+        "throughput",
+        "coserve",
+        "dtype",
+        "offline",
+        "preempt",
+        "pause",
+        "serve",
+        "soak",
+    ]
     assert list(_bench_parsers()) == names
     for b in BENCHES:
         args = build_parser().parse_args(["bench", b.name])
