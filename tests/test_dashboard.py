@@ -176,6 +176,25 @@ def fake_stats(**kw) -> Stats:
     return Stats(**(base | kw))
 
 
+def test_counts_continue_across_an_engine_restart(monkeypatch):
+    """A restarted engine counts from zero again: the dashboard adds its counts to what the
+    old engine had reached, so no rate goes negative."""
+    monkeypatch.setattr(dashboard, "SNAPSHOT_EVERY_S", 0.0)
+    state = ServerState()
+    state.client = first = FakeClient()
+    board = dashboard.Dashboard(state)
+    before = asyncio.run(board.snapshot()).counters
+    assert before.offline_computed_tokens == 3500 and before.objectives["ttft"] == (8, 2)
+    state.client = second = FakeClient()  # what the supervisor does after a restart
+    second.next = fake_stats(
+        online_objectives={"ttft": (1, 0)}, offline_computed_tokens=10, online_busy_s=0.5
+    )
+    after = asyncio.run(board.snapshot()).counters
+    assert after.offline_computed_tokens == 3510 and after.online_busy_s == 1.5
+    assert after.objectives == {"ttft": (9, 2), "tpot": (9, 1)}
+    assert first.stats_calls == 1 and second.stats_calls == 1
+
+
 def test_dashboard_data_shape_over_a_fake_engine(tmp_path, monkeypatch):
     monkeypatch.setattr(dashboard, "SNAPSHOT_EVERY_S", 3600.0)  # one snapshot, reused
     fake = FakeClient()

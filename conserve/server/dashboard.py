@@ -59,6 +59,26 @@ class Counters:
             stats.offline_computed_tokens,
         )
 
+    def plus(self, base: Counters) -> Counters:
+        """These counters with `base` added: an engine restarted from zero continues the
+        counts of the one before it."""
+        zero = (0, 0)
+        objectives = {}
+        for k in set(self.objectives) | set(base.objectives):
+            (a_met, a_missed), (b_met, b_missed) = (
+                self.objectives.get(k, zero),
+                base.objectives.get(k, zero),
+            )
+            objectives[k] = (a_met + b_met, a_missed + b_missed)
+        return Counters(
+            self.mono,
+            objectives,
+            self.online_busy_s + base.online_busy_s,
+            self.offline_only_busy_s + base.offline_only_busy_s,
+            self.offline_only_tokens + base.offline_only_tokens,
+            self.offline_computed_tokens + base.offline_computed_tokens,
+        )
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -160,6 +180,10 @@ class Dashboard:
         self.snapshots: deque[Snapshot] = deque()
         self.progress: dict[str, deque[tuple[float, int]]] = {}
         self._lock = asyncio.Lock()
+        # the engine the counters come from; after a restart the new one's counts start at
+        # zero and are added to what the old one had reached at the last snapshot
+        self._engine: object | None = None
+        self._carry = Counters(0.0)
 
     def counters(self) -> list[Counters]:
         return [self.zero, *(s.counters for s in self.snapshots)]
@@ -178,10 +202,14 @@ class Dashboard:
             except (EngineDeadError, TimeoutError):
                 return last
             self.state.metrics.update_engine(stats)  # the step times it drained count there
+            if client is not self._engine:
+                if self._engine is not None and last is not None:
+                    self._carry = last.counters
+                self._engine = client
             mono, t = time.monotonic(), time.time()
             if last is not None and t <= last.t:
                 t = last.t + 0.001  # strictly increasing: clients ask for points after one
-            new = Counters.of(stats, mono)
+            new = Counters.of(stats, mono).plus(self._carry)
             recent = self.state.recent.window(LATENCY_WINDOW_S, mono)
             snap = Snapshot(t, new, stats, history_point(t, new, self.counters(), recent, stats))
             self.snapshots.append(snap)
