@@ -14,7 +14,7 @@ import pytest
 
 from conserve.config import SchedulerConfig
 from conserve.engine.latency import FEATURES, BatchShape, LatencyModel
-from conserve.engine.policy import Slo, make_policy
+from conserve.engine.policy import BANK_MIN_PROMPT_TOKENS, BANK_STEPS, Slo, make_policy
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
 from conserve.kv.manager import KVCacheManager
@@ -157,6 +157,54 @@ def test_conserve_as_if_alone_adds_at_most_the_slack_to_online_steps() -> None:
     # each); the long prompt waits for a step without online work
     last = s.policy.latency.predict(batch.shape)
     assert last == pytest.approx(0.014)
+
+
+def stream_beside_offline_prompts(feed_bank: bool) -> tuple[Scheduler, list, list]:
+    """One online stream of 300 tokens while twelve offline requests (40-token prompts, 4
+    tokens out) wait, more than its slack can compute; relative objectives, slack 10%.
+    `feed_bank`: the steps are reported to the policy, as the engine does. Returns the
+    scheduler, the steps with online decodes, and the offline requests finished meanwhile."""
+    s, r = make("conserve", budget=512, slack=0.1)
+    s.add(req("on", ONLINE, 8, 300))
+    step(s, r)  # its prompt
+    for i in range(12):
+        s.add(req(f"off{i}", OFFLINE, 40, 4))
+    decode_steps, done = [], []
+    while "on" in s.requests:
+        offline_before = {q.request_id for q in s.running if q.request_class is OFFLINE}
+        batch = step(s, r)
+        decode_steps.append(batch)
+        if feed_bank:
+            s.policy.observe_step(batch, s.policy.latency.predict(batch.shape))
+        done += [i for i in offline_before if i not in s.requests]
+    return s, decode_steps, done
+
+
+def test_conserve_banks_unused_slack_for_offline_prompts_beside_a_stream() -> None:
+    """A continuous online stream leaves no step without online work. Offline prompts still
+    start: the slack that the steps leave unused is banked and spent on prompt chunks of at
+    least BANK_MIN_PROMPT_TOKENS, and the stream's steps stay inside (1 + slack) times its
+    alone time, up to the bank's cap. Without the bank they never start."""
+    s, steps, done = stream_beside_offline_prompts(feed_bank=True)
+    # 300 steps of 1.1 ms slack (10% of an 11 ms decode step) buy about 7 offline requests
+    # of 40 ms prompt and 3 ms of decodes
+    assert len(done) >= 6
+    model = s.policy.latency
+    alone = sum(b.online_predicted_s for b in steps)
+    taken = sum(model.predict(b.shape) for b in steps)
+    cap = BANK_STEPS * 0.1 * 0.011  # the bank never holds more than 32 steps' slack
+    assert taken <= 1.1 * alone + cap + 1e-9
+    assert taken >= 1.1 * alone - cap - 1e-9  # and the slack was used, not left idle
+    prompt_chunks = [c for b in steps for c in b.chunks if c.offline and c.num_tokens > 1]
+    assert prompt_chunks
+    assert all(c.num_tokens >= BANK_MIN_PROMPT_TOKENS or c.start + c.num_tokens == 40
+               for c in prompt_chunks)  # fmt: skip
+    for b in steps:  # a step never spends more than the bank's cap beyond its budget
+        assert model.predict(b.shape) <= 1.1 * b.online_predicted_s + cap + 1e-9
+    s.check_integrity()
+    # the same stream, steps not reported: the slack goes unused and no offline prompt runs
+    s, steps, done = stream_beside_offline_prompts(feed_bank=False)
+    assert done == [] and not any(c.offline for b in steps for c in b.chunks)
 
 
 def test_fcfs_lets_online_wait_behind_offline_prefill() -> None:

@@ -79,6 +79,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "requests_per_user": 50,
         "think_s": 2.0,
         "users_max_s": 150.0,
+        "streams": 4,
+        "stream_output_len": 512,
         "offline_alone_s": 60.0,
         "offline_clients": 256,
     },
@@ -89,6 +91,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "requests_per_user": 3,
         "think_s": 0.5,
         "users_max_s": 30.0,
+        "streams": 2,
+        "stream_output_len": 64,
         "offline_alone_s": 10.0,
         "offline_clients": 16,
         "offline_requests": 100,
@@ -139,7 +143,8 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
         "--online-modes",
         default="trace,users",
         help="comma-separated, from: trace (the trace replayed at its arrival times), users "
-        "(closed-loop users, one request in flight each)",
+        "(closed-loop users, one request in flight each), stream (one user, no think time, "
+        "long outputs: the engine never runs a step without online work)",
     )
     g.add_argument(
         "--offline-variants",
@@ -193,6 +198,17 @@ def _add_online_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="users mode: no new request after this many seconds, so that a policy that "
         f"slows online requests a lot cannot stretch its run without bound ({_D['users_max_s']:g})",
+    )
+    g.add_argument(
+        "--streams",
+        type=int,
+        help=f"stream mode: requests sent one after another ({_D['streams']}; prompts from the "
+        "trace's rows, stopped by --users-max-s too)",
+    )
+    g.add_argument(
+        "--stream-output-len",
+        type=int,
+        help=f"stream mode: output tokens of each request ({_D['stream_output_len']})",
     )
 
 
@@ -284,6 +300,12 @@ def build_workloads(
             lens, args.users, args.think_s, maker, args.seed, args.users_max_s
         )
         on_desc["users"] = describe_online(online["users"]) | trace
+    if "stream" in modes:
+        _, lens, _ = trace_lengths(args.trace, args.streams, scaling)
+        lens = [(p, args.stream_output_len) for p, _ in lens]
+        maker = PromptMaker(tokenizer, args.seed + 3)
+        online["stream"] = users_load(lens, 1, 0.0, maker, args.seed, args.users_max_s)
+        on_desc["stream"] = describe_online(online["stream"]) | trace
     offline, off_desc = {}, {}
     for v in variants:
         n = args.offline_requests or OFFLINE_REQUESTS[v]

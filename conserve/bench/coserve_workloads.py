@@ -23,7 +23,7 @@ from conserve.bench.serve import (
 )
 
 OFFLINE_VARIANTS = ("prefill-heavy", "decode-heavy", "mixed")
-ONLINE_MODES = ("trace", "users")
+ONLINE_MODES = ("trace", "users", "stream")
 
 # (prompt tokens, output tokens), inclusive ranges of the one-shape variants
 PREFILL_HEAVY = ((700, 1500), (1, 16))

@@ -84,7 +84,7 @@ class Traffic:
 
     async def online_user(self, http: httpx.AsyncClient) -> None:
         """Streams chats one after another with a short think time; one in four leaves after
-        its third chunk."""
+        its third chunk of text."""
         while not self.stop.is_set():
             leave = self.rng.random() < 0.25
             body = {
@@ -118,6 +118,8 @@ class Traffic:
                             return self.tally.add("online", "unanswered", note=data)
                         note = f"stream: {obj['error']['message']}"
                         return self.tally.add("online", "error", note=note)
+                    if not _has_text(obj):
+                        continue  # the role chunk, sent before any token, or the usage
                     chunks += 1
                     first = first or time.monotonic()
                     if leave and chunks >= 3:
@@ -170,3 +172,8 @@ class Traffic:
             except httpx.HTTPError as e:
                 self.tally.add("malformed", "unanswered", note=f"{type(e).__name__}: {e}")
             await asyncio.sleep(every_s)
+
+
+def _has_text(chunk: dict) -> bool:
+    """A streamed chat chunk carries generated text (TTFT counts from the first that does)."""
+    return any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or [])

@@ -63,6 +63,9 @@ class _Plan:
     # offline work limited to decodes: the step already carries an online prefill, whose
     # first token (TTFT) should not wait for offline prompt tokens
     offline_decodes_only: bool = False
+    # an offline prompt chunk cut to fit the time limit has at least this many tokens (or is
+    # not scheduled): a few prompt tokens beside online work cost far more than their share
+    min_offline_chunk: int = 1
     num_offline: int = 0
     online_s: float | None = None  # predicted seconds of the plan's online work alone
 
@@ -204,6 +207,7 @@ class Scheduler:
             self.running, online_present, online_prefill, self.clock(), replace(plan.shape)
         )
         plan.online_budget, plan.offline_decodes_only = limits.online_budget, limits.decodes_only
+        plan.min_offline_chunk = limits.min_prompt_tokens
         if limits.decodes_first:
             decodes = [r for r in offline if r.num_tokens - r.num_computed_tokens == 1]
             self._run(plan, decodes)  # no time limit yet: decodes are never cut
@@ -211,6 +215,8 @@ class Scheduler:
             plan.time_limit = limits.prompt_limit(self.policy.latency.predict(plan.shape))
         else:
             plan.time_limit = limits.time_limit
+            if limits.min_prompt_tokens > 1:  # decodes first: a prompt chunk may not fit
+                offline.sort(key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
         self._run(plan, offline)
         if not plan.preempted:
             self._admit(plan, lambda skip: _heads(self.queues[OFFLINE], skip))
@@ -288,7 +294,8 @@ class Scheduler:
 
     def _fit(self, plan: _Plan, request: Request, start: int, n: int) -> int:
         """The largest m <= n tokens of an offline request that keep the predicted step time
-        inside the plan's time limit (n when there is no limit)."""
+        inside the plan's time limit (n when there is no limit; 0 when a cut chunk would be
+        shorter than the plan's `min_offline_chunk`)."""
         latency = self.policy.latency
         if plan.time_limit is None or request.request_class is ONLINE or latency is None:
             return n
@@ -303,7 +310,7 @@ class Scheduler:
                 lo = mid
             else:
                 hi = mid - 1
-        return lo
+        return lo if lo >= plan.min_offline_chunk else 0
 
     def _preempt_victim(self, plan: _Plan, request: Request) -> Request | None:
         """Preempt the policy's best victim for `request` among the running requests not
