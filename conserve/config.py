@@ -62,6 +62,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # host tier for offline KV checkpoints (conserve policy); 0 turns it off
     host_kv_gb: float = 2.0
+    # a directory that backs the host tier, so that its checkpoints outlive the engine
+    host_kv_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

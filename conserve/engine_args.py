@@ -215,6 +215,19 @@ class EngineArgs:
             {"type": float},
         ),
     )
+    host_kv_path: str | None = _setting(
+        "cache",
+        _C.host_kv_path,
+        _Flag(
+            "--host-kv-path",
+            "a directory that backs the host tier (a file of --host-kv-gb and a journal): "
+            "checkpointed KV outlives an engine restart, and a request that starts with the "
+            "same tokens (a batch line run again, a retried request) copies it back instead "
+            "of computing its prompt again; one engine per directory (default: memory only)",
+            CO_SERVING,
+            {},
+        ),
+    )
     latency_profile: str = _setting(
         "engine",
         _E.latency_profile,

@@ -105,6 +105,28 @@ def test_closed_loop_users_share_the_rows_and_have_seeded_think_times(default_to
     assert [u.think_s for u in other.users] != thinks
 
 
+def test_stream_mode_is_one_user_sending_long_outputs_back_to_back(default_tokenizer, tmp_path):
+    import argparse
+
+    from conserve.bench.coserve import add_coserve_args, build_workloads, resolve_sizes
+
+    trace = tmp_path / "trace.csv"
+    rows = [f"2023-11-16 18:15:{10 + i:02d}.000000,{400 + 13 * i},{6 + i}" for i in range(9)]
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    p = argparse.ArgumentParser()
+    add_coserve_args(p)
+    args = p.parse_args(["--trace", str(trace), "--streams", "3", "--stream-output-len", "300",
+                         "--offline-requests", "3"])  # fmt: skip
+    resolve_sizes(args)
+    work = build_workloads(args, default_tokenizer, ["stream"], ["decode-heavy"])
+    [user] = work.online["stream"].users
+    assert [r.output_len for r in user.requests] == [300, 300, 300]
+    assert [r.prompt_len for r in user.requests] == [50, 52, 53]  # 400, 413, 426 x 0.125
+    assert user.think_s == [0.0, 0.0, 0.0]  # back to back: never a step without online work
+    assert work.online["stream"].max_s == args.users_max_s
+    assert work.desc["online"]["stream"]["output_median"] == 300
+
+
 def test_the_plan_rotates_policies_so_each_takes_each_place():
     plan = plan_runs(["trace", "users"], ["a", "b", "c"], ["fcfs", "priority", "conserve"])
     assert plan[0] == PlannedRun(ONLINE_ALONE, "trace", None, "conserve", ONLINE_ALONE)

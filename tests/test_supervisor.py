@@ -184,3 +184,61 @@ def test_sigkilled_engine_restarts_and_the_batch_completes_exactly_once(data_ser
     assert b.request_counts.completed == LINES and b.request_counts.failed == 0
     kv = httpx.get(f"{base}/debug/kv").json()
     assert kv["integrity_error"] is None and kv["running"] == 0
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_host_kv_path_restores_a_retried_offline_prompt_after_a_restart(tmp_path):
+    """`--host-kv-path`: an offline request's checkpointed prompt KV outlives a SIGKILL of the
+    engine core; the retried request copies it back instead of computing it, and its greedy
+    output is the one computed from scratch before (float32)."""
+    proc, base = start_server("--data-dir", str(tmp_path / "data"), "--dtype", "float32",
+                              "--host-kv-path", str(tmp_path / "host-kv"))  # fmt: skip
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0)
+        model = client.models.list().data[0].id
+        prompt = " ".join(
+            f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(25)
+        )
+        greedy = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        reference = client.completions.create(**greedy).choices[0].text  # computed from scratch
+        first_pid = _wait_health(base, 200, 10)["engine_pid"]
+        offline: dict = {"started": threading.Event()}
+
+        def stream() -> None:
+            try:
+                for _ in client.completions.create(
+                    **greedy | {"max_tokens": 4000, "stream": True},
+                    extra_body={"ignore_eos": True, "service_tier": "flex"},
+                ):
+                    offline["tokens"] = offline.get("tokens", 0) + 1
+                    if offline["tokens"] >= 3:
+                        offline["started"].set()
+            except openai.APIError as e:
+                offline["error"] = e
+            finally:
+                offline["started"].set()
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert offline["started"].wait(120) and "error" not in offline
+        time.sleep(0.5)  # a few more steps: the checkpoints follow the steps
+        os.kill(first_pid, signal.SIGKILL)
+        streamer.join(60)
+        assert "engine failed" in str(offline["error"].message)
+        _wait_health(base, 200, 60)
+        before = _metric(base, "conserve:restored_tokens_total")
+        retried = client.completions.create(**greedy, extra_body={"service_tier": "flex"})
+        restored = _metric(base, "conserve:restored_tokens_total") - before
+        prompt_len = retried.usage.prompt_tokens
+        assert restored >= (prompt_len - 1) // 16 * 16 - 16  # its prompt came back, not computed
+        assert retried.choices[0].text == reference
+        kv = httpx.get(f"{base}/debug/kv").json()
+        assert kv["integrity_error"] is None and kv["running"] == 0
+    finally:
+        stop_server(proc)

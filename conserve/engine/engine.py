@@ -22,6 +22,7 @@ from conserve.engine.scheduler import Scheduler
 from conserve.engine.stats import EngineStats, HostTierStats, KVStats, StepObserver, StepRecord
 from conserve.engine.step_log import StepLog
 from conserve.kv.cache import KVTensors
+from conserve.kv.host_file import HostFile
 from conserve.kv.host_tier import HostKVStore, TensorMover
 from conserve.kv.manager import KVCacheManager
 from conserve.model.config import ModelConfig
@@ -182,7 +183,13 @@ class Engine:
         if policy.uses_host_tier and cfg.cache.host_kv_gb > 0:
             per_block = KVTensors.bytes_per_block(model_cfg, cfg.cache.block_size, cfg.torch_dtype)
             n_host = max(1, int(cfg.cache.host_kv_gb * 2**30 // per_block))
-            host = HostKVStore(n_host, cfg.cache.block_size, TensorMover(kv.k, kv.v, n_host))
+            file = _host_file(cfg, source.name, list(kv.k.shape), n_host)
+            mover = TensorMover(kv.k, kv.v, n_host, file)
+            host = HostKVStore(n_host, cfg.cache.block_size, mover, file)
+        elif cfg.cache.host_kv_path:
+            raise ValueError(
+                "--host-kv-path needs the host tier: --policy conserve, --host-kv-gb > 0"
+            )
         scheduler = Scheduler(cfg.scheduler, kv_manager, policy, host=host)
         log.info(
             "model %s: %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -601,6 +608,22 @@ def stop_limit(slo: Slo | None, own: float, online_left: float) -> float:
     if slo.tpot is not None:
         limits.append(slo.tpot)
     return min(limits)
+
+
+def _host_file(cfg: EngineConfig, model: str, shape: list[int], num_blocks: int) -> HostFile | None:
+    """The files behind the host tier (`--host-kv-path`), or None for a tier in memory."""
+    if not cfg.cache.host_kv_path:
+        return None
+    block = shape[:2] + shape[3:]  # [layers, kv heads, block size, head dim]
+    layout = {
+        "model": model,
+        "dtype": str(cfg.torch_dtype),
+        "block": block,
+        "host_blocks": num_blocks,
+    }
+    file = HostFile(cfg.cache.host_kv_path, layout)
+    log.info("host tier in %s (%s)", file.dir, "reused" if file.reused else "new")
+    return file
 
 
 def _host_stats(host: HostKVStore) -> HostTierStats:

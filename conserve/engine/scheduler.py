@@ -338,25 +338,37 @@ class Scheduler:
         return True
 
     def _restorable(self, request: Request) -> int:
-        """Tokens of a paused request that the host tier can give back (whole blocks, and at
-        least one token left to compute)."""
-        if self.host is None or request.status != RequestStatus.PREEMPTED:
+        """Tokens that the host tier can give back (whole blocks, and at least one token left
+        to compute): a paused request's checkpoints, or for a new request the blocks that an
+        earlier engine saved for the same leading tokens (`--host-kv-path`)."""
+        if self.host is None:
             return 0
         bs = self.kv.block_size
-        return min(self.host.saved_tokens(request.request_id), (request.num_tokens - 1) // bs * bs)
+        most = (request.num_tokens - 1) // bs
+        if request.status == RequestStatus.WAITING:
+            return self.host.orphan_blocks(request.token_ids, most) * bs
+        if request.status != RequestStatus.PREEMPTED:
+            return 0
+        return min(self.host.saved_tokens(request.request_id), most * bs)
 
     def _start(self, request: Request, prefix: PrefixHit, start: int, num_tokens: int) -> None:
         """Give `request` blocks for `num_tokens` tokens; the first `start` are in the cache:
         the prefix hit, then blocks copied back from the host tier."""
         rid = request.request_id
         self.kv.allocate(rid, num_tokens, prefix)
+        bs = self.kv.block_size
         if request.status == RequestStatus.WAITING:  # first admission, not a resume
             request.num_cached_tokens = prefix.num_tokens
             self.kv.record_prefix_query(request.num_prompt_tokens, prefix.num_tokens)
             self.shared.note(request, len(prefix.block_ids))
+            if start > prefix.num_tokens:  # blocks an earlier engine saved for these tokens
+                self.host.adopt(rid, request.token_ids, start // bs)
+                self.host.restore(
+                    rid, self.kv.block_table(rid), prefix.num_tokens // bs, start // bs
+                )
+                self.tokens_restored += start - prefix.num_tokens
         else:
             if start > prefix.num_tokens:
-                bs = self.kv.block_size
                 self.host.restore(
                     rid, self.kv.block_table(rid), prefix.num_tokens // bs, start // bs
                 )
@@ -415,7 +427,7 @@ class Scheduler:
         if self.host is None:
             return 0
         pending = {
-            r.request_id: (self.kv.block_table(r.request_id), r.num_computed_tokens)
+            r.request_id: (self.kv.block_table(r.request_id), r.num_computed_tokens, r.token_ids)
             for r in self.running
             if r.request_class is OFFLINE
             and self.host.saved_tokens(r.request_id) + self.kv.block_size <= r.num_computed_tokens

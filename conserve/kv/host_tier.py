@@ -7,7 +7,9 @@ its device blocks with no copy at all; when it resumes, its checkpointed blocks 
 and only the tail after the last full block is recomputed.
 
 The store keeps the bookkeeping (which host blocks hold which request's blocks, in order); a
-`BlockMover` does the copies, so the scheduler can be tested without tensors.
+`BlockMover` does the copies, so the scheduler can be tested without tensors. With a
+`HostFile` (`--host-kv-path`) the blocks and the bookkeeping outlive the engine: blocks a new
+engine finds saved are orphans, adopted by a request that starts with the same tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+
+from conserve.kv.host_file import HostFile
+from conserve.kv.manager import hash_block
 
 
 class BlockMover(Protocol):
@@ -29,12 +34,23 @@ class TensorMover:
     """Copies blocks between the device KV tensors and host tensors of the same layout
     ([layers, kv_heads, blocks, block_size, head_dim]); optionally file-backed."""
 
-    def __init__(self, device_k: torch.Tensor, device_v: torch.Tensor, num_blocks: int) -> None:
+    def __init__(
+        self,
+        device_k: torch.Tensor,
+        device_v: torch.Tensor,
+        num_blocks: int,
+        file: HostFile | None = None,
+    ) -> None:
         shape = list(device_k.shape)
         shape[2] = num_blocks
-        pin = device_k.device.type == "cuda"
-        self.k = torch.zeros(shape, dtype=device_k.dtype, pin_memory=pin)
-        self.v = torch.zeros(shape, dtype=device_k.dtype, pin_memory=pin)
+        if file is not None:  # mapped from the file: K then V
+            numel = torch.Size(shape).numel()
+            flat = file.tensor(2 * numel, device_k.dtype)
+            self.k, self.v = flat[:numel].view(shape), flat[numel:].view(shape)
+        else:
+            pin = device_k.device.type == "cuda"
+            self.k = torch.zeros(shape, dtype=device_k.dtype, pin_memory=pin)
+            self.v = torch.zeros(shape, dtype=device_k.dtype, pin_memory=pin)
         self.dk, self.dv = device_k, device_v
 
     def save(self, device_blocks: Sequence[int], host_blocks: Sequence[int]) -> None:
@@ -51,14 +67,25 @@ class TensorMover:
 
 
 class HostKVStore:
-    def __init__(self, num_blocks: int, block_size: int, mover: BlockMover) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, mover: BlockMover, file: HostFile | None = None
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.mover = mover
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.file = file
         self._saved: dict[str, list[int]] = {}  # request -> host block of its block j
+        self._keys: dict[str, list[bytes]] = {}  # request -> key of its block j (with a file)
+        # key -> host blocks saved by an earlier engine, not adopted yet (with a file)
+        self._orphans: dict[bytes, list[int]] = {}
+        for block, key in (file.load(num_blocks) if file else {}).items():
+            self._orphans.setdefault(key, []).append(block)
+        held = {b for blocks in self._orphans.values() for b in blocks}
+        # pop() hands out low ids first
+        self._free = [b for b in range(num_blocks - 1, -1, -1) if b not in held]
         self.blocks_checkpointed = 0
         self.blocks_restored = 0
+        self.blocks_adopted = 0  # orphans taken over by a new request
         # copies made and seconds spent in them (observed by `Engine.stats()`)
         self.num_checkpoints = 0
         self.num_restores = 0
@@ -69,34 +96,89 @@ class HostKVStore:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
+    @property
+    def num_orphans(self) -> int:
+        return sum(len(v) for v in self._orphans.values())
+
     def saved_ids(self) -> list[str]:
         return list(self._saved)
 
     def saved_tokens(self, request_id: str) -> int:
         return len(self._saved.get(request_id, ())) * self.block_size
 
-    def checkpoint(self, pending: dict[str, tuple[Sequence[int], int]]) -> int:
-        """`pending`: request -> (device block table, computed tokens). Copies every full
-        block not saved yet, all requests in one copy; stops when the host tier is full.
-        Returns the number of blocks copied."""
+    def checkpoint(self, pending: dict[str, tuple[Sequence[int], int, Sequence[int]]]) -> int:
+        """`pending`: request -> (device block table, computed tokens, token ids). Copies every
+        full block not saved yet, all requests in one copy; stops when the host tier is full
+        (orphans are given up first). Returns the number of blocks copied."""
         src: list[int] = []
         dst: list[int] = []
-        for rid, (table, computed) in pending.items():
+        keyed: list[tuple[int, bytes]] = []
+        for rid, (table, computed, tokens) in pending.items():
             saved = self._saved.setdefault(rid, [])
             for j in range(len(saved), computed // self.block_size):
-                if not self._free:
+                h = self._take_block()
+                if h is None:
                     break
-                h = self._free.pop()
                 saved.append(h)
                 src.append(table[j])
                 dst.append(h)
+                if self.file is not None:
+                    keys = self._keys.setdefault(rid, [])
+                    bs = self.block_size
+                    keys.append(
+                        hash_block(keys[-1] if keys else None, tokens[j * bs : (j + 1) * bs])
+                    )
+                    keyed.append((h, keys[-1]))
         if src:
             t = time.perf_counter()
             self.mover.save(src, dst)
             self.checkpoint_s += time.perf_counter() - t
             self.num_checkpoints += 1
             self.blocks_checkpointed += len(src)
+            if self.file is not None:
+                self.file.saved(keyed)  # after the data: a journal line means its block is there
         return len(src)
+
+    def _take_block(self) -> int | None:
+        """A free host block, or an orphan's (given up), or None when the tier is full."""
+        if not self._free and self._orphans:
+            key = next(iter(self._orphans))
+            blocks = self._orphans[key]
+            self._free.append(blocks.pop())
+            if not blocks:
+                del self._orphans[key]
+            self.file.freed(self._free[-1:])
+        return self._free.pop() if self._free else None
+
+    def orphan_blocks(self, token_ids: Sequence[int], max_blocks: int) -> int:
+        """How many leading full blocks of `token_ids` (at most `max_blocks`) orphans hold."""
+        if not self._orphans:
+            return 0
+        n, key = 0, None
+        bs = self.block_size
+        while n < max_blocks:
+            key = hash_block(key, token_ids[n * bs : (n + 1) * bs])
+            if key not in self._orphans:
+                break
+            n += 1
+        return n
+
+    def adopt(self, request_id: str, token_ids: Sequence[int], num_blocks: int) -> None:
+        """Make the orphans of the first `num_blocks` blocks of `token_ids` the saved blocks
+        of `request_id` (which has none yet); `restore` then copies them back."""
+        if self._saved.get(request_id):
+            raise RuntimeError(f"{request_id} already has saved blocks")
+        saved, keys, key = [], [], None
+        bs = self.block_size
+        for j in range(num_blocks):
+            key = hash_block(key, token_ids[j * bs : (j + 1) * bs])
+            blocks = self._orphans[key]
+            saved.append(blocks.pop())
+            keys.append(key)
+            if not blocks:
+                del self._orphans[key]
+        self._saved[request_id], self._keys[request_id] = saved, keys
+        self.blocks_adopted += num_blocks
 
     def restore(self, request_id: str, table: Sequence[int], first: int, last: int) -> None:
         """Copy the request's saved blocks first .. last - 1 into its device blocks."""
@@ -109,11 +191,20 @@ class HostKVStore:
             self.blocks_restored += last - first
 
     def drop(self, request_id: str) -> None:
-        self._free.extend(reversed(self._saved.pop(request_id, [])))
+        blocks = self._saved.pop(request_id, [])
+        self._keys.pop(request_id, None)
+        self._free.extend(reversed(blocks))
+        if self.file is not None and blocks:
+            self.file.freed(blocks)
 
     def check_integrity(self) -> None:
         held = [b for blocks in self._saved.values() for b in blocks]
+        held += [b for blocks in self._orphans.values() for b in blocks]
         if len(held) != len(set(held)) or set(held) & set(self._free):
             raise AssertionError("a host block is held twice or held and free")
         if len(held) + len(self._free) != self.num_blocks:
             raise AssertionError("host blocks are lost")
+        if self.file is not None and any(
+            len(self._keys.get(r, ())) != len(b) for r, b in self._saved.items()
+        ):
+            raise AssertionError("a saved block has no key")
