@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from conserve.engine_args import EngineArgs, engine_config
+from conserve.engine_args import ConfigError, EngineArgs, engine_config
 from conserve.model.config import UnsupportedModelError
 from conserve.model.loader import ModelNotFoundError
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ModelNotFoundError, UnsupportedModelError) as e:
+    except (ModelNotFoundError, UnsupportedModelError, ConfigError) as e:
         print(f"conserve: error: {e}", file=sys.stderr)
         return 2
 

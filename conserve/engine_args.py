@@ -14,6 +14,11 @@ from typing import Any
 
 from conserve.config import POLICIES, CacheConfig, EngineConfig, SchedulerConfig
 
+
+class ConfigError(ValueError):
+    """Engine options that cannot run together, or a value out of range."""
+
+
 ENGINE = "engine"
 CO_SERVING = "co-serving"
 _TARGETS = ("engine", "scheduler", "cache")  # which config of the tree a field goes to
@@ -308,5 +313,9 @@ class EngineArgs:
 
 
 def engine_config(namespace: argparse.Namespace) -> EngineConfig:
-    """`EngineArgs.from_cli_args(namespace).to_config()`: what every command runs with."""
-    return EngineArgs.from_cli_args(namespace).to_config()
+    """`EngineArgs.from_cli_args(namespace).to_config()`: what every command runs with. An
+    invalid combination raises `ConfigError` (the command line says "conserve: error: ...")."""
+    try:
+        return EngineArgs.from_cli_args(namespace).to_config()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -217,3 +217,15 @@ def test_invalid_values_are_refused_by_the_config_classes():
         EngineArgs(policy="fastest").to_config()
     with pytest.raises(ValueError, match="block_size"):
         EngineArgs(block_size=12).to_config()
+
+
+def test_options_that_cannot_run_together_are_a_command_line_error(capsys, tmp_path):
+    from conserve.cli import main
+
+    host = str(tmp_path / "host-kv")
+    assert main(["serve", "--policy", "fcfs", "--host-kv-path", host]) == 2
+    assert "--host-kv-path backs the host tier" in capsys.readouterr().err
+    assert main(["serve", "--host-kv-gb", "0", "--host-kv-path", host]) == 2
+    assert main(["serve", "--block-size", "3"]) == 2
+    assert "block_size must be a power of two" in capsys.readouterr().err
+    assert not (tmp_path / "host-kv").exists()  # refused before anything was made
