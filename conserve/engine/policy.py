@@ -381,7 +381,7 @@ class ConservePolicy(Policy):
         ms online decode step, predicted 3.3 ms: the per-chunk work of gathering its context in
         every layer), while decodes are batched and predicted well."""
         budget = self.relative_budget(online)
-        spendable = min(self.bank, self.bank_cap(running, online))
+        spendable = min(self.bank, self.bank_cap(running, online)) if self.bank > 0 else 0.0
         if spendable <= 0:
             return OfflineBudget(budget, online_budget=True, decodes_only=True)
         return OfflineBudget(
