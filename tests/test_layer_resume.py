@@ -226,3 +226,35 @@ def test_online_work_needing_blocks_preempts_a_held_request_last_and_drops_the_s
     assert [outs[f"off{i}"].outputs[0].token_ids for i in range(3)] == [r[:24] for r in ref[:3]]
     assert outs["on"].outputs[0].token_ids == ref[7][:24]
     assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks
+
+
+def test_a_stopped_step_held_too_long_beside_online_work_is_dropped(
+    tiny_llama_dir, tiny_llama_reference, linear_profile, monkeypatch
+):
+    """Online work that never leaves (a long stream) would keep a stopped step's requests out
+    of every plan: past the hold limit the step is dropped, its requests compute its tokens
+    again beside the online work, and their tokens are those of an uninterrupted run."""
+    import conserve.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_HOLD_S", 0.0)
+    monkeypatch.setattr(engine_module, "HOLD_STEPS", 0.0)
+    prompts, ref, _ = tiny_llama_reference
+    llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=4096)
+    eng = llm.engine
+    for i, p in enumerate(prompts[:2]):
+        eng.add_request(f"off{i}", p, GREEDY, OFF)
+    stop_next_at(eng, 2)
+    eng.step()
+    assert eng.scheduler.held == {"off0", "off1"}
+    eng.add_request("on", prompts[5], GREEDY, ON)
+    outs = {}
+    for o in eng.step():  # the online prefill; the hold limit has passed: dropped
+        outs[o.request_id] = o
+    assert eng.num_layer_drops == 1 and not eng.scheduler.held
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert eng.num_layer_resumes == 0
+    assert [outs[f"off{i}"].outputs[0].token_ids for i in range(2)] == [r[:24] for r in ref[:2]]
+    eng.check_integrity()
+    assert eng.scheduler.kv.pool.num_free_blocks == eng.scheduler.kv.pool.num_blocks

@@ -32,6 +32,12 @@ from conserve.platform import tune_cpu_allocator
 from conserve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
+# a stopped offline step resumes once no online work is left; while online work stays (a long
+# stream), its requests are held at most max(MAX_HOLD_S, HOLD_STEPS x its predicted time),
+# then it is dropped (measured: beside one continuous stream, a stopped step of long prompts
+# held every running offline request for the whole stream, and offline work got nothing)
+MAX_HOLD_S = 2.0
+HOLD_STEPS = 2.0
 
 
 class Runner(Protocol):
@@ -71,6 +77,13 @@ class _Stopped:
     batch: ScheduledBatch
     continuation: object
     layer: int
+    at: float = field(default_factory=time.monotonic)  # when it stopped
+
+    def hold_limit(self) -> float:
+        """Seconds its requests may stay held while online work never leaves: then it is
+        dropped (they compute its tokens again, beside the online work), as it would lose at
+        most what it computed before the stop."""
+        return max(MAX_HOLD_S, HOLD_STEPS * (self.batch.predicted_s or 0.0))
 
 
 @dataclass
@@ -388,6 +401,10 @@ class Engine:
             self._drop_stopped()
             return None
         if self.scheduler.has_online_work():
+            if time.monotonic() - stopped.at > stopped.hold_limit():
+                # online work has not left since the stop (a long stream, say): waiting on
+                # would keep the held requests out of every plan for as long
+                self._drop_stopped()
             return None
         self._stopped = None
         return stopped
