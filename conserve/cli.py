@@ -9,16 +9,31 @@ import os
 import sys
 from collections.abc import Callable
 
+from conserve.config import EngineConfig
 from conserve.engine_args import ConfigError, EngineArgs, engine_config
 from conserve.model.config import UnsupportedModelError
 from conserve.model.loader import ModelNotFoundError
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine config of a command, with the checks that need to know the policies."""
+    from conserve.engine.policy import policy_class
+
+    cfg = engine_config(args)
+    uses_host_tier = policy_class(cfg.scheduler.policy).uses_host_tier
+    if cfg.cache.host_kv_path and (not uses_host_tier or cfg.cache.host_kv_gb <= 0):
+        raise ConfigError(
+            "--host-kv-path backs the host tier, which only --policy conserve with "
+            "--host-kv-gb > 0 has"
+        )
+    return cfg
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from conserve.llm import LLM
     from conserve.sampling.params import SamplingParams
 
-    llm = LLM.from_config(engine_config(args))
+    llm = LLM.from_config(_engine_config(args))
     params = SamplingParams(
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed
     )
@@ -48,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         planner_gbs=args.planner_gbs,
         restart_engine=not args.no_engine_restart,
     )
-    serve(engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
+    serve(_engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
     return 0
 
 
@@ -63,7 +78,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         report_markdown,
     )
 
-    cfg = engine_config(args)
+    cfg = _engine_config(args)
     # the profile times the runner directly: the engine needs no profile to be made
     engine = Engine.from_config(replace(cfg, scheduler=replace(cfg.scheduler, policy="fcfs")))
     if args.check:
@@ -128,7 +143,7 @@ def _profile_check(args: argparse.Namespace, engine) -> int:
 def cmd_batch_run(args: argparse.Namespace) -> int:
     from conserve.batch.run_file import run_batch_file
 
-    return run_batch_file(args, engine_config(args))
+    return run_batch_file(args, _engine_config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,16 +91,6 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
-    def __post_init__(self) -> None:
-        # the conserve policy is the one with a host tier (`Policy.uses_host_tier`)
-        if self.cache.host_kv_path and (
-            self.scheduler.policy != "conserve" or self.cache.host_kv_gb <= 0
-        ):
-            raise ValueError(
-                "--host-kv-path backs the host tier, which only --policy conserve with "
-                "--host-kv-gb > 0 has"
-            )
-
     def resolved(self) -> EngineConfig:
         """Concrete dtype and device; the model-dependent values are resolved by the engine."""
         device = self.device

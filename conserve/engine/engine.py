@@ -199,6 +199,10 @@ class Engine:
             file = _host_file(cfg, source.name, list(kv.k.shape), n_host)
             mover = TensorMover(kv.k, kv.v, n_host, file)
             host = HostKVStore(n_host, cfg.cache.block_size, mover, file)
+        elif cfg.cache.host_kv_path:
+            raise ValueError(
+                "--host-kv-path needs the host tier: --policy conserve, --host-kv-gb > 0"
+            )
         scheduler = Scheduler(cfg.scheduler, kv_manager, policy, host=host)
         log.info(
             "model %s: %s, %d KV blocks of %d tokens, max_model_len %d",
