@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from conserve.kv.host_file import HostFile
-from conserve.kv.manager import hash_block
+from conserve.kv.manager import hash_block, iter_block_hashes
 
 
 class BlockMover(Protocol):
@@ -154,10 +154,8 @@ class HostKVStore:
         """How many leading full blocks of `token_ids` (at most `max_blocks`) orphans hold."""
         if not self._orphans:
             return 0
-        n, key = 0, None
-        bs = self.block_size
-        while n < max_blocks:
-            key = hash_block(key, token_ids[n * bs : (n + 1) * bs])
+        n = 0
+        for key in iter_block_hashes(token_ids, self.block_size, max_blocks):
             if key not in self._orphans:
                 break
             n += 1
@@ -168,13 +166,11 @@ class HostKVStore:
         of `request_id` (which has none yet); `restore` then copies them back."""
         if self._saved.get(request_id):
             raise RuntimeError(f"{request_id} already has saved blocks")
-        saved, keys, key = [], [], None
-        bs = self.block_size
-        for j in range(num_blocks):
-            key = hash_block(key, token_ids[j * bs : (j + 1) * bs])
+        keys = list(iter_block_hashes(token_ids, self.block_size, num_blocks))
+        saved = []
+        for key in keys:
             blocks = self._orphans[key]
             saved.append(blocks.pop())
-            keys.append(key)
             if not blocks:
                 del self._orphans[key]
         self._saved[request_id], self._keys[request_id] = saved, keys

@@ -25,6 +25,16 @@ def hash_block(parent: BlockHash | None, tokens: Sequence[int]) -> BlockHash:
     return h.digest()
 
 
+def iter_block_hashes(
+    token_ids: Sequence[int], block_size: int, num_blocks: int
+) -> Iterator[BlockHash]:
+    """The hash chain of the first `num_blocks` full blocks of `token_ids`, lazily."""
+    parent: BlockHash | None = None
+    for j in range(num_blocks):
+        parent = hash_block(parent, token_ids[j * block_size : (j + 1) * block_size])
+        yield parent
+
+
 @dataclass(frozen=True)
 class PrefixHit:
     block_ids: tuple[int, ...] = ()
@@ -64,11 +74,7 @@ class KVCacheManager:
 
     def iter_block_hashes(self, token_ids: Sequence[int], num_blocks: int) -> Iterator[BlockHash]:
         """The hash chain of the first `num_blocks` full blocks of `token_ids`, lazily."""
-        bs = self.block_size
-        parent: BlockHash | None = None
-        for j in range(num_blocks):
-            parent = hash_block(parent, token_ids[j * bs : (j + 1) * bs])
-            yield parent
+        return iter_block_hashes(token_ids, self.block_size, num_blocks)
 
     def block_hashes(self, token_ids: Sequence[int], num_blocks: int) -> list[BlockHash]:
         return list(self.iter_block_hashes(token_ids, num_blocks))
