@@ -48,8 +48,8 @@ OFFLINE_STEP_MULTIPLE = 20
 ONLINE_SEAT_SHARE = 1 / 16
 # conserve, relative objectives: the slack that a step with online decodes leaves unused is
 # banked (in predicted seconds) and spent on offline prompt chunks beside later online decodes,
-# so that a continuous online stream does not starve every offline prompt (measured: a 200-line
-# batch finished no line in 5 minutes beside one 2000-token stream). The bank holds at most
+# so that a continuous online stream does not starve every offline prompt (`bench coserve
+# --online-modes stream`, benchmarks/results/coserve-20261202-1851.md). The bank holds at most
 # BANK_STEPS steps' slack, and a step spends no more than the slack that the youngest running
 # online request has earned (its output tokens so far, up to BANK_STEPS).
 BANK_STEPS = 32
