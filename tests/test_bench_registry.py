@@ -17,6 +17,7 @@ def test_every_table_row_is_a_bench_subcommand_running_its_function():
     names = [b.name for b in BENCHES]
     assert names == [
         "throughput",
+        "roofline",
         "coserve",
         "dtype",
         "offline",

@@ -7,7 +7,17 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from conserve.bench import coserve, dtype, offline, pause, preempt, serve, soak, throughput
+from conserve.bench import (
+    coserve,
+    dtype,
+    offline,
+    pause,
+    preempt,
+    roofline,
+    serve,
+    soak,
+    throughput,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,20 @@ BENCHES: tuple[Bench, ...] = (
         "step time against the matmul-only ceiling",
         throughput.add_throughput_args,
         throughput.run_throughput,
+    ),
+    Bench(
+        "roofline",
+        "where a model step's time goes (linear layers, attention, other ops, LM head and "
+        "sampling, host), per decode batch and prefill chunk, against the bytes and FLOPs "
+        "floors measured on this machine",
+        roofline.add_roofline_args,
+        roofline.run_roofline,
+        "In-process: decode steps of 1 to 256 sequences and prefill chunks of 64 to 2048 tokens "
+        "(with no cached context and after --cached-context tokens), each timed in parts "
+        "through the engine's own steps. Floors measured in the same run: memory bandwidth "
+        "(read and copy of 1 GiB) and peak GEMM rate (torch.mm in the run's dtype). Writes a "
+        "markdown table, JSON and a PNG (roofline, and each step's parts in multiples of its "
+        "floor) under --output.",
     ),
     Bench(
         "coserve",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from conserve.engine.step_parts import StepParts
 from conserve.kernels import CpuKernels
 from conserve.kv.cache import KVTensors
 
@@ -103,12 +104,14 @@ class PagedAttention:
         scale: float,
         workspace: Workspace,
         kernels: CpuKernels | None = None,
+        parts: StepParts | None = None,
     ) -> None:
         self.kv = kv
         self.meta = meta
         self.scale = scale
         self.workspace = workspace
         self.kernels = kernels
+        self.parts = parts  # times each part as `attention` when set (step_parts.py)
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -239,7 +242,11 @@ class AttentionCall:
         while self.done < self.num_parts:
             if stop is not None and not first and stop():
                 return False
-            self._part(self.done)
+            if self.att.parts is None:
+                self._part(self.done)
+            else:
+                with self.att.parts.part("attention"):
+                    self._part(self.done)
             self.done, first = self.done + 1, False
         return True
 

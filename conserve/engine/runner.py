@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from conserve.engine.batch import (
     ScheduledChunk,
     StepResult,
 )
+from conserve.engine.step_parts import StepParts
 from conserve.kernels import CpuKernels
 from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
@@ -82,6 +84,11 @@ class ModelRunner:
         # fraction of the running step's layers finished (0 between steps); read by the
         # preemption monitor from another thread to estimate the step's remaining time
         self.progress = 0.0
+        # where each step's time goes, when set (the roofline benchmark; see step_parts.py)
+        self.parts: StepParts | None = None
+
+    def _part(self, name: str) -> AbstractContextManager:
+        return nullcontext() if self.parts is None else self.parts.part(name)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, stop: Callable[[], bool] | None = None) -> StepResult:
@@ -90,7 +97,9 @@ class ModelRunner:
         (`IterationPreempted` with a continuation for `resume`): nothing is sampled and the
         caller commits nothing."""
         t0 = time.perf_counter()
-        return self._finish(self._layers(self._start(batch), stop, resumed=False), t0)
+        with self._part("prepare"):
+            p = self._start(batch)
+        return self._finish(self._layers(p, stop, resumed=False), t0)
 
     @torch.inference_mode()
     def resume(self, continuation: _Pass, stop: Callable[[], bool] | None = None) -> StepResult:
@@ -110,7 +119,9 @@ class ModelRunner:
         chunks = sorted(batch.chunks, key=lambda c: c.num_tokens != 1)
         input_ids, positions, meta, sample_rows = self._prepare(chunks)
         cos, sin = self.rope.lookup(positions, self.dtype)
-        attention = PagedAttention(self.kv, meta, self.scale, self.workspace, self.kernels)
+        attention = PagedAttention(
+            self.kv, meta, self.scale, self.workspace, self.kernels, self.parts
+        )
         return _Pass(self.model.embed(input_ids), cos, sin, attention, sample_rows)
 
     def _layers(self, p: _Pass, stop: Callable[[], bool] | None, resumed: bool = True) -> _Pass:
@@ -120,11 +131,19 @@ class ModelRunner:
         of `sublayer_rows` rows or more (with `safepoint_every` 1), inside each layer too:
         between the parts of its attention (`AttentionCall`) and between its halves. A
         `resumed` pass runs one part at least before it may stop again."""
+        inner = (
+            stop is not None and self.safepoint_every == 1 and p.h.shape[0] >= self.sublayer_rows
+        )
+        with self._part("layers"):
+            # `fresh`: nothing has run yet in this call of a resumed pass
+            return self._run_layers(p, stop, inner, fresh=resumed)
+
+    def _run_layers(
+        self, p: _Pass, stop: Callable[[], bool] | None, inner: bool, fresh: bool
+    ) -> _Pass:
         every = self.safepoint_every
         layers = self.model.layers
         n = len(layers)
-        inner = stop is not None and every == 1 and p.h.shape[0] >= self.sublayer_rows
-        fresh = resumed  # nothing has run yet in this call of a resumed pass
         try:
             while p.layer < n:
                 layer = layers[p.layer]
@@ -159,10 +178,12 @@ class ModelRunner:
         return self.model.logits(p.h.index_select(0, rows)), [c for _, c in p.sample_rows]
 
     def _finish(self, p: _Pass, t0: float) -> StepResult:
-        logits, sampling = self._logits(p)
+        with self._part("logits"):
+            logits, sampling = self._logits(p)
         sampled = {}
         if sampling:
-            tokens = sample(logits, [c.sample for c in sampling], self.generator)
+            with self._part("sampling"):
+                tokens = sample(logits, [c.sample for c in sampling], self.generator)
             sampled = {c.request_id: t for c, t in zip(sampling, tokens, strict=True)}
         return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0)
 
