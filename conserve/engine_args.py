@@ -266,6 +266,17 @@ class EngineArgs:
             kwargs={"choices": ["auto", "torch", "cpu-kernel"]},
         ),
     )
+    linear: str = _setting(
+        "engine",
+        _E.linear,
+        _Flag(
+            "--linear",
+            "linear layers: auto (bf16 on CPU: weights prepacked once at load, a compiled "
+            "kernel for steps of 1-2 rows, oneDNN up to 256 rows; other dtypes and devices "
+            "use torch) or torch (torch.mm on the plain weights)",
+            kwargs={"choices": ["auto", "torch"]},
+        ),
+    )
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:

@@ -292,3 +292,16 @@ def linear_profile(tmp_path) -> str:
     path = tmp_path / "profile.json"
     LatencyModel(coef).save(path)
     return str(path)
+
+
+def native_kernels():
+    """The compiled CPU kernels. Skips only where they cannot be built (no C compiler, or
+    CONSERVE_KERNELS=0); with a compiler, a kernel that fails to build fails the test."""
+    from conserve.kernels import c_compiler, cpu_kernels
+
+    kernels = cpu_kernels()
+    if kernels is None:
+        if os.environ.get("CONSERVE_KERNELS", "1") == "0" or c_compiler() is None:
+            pytest.skip("no C compiler (or CONSERVE_KERNELS=0): the torch paths run instead")
+        pytest.fail("a C compiler exists but the CPU kernels did not build: see the log")
+    return kernels

@@ -21,11 +21,13 @@ from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
 from conserve.engine.stats import EngineStats, HostTierStats, KVStats, StepObserver, StepRecord
 from conserve.engine.step_log import StepLog
+from conserve.kernels import CpuKernels
 from conserve.kv.cache import KVTensors
 from conserve.kv.host_file import HostFile
 from conserve.kv.host_tier import HostKVStore, TensorMover
 from conserve.kv.manager import KVCacheManager
 from conserve.model.config import ModelConfig
+from conserve.model.llama import LlamaModel
 from conserve.model.loader import build_model, read_weights, resolve_model
 from conserve.model.tokenizer import Tokenizer
 from conserve.platform import tune_cpu_allocator
@@ -173,20 +175,14 @@ class Engine:
         kv = KVTensors(model_cfg, num_blocks, cfg.cache.block_size, cfg.torch_dtype, device)
         from conserve.engine.runner import ModelRunner
 
-        kernels = None
-        if cfg.attention == "cpu-kernel" or (cfg.attention == "auto" and device.type == "cpu"):
-            from conserve.kernels import cpu_kernels
-
-            kernels = cpu_kernels()
-            if kernels is None and cfg.attention == "cpu-kernel":
-                raise RuntimeError("attention 'cpu-kernel' requested but the kernel did not build")
+        kernels = _kernels(cfg, model, device)
         runner = ModelRunner(
             model,
             kv,
             max_len,
             device,
             seed=cfg.seed,
-            kernels=kernels,
+            kernels=kernels if _kernel_attention(cfg, device) else None,
             safepoint_every=cfg.safepoint_every,
         )
         # conserve's latency model comes once the engine exists (profiling runs the runner):
@@ -660,6 +656,25 @@ def _load_latency_model(engine: Engine, where: str) -> LatencyModel:
     from conserve.engine.profiler import load_profile
 
     return load_profile(engine, where)
+
+
+def _kernel_attention(cfg: EngineConfig, device: torch.device) -> bool:
+    return cfg.attention == "cpu-kernel" or (cfg.attention == "auto" and device.type == "cpu")
+
+
+def _kernels(cfg: EngineConfig, model: LlamaModel, device: torch.device) -> CpuKernels | None:
+    """The compiled CPU kernels the engine's settings ask for (None: none), with the model's
+    bf16 linear layers switched to their prepacked weights unless `linear` is "torch"."""
+    kernels = None
+    if _kernel_attention(cfg, device) or (cfg.linear == "auto" and device.type == "cpu"):
+        from conserve.kernels import cpu_kernels
+
+        kernels = cpu_kernels()
+        if kernels is None and cfg.attention == "cpu-kernel":
+            raise RuntimeError("attention 'cpu-kernel' requested but the kernel did not build")
+    if cfg.linear == "auto":
+        log.info("linear layers: %s", model.use_fast_linear(kernels))
+    return kernels
 
 
 def _num_blocks(cfg: EngineConfig, model_cfg: ModelConfig) -> int:

@@ -1,7 +1,8 @@
 """Optional compiled CPU kernels, built on first use with the system C compiler and cached.
 
 The engine works without them (pure PyTorch paths); with them, decode attention reads the paged
-KV cache in place instead of gathering it. The kernel is plain C (no PyTorch headers, builds in
+KV cache in place instead of gathering it, and bf16 linear layers of decode steps stream their
+prepacked weights (`linear.py`). The kernels are plain C (no PyTorch headers, they build in
 about a second) called through ctypes. Set CONSERVE_KERNELS=0 to disable.
 """
 
@@ -21,7 +22,7 @@ import torch
 from conserve.platform import cpu_flags
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("paged_attention.c")
+_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "linear_bf16.c")]
 # The reassociation flags let the compiler vectorize the dot products. Not -ffast-math: a
 # shared library built with it switches the whole process to flush-to-zero when loaded.
 _FLAGS = [
@@ -48,6 +49,36 @@ class CpuKernels:
             + [ctypes.c_float, ctypes.c_int]
         )
         self._fn.restype = ctypes.c_int
+        self._linear = lib.linear_bf16
+        self._linear.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_int]
+        self._linear.restype = None
+
+    def linear_bf16(
+        self,
+        x: torch.Tensor,  # [M, K] bf16, rows may be strided
+        packed: torch.Tensor,  # `pack_linear_weight(weight_t)`
+        k: int,
+        n: int,
+        bias: torch.Tensor | None = None,  # [N] bf16
+    ) -> torch.Tensor:
+        """y = x W (+ bias): [M, N] bf16, W [K, N] given prepacked."""
+        assert x.dtype == packed.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] == k
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        assert bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
+        y = torch.empty(x.shape[0], n, dtype=torch.bfloat16, device=x.device)
+        self._linear(
+            y.data_ptr(),
+            x.data_ptr(),
+            packed.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            x.shape[0],
+            k,
+            n,
+            x.stride(0),
+            torch.get_num_threads(),
+        )
+        return y
 
     def paged_decode_attention(
         self,
@@ -88,6 +119,21 @@ class CpuKernels:
             raise ValueError("paged_decode_attention: unsupported shapes")
 
 
+def c_compiler() -> str | None:
+    """The C compiler the kernels are built with: $CC, else gcc or cc on the PATH."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def build(sources: list[Path], out: Path, extra_flags: tuple[str, ...] = ()) -> None:
+    """Compile `sources` into the shared library `out` (raises CalledProcessError)."""
+    subprocess.run(
+        [c_compiler() or "cc", *_FLAGS, *extra_flags, *map(str, sources), "-o", str(out), "-lm"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+
+
 @functools.cache
 def cpu_kernels() -> CpuKernels | None:
     """The compiled kernels, or None when disabled or the build fails (logged once)."""
@@ -95,28 +141,36 @@ def cpu_kernels() -> CpuKernels | None:
         return None
     from conserve.paths import cache_dir
 
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    cc = c_compiler()
     if cc is None:
-        log.warning("no C compiler found: using PyTorch attention")
+        log.warning("no C compiler found: using PyTorch paths")
         return None
     # -march=native: the build is only valid on this CPU model, so its flags are in the key.
-    key = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join(_FLAGS + sorted(cpu_flags())).encode()
-    ).hexdigest()[:16]
-    lib_path = cache_dir() / "kernels" / f"paged_attention-{key}.so"
+    source = b"".join(p.read_bytes() for p in _SOURCES)
+    key = hashlib.sha256(source + " ".join(_FLAGS + sorted(cpu_flags())).encode()).hexdigest()
+    lib_path = cache_dir() / "kernels" / f"conserve-kernels-{key[:16]}.so"
     try:
         if not lib_path.is_file():
             lib_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run(
-                [cc, *_FLAGS, str(_SOURCE), "-o", str(tmp), "-lm"],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
+            build(_SOURCES, tmp)
             os.replace(tmp, lib_path)  # atomic: concurrent builders never load a partial file
         return CpuKernels(ctypes.CDLL(str(lib_path)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("compiled CPU kernels unavailable, using PyTorch attention: %s", detail[-500:])
+        log.warning("compiled CPU kernels unavailable, using PyTorch paths: %s", detail[-500:])
         return None
+
+
+BLOCK = 32  # output columns per packed block (linear_bf16.c)
+
+
+def pack_linear_weight(weight_t: torch.Tensor) -> torch.Tensor:
+    """W [K, N] in the layout linear_bf16.c streams: blocks of 32 output columns, each
+    contiguous, pairs of inputs interleaved; K padded to even and N to a whole block with
+    zeros."""
+    k, n = weight_t.shape
+    kp, np_ = k + k % 2, -(-n // BLOCK) * BLOCK
+    w = torch.zeros(kp, np_, dtype=weight_t.dtype, device=weight_t.device)
+    w[:k, :n] = weight_t
+    return w.view(kp // 2, 2, np_ // BLOCK, BLOCK).permute(2, 0, 3, 1).contiguous()

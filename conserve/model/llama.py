@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conserve.kernels import CpuKernels
+from conserve.kernels.linear import SMALL_ROWS, FastLinear, onednn_bf16
 from conserve.model.config import ModelConfig, RopeScaling
 
 # attention(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> out [N, Hq * D]
@@ -36,9 +38,13 @@ class Linear(nn.Module):
         super().__init__()
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # bf16 on CPUs: the same product on weights prepacked once (`LlamaModel.use_fast_linear`)
+        self.fast: FastLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, in] -> [N, out]
+        if self.fast is not None and x.dtype == torch.bfloat16:
+            return self.fast(x)
         if self.bias is None:
             return torch.mm(x, self.weight_t)
         return torch.addmm(self.bias, x, self.weight_t)
@@ -170,6 +176,20 @@ class LlamaModel(nn.Module):
         # With tied embeddings this holds a transposed copy of the embedding matrix: the
         # gather in `embed` wants rows of [vocab, hidden], the matmul wants [hidden, vocab].
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def use_fast_linear(self, kernels: CpuKernels | None) -> str:
+        """Run the bf16 linear layers on prepacked weights (kernels/linear.py): the compiled
+        kernel for steps of few rows when `kernels` is given, oneDNN up to 256 rows when torch
+        has it. Nothing changes for other dtypes or devices. Returns what runs, for the log."""
+        first = self.lm_head.weight_t
+        if first.dtype != torch.bfloat16 or first.device.type != "cpu":
+            return "torch"
+        onednn = onednn_bf16()
+        for mod in self.modules():
+            if isinstance(mod, Linear):
+                mod.fast = FastLinear(mod.weight_t.detach(), mod.bias, kernels, onednn)
+        small = f"compiled kernel up to {SMALL_ROWS} rows, " if kernels is not None else ""
+        return small + ("oneDNN prepacked" if onednn else "torch")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [N] -> [N, hidden]

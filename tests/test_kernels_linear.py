@@ -1,0 +1,100 @@
+"""The bf16 linear kernel (linear_bf16.c) and `FastLinear`'s paths against a float32 reference
+over many shapes: odd sizes, partial column blocks, more rows than one register block, strided
+rows, bias; the portable C path built without AVX512-BF16 as well; and the default engine
+running the native path."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from conftest import native_kernels
+from conserve.kernels import _SOURCES, CpuKernels, build, pack_linear_weight
+from conserve.kernels.linear import ONEDNN_ROWS, SMALL_ROWS, FastLinear, onednn_bf16
+
+SHAPES = [(576, 1728), (64, 32), (1536, 576), (577, 33), (3, 100), (130, 47), (1, 1)]
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.float() @ w.float()
+    return y if bias is None else y + bias.float()
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    # float32 accumulation rounded once to bf16: within a bf16 rounding step of the
+    # reference (plus float32 summation-order noise, relative to the row's scale)
+    scale = ref.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+    err = ((y.float() - ref).abs() / scale).max().item()
+    assert err < 8e-3, err
+
+
+def _cases():
+    gen = torch.Generator().manual_seed(0)
+    for k, n in SHAPES:
+        w = torch.randn(k, n, generator=gen).to(torch.bfloat16)
+        for bias in (None, torch.randn(n, generator=gen).to(torch.bfloat16)):
+            for m in (1, 2, 3, 8, 9, 17):
+                x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+                yield w, bias, x
+
+
+def _run_all(kernels: CpuKernels) -> None:
+    for w, bias, x in _cases():
+        y = kernels.linear_bf16(x, pack_linear_weight(w), *w.shape, bias)
+        _check(y, _reference(x, w, bias))
+    # rows with a stride (a column slice of a wider tensor), as a split leaves them
+    w = torch.randn(96, 40).to(torch.bfloat16)
+    wide = torch.randn(5, 300).to(torch.bfloat16)
+    x = wide[:, 100:196]
+    _check(kernels.linear_bf16(x, pack_linear_weight(w), 96, 40), _reference(x, w, None))
+
+
+def test_linear_kernel_matches_the_reference_over_many_shapes():
+    _run_all(native_kernels())
+
+
+def test_portable_linear_kernel_without_avx512_bf16_matches_too(tmp_path):
+    native_kernels()  # a compiler is there
+    lib = tmp_path / "portable.so"
+    build(_SOURCES, lib, ("-mno-avx512bf16",))
+    _run_all(CpuKernels(ctypes.CDLL(str(lib))))
+
+
+def test_largest_shape_and_full_vocabulary_projection():
+    kernels = native_kernels()
+    w = torch.randn(576, 49152).to(torch.bfloat16)  # SmolLM2's vocabulary projection
+    x = torch.randn(2, 576).to(torch.bfloat16)
+    _check(kernels.linear_bf16(x, pack_linear_weight(w), 576, 49152), _reference(x, w, None))
+
+
+@pytest.mark.parametrize("rows", [1, SMALL_ROWS, SMALL_ROWS + 1, 64, ONEDNN_ROWS + 1])
+def test_fast_linear_paths_match_the_reference(rows):
+    kernels = native_kernels()
+    w = torch.randn(200, 72).to(torch.bfloat16)
+    bias = torch.randn(72).to(torch.bfloat16)
+    x = torch.randn(rows, 200).to(torch.bfloat16)
+    for k, onednn in ((kernels, onednn_bf16()), (None, False)):
+        fast = FastLinear(w, bias, k, onednn)
+        _check(fast(x), _reference(x, w, bias))
+
+
+def test_the_default_bf16_engine_runs_the_native_linear_and_attention_paths():
+    from conserve import LLM
+
+    native_kernels()
+    llm = LLM("default", dtype="bfloat16", num_blocks=64)
+    model = llm.engine.runner.model
+    layer = model.layers[0]
+    for mod in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, model.lm_head):
+        assert mod.fast is not None and mod.fast.packed is not None
+        assert mod.fast.path == ("onednn" if onednn_bf16() else "torch")
+    assert llm.engine.runner.kernels is not None  # decode attention too
+    # and a float32 engine keeps torch's matmuls (parity with the reference implementation)
+    fp32 = LLM("default", dtype="float32", num_blocks=64).engine.runner.model
+    assert fp32.lm_head.fast is None and fp32.layers[0].qkv.fast is None
+    # --linear torch turns the prepacked path off
+    plain = LLM("default", dtype="bfloat16", num_blocks=64, linear="torch").engine.runner.model
+    assert plain.lm_head.fast is None
