@@ -251,3 +251,16 @@ def test_sampling_params_normalisation() -> None:
     assert SamplingParams(temperature=0).greedy
     assert not SamplingParams().has_penalties
     assert SamplingParams(repetition_penalty=1.1).has_penalties
+
+
+def test_greedy_token_is_listed_first_among_tied_top_logprobs() -> None:
+    # bf16 logits tie often; topk alone may list the tied token with the larger id first
+    logits = torch.zeros(1, 64)
+    logits[0, [5, 40, 41]] = torch.tensor([3.0, 3.0, 2.0])
+    (tok,) = sample(logits, [spec(temperature=0, logprobs=2)])
+    assert tok.token_id == 5
+    assert [t for t, _ in tok.top_logprobs] == [5, 40]
+    assert tok.top_logprobs[0][1] == tok.top_logprobs[1][1] == tok.logprob
+    # k=1 with the tie: the greedy token, not the other tied one
+    (one,) = sample(logits, [spec(temperature=0, logprobs=1)])
+    assert [t for t, _ in one.top_logprobs] == [5]

@@ -114,7 +114,16 @@ def sample(
         chosen = float(logprobs[row, token_list[i]])
         top: list[tuple[int, float]] = []
         if k:
-            vals, ids = logprobs[row].topk(k)
-            top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+            top = _top(logprobs[row], k)
         out[i] = SampledToken(token_list[i], chosen, top)
     return out
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token, logprob), equal values in token order, as argmax breaks ties
+    (bf16 logits tie often): a greedy token is always listed first."""
+    kth = logprobs.topk(k).values[-1]
+    ids = (logprobs >= kth).nonzero().view(-1)
+    vals = logprobs[ids]
+    order = sorted(range(len(ids)), key=lambda i: (-float(vals[i]), int(ids[i])))[:k]
+    return [(int(ids[i]), float(vals[i])) for i in order]
