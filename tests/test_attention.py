@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import native_kernels
+
 from conserve.engine.attention import AttentionMetadata, PagedAttention, Workspace
 from conserve.kv.cache import KVTensors
 from conserve.model.config import ModelConfig

@@ -9,8 +9,8 @@ import ctypes
 
 import pytest
 import torch
-
 from conftest import native_kernels
+
 from conserve.kernels import _SOURCES, CpuKernels, build, pack_linear_weight
 from conserve.kernels.linear import ONEDNN_ROWS, SMALL_ROWS, FastLinear, onednn_bf16
 
