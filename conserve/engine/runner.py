@@ -27,6 +27,7 @@ from conserve.engine.batch import (
 )
 from conserve.engine.step_parts import StepParts
 from conserve.kernels import CpuKernels
+from conserve.kernels.decode_layer import NATIVE_ROWS, NativeDecode, NativeStep
 from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
 from conserve.sampling.sampler import sample
@@ -56,6 +57,7 @@ class _Pass:
     layer: int = 0
     attended: bool = False
     call: AttentionCall | None = None  # layer `layer`'s attention, begun and not finished
+    native: NativeStep | None = None  # a small decode step: whole layers in compiled code
 
 
 class ModelRunner:
@@ -86,6 +88,13 @@ class ModelRunner:
         self.progress = 0.0
         # where each step's time goes, when set (the roofline benchmark; see step_parts.py)
         self.parts: StepParts | None = None
+        # decode steps of at most NATIVE_ROWS rows run whole layers in compiled code when the
+        # attention kernel is on and the model's bf16 linear layers are packed for it
+        self.native = (
+            NativeDecode(kernels, model, kv.k, kv.v)
+            if kernels is not None and NativeDecode.usable(model, kv.k)
+            else None
+        )
 
     def _part(self, name: str) -> AbstractContextManager:
         return nullcontext() if self.parts is None else self.parts.part(name)
@@ -122,7 +131,11 @@ class ModelRunner:
         attention = PagedAttention(
             self.kv, meta, self.scale, self.workspace, self.kernels, self.parts
         )
-        return _Pass(self.model.embed(input_ids), cos, sin, attention, sample_rows)
+        p = _Pass(self.model.embed(input_ids), cos, sin, attention, sample_rows)
+        rows = len(input_ids)
+        if self.native is not None and rows <= NATIVE_ROWS and meta.num_decodes == rows:
+            p.native = self.native.step(rows, cos[:, 0], sin[:, 0], meta)
+        return p
 
     def _layers(self, p: _Pass, stop: Callable[[], bool] | None, resumed: bool = True) -> _Pass:
         """Run `p` from where it is to the last layer, or to a safepoint where `stop` says so:
@@ -148,6 +161,12 @@ class ModelRunner:
             while p.layer < n:
                 layer = layers[p.layer]
                 self.progress = p.layer / n
+                if p.native is not None:
+                    if stop is not None and not fresh and p.layer % every == 0 and stop():
+                        raise IterationPreempted(p.layer, p)
+                    self._native_layer(p)
+                    p.layer, fresh = p.layer + 1, False
+                    continue
                 if not p.attended and p.call is None:
                     if stop is not None and not fresh and p.layer % every == 0 and stop():
                         raise IterationPreempted(p.layer, p)
@@ -170,6 +189,15 @@ class ModelRunner:
         finally:
             self.progress = 0.0
         return p
+
+    def _native_layer(self, p: _Pass) -> None:
+        timed = self.parts is not None
+        p.native.run_layer(p.layer, p.h, timed)
+        if timed:  # the layer's own split: linear layers, attention, the rest
+            t = p.native.times
+            self.parts.seconds["linear"] += t[0]
+            self.parts.seconds["attention"] += t[1]
+            t[0] = t[1] = t[2] = 0.0
 
     def _logits(self, p: _Pass) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         if not p.sample_rows:

@@ -22,7 +22,9 @@ import torch
 from conserve.platform import cpu_flags
 
 log = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name(n) for n in ("paged_attention.c", "linear_bf16.c")]
+_SOURCES = [
+    Path(__file__).with_name(n) for n in ("paged_attention.c", "linear_bf16.c", "decode_layer.c")
+]
 # The reassociation flags let the compiler vectorize the dot products. Not -ffast-math: a
 # shared library built with it switches the whole process to flush-to-zero when loaded.
 _FLAGS = [
@@ -52,6 +54,10 @@ class CpuKernels:
         self._linear = lib.linear_bf16
         self._linear.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_int]
         self._linear.restype = None
+        # decode_layer.c: one call per decoder layer (kernels/decode_layer.py holds the args)
+        self.decode_layer = lib.decode_layer_bf16
+        self.decode_layer.argtypes = [ptr, i64, ptr] + [ptr] * 16 + [ctypes.c_int, ptr]
+        self.decode_layer.restype = ctypes.c_int
 
     def linear_bf16(
         self,
