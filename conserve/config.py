@@ -81,9 +81,10 @@ class EngineConfig:
     # decode attention: auto (compiled CPU kernel on CPU when it builds, else torch) | torch |
     # cpu-kernel
     attention: str = "auto"
-    # linear layers: auto (bf16 on CPU: weights prepacked once, the compiled kernel for steps
-    # of few rows, oneDNN up to 256 rows) | torch (torch.mm on the plain weights)
-    linear: str = "auto"
+    # the decoder layers' compute: auto (bf16 on CPU: weights prepacked once at load, compiled
+    # kernels for small steps' linear layers and for the per-layer small ops, whole layers
+    # compiled for decode steps of a few rows, oneDNN for mid-sized matmuls) | torch
+    layers: str = "auto"
     # layer-wise preemption: check for arriving online work every this many layers; the check
     # is free on the CPU and the wait is about k layers (docs/benchmarks.md, bench preempt)
     safepoint_every: int = 1

@@ -266,14 +266,16 @@ class EngineArgs:
             kwargs={"choices": ["auto", "torch", "cpu-kernel"]},
         ),
     )
-    linear: str = _setting(
+    layers: str = _setting(
         "engine",
-        _E.linear,
+        _E.layers,
         _Flag(
-            "--linear",
-            "linear layers: auto (bf16 on CPU: weights prepacked once at load, a compiled "
-            "kernel for steps of 1-2 rows, oneDNN up to 256 rows; other dtypes and devices "
-            "use torch) or torch (torch.mm on the plain weights)",
+            "--layers",
+            "the decoder layers' compute: auto (bf16 on CPU: weights prepacked once at load; "
+            "compiled kernels for the linear layers of 1-2 row steps and for the small "
+            "per-layer ops; whole layers compiled for decode steps of up to 4 rows; oneDNN "
+            "matmuls up to 256 rows; other dtypes and devices use torch) or torch (plain "
+            "torch ops)",
             kwargs={"choices": ["auto", "torch"]},
         ),
     )

@@ -102,7 +102,7 @@ def test_every_field_but_the_pool_size_has_a_flag_in_its_group():
     EngineArgs.add_cli_args(p)
     groups = {g.title: [a.option_strings[0] for a in g._group_actions] for g in p._action_groups}
     assert groups["engine"][:3] == ["--model", "--dtype", "--device"]
-    assert groups["engine"][-3:] == ["--step-log", "--attention", "--linear"]
+    assert groups["engine"][-3:] == ["--step-log", "--attention", "--layers"]
     assert groups["co-serving"][0] == "--policy"
     assert len(groups["engine"]) + len(groups["co-serving"]) == 25
     args = EngineArgs.from_cli_args(p.parse_args([]))

@@ -96,5 +96,5 @@ def test_the_default_bf16_engine_runs_the_native_linear_and_attention_paths():
     fp32 = LLM("default", dtype="float32", num_blocks=64).engine.runner.model
     assert fp32.lm_head.fast is None and fp32.layers[0].qkv.fast is None
     # --linear torch turns the prepacked path off
-    plain = LLM("default", dtype="bfloat16", num_blocks=64, linear="torch").engine.runner.model
+    plain = LLM("default", dtype="bfloat16", num_blocks=64, layers="torch").engine.runner.model
     assert plain.lm_head.fast is None

@@ -664,16 +664,16 @@ def _kernel_attention(cfg: EngineConfig, device: torch.device) -> bool:
 
 def _kernels(cfg: EngineConfig, model: LlamaModel, device: torch.device) -> CpuKernels | None:
     """The compiled CPU kernels the engine's settings ask for (None: none), with the model's
-    bf16 linear layers switched to their prepacked weights unless `linear` is "torch"."""
+    bf16 layers switched to prepacked weights and compiled ops unless `layers` is "torch"."""
     kernels = None
-    if _kernel_attention(cfg, device) or (cfg.linear == "auto" and device.type == "cpu"):
+    if _kernel_attention(cfg, device) or (cfg.layers == "auto" and device.type == "cpu"):
         from conserve.kernels import cpu_kernels
 
         kernels = cpu_kernels()
         if kernels is None and cfg.attention == "cpu-kernel":
             raise RuntimeError("attention 'cpu-kernel' requested but the kernel did not build")
-    if cfg.linear == "auto":
-        log.info("linear layers: %s", model.use_fast_linear(kernels))
+    if cfg.layers == "auto":
+        log.info("decoder layers: %s", model.use_fast_layers(kernels))
     return kernels
 
 

@@ -23,7 +23,8 @@ from conserve.platform import cpu_flags
 
 log = logging.getLogger(__name__)
 _SOURCES = [
-    Path(__file__).with_name(n) for n in ("paged_attention.c", "linear_bf16.c", "decode_layer.c")
+    Path(__file__).with_name(n)
+    for n in ("paged_attention.c", "linear_bf16.c", "decode_layer.c", "ops_bf16.c")
 ]
 # The reassociation flags let the compiler vectorize the dot products. Not -ffast-math: a
 # shared library built with it switches the whole process to flush-to-zero when loaded.
@@ -58,6 +59,62 @@ class CpuKernels:
         self.decode_layer = lib.decode_layer_bf16
         self.decode_layer.argtypes = [ptr, i64, ptr] + [ptr] * 16 + [ctypes.c_int, ptr]
         self.decode_layer.restype = ctypes.c_int
+        # ops_bf16.c
+        f32, cint = ctypes.c_float, ctypes.c_int
+        self._rms_norm = lib.rms_norm_bf16
+        self._rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, i64, f32, cint]
+        self._silu_mul = lib.silu_mul_bf16
+        self._silu_mul.argtypes = [ptr, ptr, i64, i64, cint]
+        self._rope = lib.rope_bf16
+        self._rope.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, cint]
+        for fn in (self._rms_norm, self._silu_mul, self._rope):
+            fn.restype = None
+
+    def rms_norm_bf16(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm of x [M, n] bf16 (rows may be strided) by weight [n] bf16."""
+        m, n = x.shape
+        assert x.dtype == weight.dtype == torch.bfloat16 and x.stride(1) == 1
+        assert weight.is_contiguous() and weight.numel() == n
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+        self._rms_norm(
+            out.data_ptr(),
+            x.data_ptr(),
+            weight.data_ptr(),
+            m,
+            n,
+            x.stride(0),
+            eps,
+            torch.get_num_threads(),
+        )
+        return out
+
+    def silu_mul_bf16(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up for gate_up [M, 2I] bf16 (contiguous): [M, I]."""
+        m, two_i = gate_up.shape
+        assert gate_up.dtype == torch.bfloat16 and gate_up.is_contiguous() and two_i % 2 == 0
+        out = torch.empty(m, two_i // 2, dtype=torch.bfloat16, device=gate_up.device)
+        self._silu_mul(out.data_ptr(), gate_up.data_ptr(), m, two_i // 2, torch.get_num_threads())
+        return out
+
+    def rope_bf16(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int
+    ) -> None:
+        """Rotate the first `heads` heads of each row of x [M, >= heads * head_dim] bf16 in
+        place (rotate-half RoPE); cos, sin [M, head_dim] bf16, contiguous."""
+        m = x.shape[0]
+        assert x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.stride(1) == 1
+        assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == (m, head_dim)
+        assert x.shape[1] >= heads * head_dim
+        self._rope(
+            x.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            m,
+            heads,
+            head_dim,
+            x.stride(0),
+            torch.get_num_threads(),
+        )
 
     def linear_bf16(
         self,
@@ -152,7 +209,7 @@ def cpu_kernels() -> CpuKernels | None:
         log.warning("no C compiler found: using PyTorch paths")
         return None
     # -march=native: the build is only valid on this CPU model, so its flags are in the key.
-    source = b"".join(p.read_bytes() for p in _SOURCES)
+    source = b"".join(p.read_bytes() for p in [*_SOURCES, _SOURCES[0].with_name("simd.h")])
     key = hashlib.sha256(source + " ".join(_FLAGS + sorted(cpu_flags())).encode()).hexdigest()
     lib_path = cache_dir() / "kernels" / f"conserve-kernels-{key[:16]}.so"
     try:

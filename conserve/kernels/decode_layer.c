@@ -21,18 +21,10 @@ int paged_decode_attention(float *out, const float *q, const void *k_cache, cons
                            int64_t Hq, int64_t Hkv, int64_t NB, int64_t BS, int64_t D, int64_t MB,
                            float scale, int num_threads);
 
-static inline float bf(uint16_t x) {
-  union { uint32_t u; float f; } v;
-  v.u = ((uint32_t)x) << 16;
-  return v.f;
-}
+#include "simd.h"
 
-static inline uint16_t to_bf(float f) {
-  union { uint32_t u; float f; } v;
-  v.f = f;
-  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* NaN */
-  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
+#define bf bf16_to_f
+#define to_bf f_to_bf16
 
 /* out = w * bf16(x * rsqrt(mean(x^2) + eps)), per row of n. */
 static void rms_norm(uint16_t *out, const uint16_t *x, const uint16_t *w, int64_t rows, int64_t n,

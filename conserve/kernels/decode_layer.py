@@ -1,7 +1,7 @@
 """Whole decoder layers of a bf16 decode step in one compiled call each (decode_layer.c).
 
 Used for steps whose rows are all decodes and at most `NATIVE_ROWS` of them, when the model's
-linear layers have their weights packed for the compiled kernel (`LlamaModel.use_fast_linear`)
+linear layers have their weights packed for the compiled kernel (`LlamaModel.use_fast_layers`)
 and the KV cache is bf16. Larger steps, prefill chunks, other dtypes: the torch layer path.
 """
 

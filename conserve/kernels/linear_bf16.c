@@ -17,18 +17,7 @@
 #define BLOCK 32
 #define MAX_ROWS 8
 
-static inline float bf16_to_f(uint16_t x) {
-  union { uint32_t u; float f; } v;
-  v.u = ((uint32_t)x) << 16;
-  return v.f;
-}
-
-static inline uint16_t f_to_bf16(float f) {
-  union { uint32_t u; float f; } v;
-  v.f = f;
-  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* NaN */
-  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
+#include "simd.h"
 
 /* The pair of inputs (x[2p], x[2p+1]) of row r as one 32-bit word, zero past K. */
 static inline uint32_t x_pair(const uint16_t *x, int64_t p, int64_t K) {

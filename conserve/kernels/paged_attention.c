@@ -15,11 +15,7 @@
 #define MAX_D 256
 #define MAX_BS 256
 
-static inline float bf16_to_f(uint16_t x) {
-  union { uint32_t u; float f; } v;
-  v.u = ((uint32_t)x) << 16;
-  return v.f;
-}
+#include "simd.h"
 
 static inline __attribute__((always_inline)) void task(int64_t b, int64_t h, float *out, const float *q, const void *k_cache,
                  const void *v_cache, int is_bf16, const int64_t *tables, const int64_t *lens,
@@ -101,25 +97,6 @@ static inline __attribute__((always_inline)) void task(int64_t b, int64_t h, flo
 
 
 #if defined(__AVX512BF16__)
-#include <immintrin.h>
-
-/* e^x for 16 lanes (x <= 0 here; -inf gives 0): 2^(x log2 e) split into 2^n 2^f, with 2^f
- * by a degree-6 polynomial on [-0.5, 0.5] (relative error about 2e-7). */
-static inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 /* The task for a bf16 cache and D a multiple of 32, with AVX512-BF16: scores of 16 tokens at
  * a time by bf16 dot products (float32 sums), their softmax terms by a vector exp, values
  * folded in with float32 FMAs. Same result as `task` up to float32 rounding. */

@@ -38,7 +38,7 @@ class Linear(nn.Module):
         super().__init__()
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        # bf16 on CPUs: the same product on weights prepacked once (`LlamaModel.use_fast_linear`)
+        # bf16 on CPUs: the same product on weights prepacked once (`LlamaModel.use_fast_layers`)
         self.fast: FastLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,9 +55,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ops: CpuKernels | None = None  # bf16 on CPUs: the compiled op (use_fast_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.ops is not None and dtype == torch.bfloat16 and x.dim() == 2:
+            return self.ops.rms_norm_bf16(x, self.weight, self.eps)
         if dtype == torch.float32:  # one fused kernel; same math as below
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
@@ -130,6 +133,8 @@ class DecoderLayer(nn.Module):
         self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.intermediate_size = cfg.intermediate_size
+        # bf16 on CPUs: RoPE and SiLU(gate) * up as compiled ops (LlamaModel.use_fast_layers)
+        self.ops: CpuKernels | None = None
 
     def forward(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn
@@ -150,6 +155,12 @@ class DecoderLayer(nn.Module):
         """q [N, Hq, D], k and v [N, Hkv, D] for the attention, rotated."""
         n = h.shape[0]
         qkv = self.qkv(self.input_norm(h))
+        if self.ops is not None and qkv.dtype == torch.bfloat16:
+            heads, d = self.num_heads + self.num_kv_heads, self.head_dim
+            self.ops.rope_bf16(qkv, cos[:, 0], sin[:, 0], heads, d)  # in place
+            q = qkv[:, : self.q_size].view(n, self.num_heads, d)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, d)
+            return q, k, qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, d)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads rotated in one pass: [N, Hq + Hkv, D]
         qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
@@ -162,7 +173,10 @@ class DecoderLayer(nn.Module):
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The feed-forward half of the layer, without its residual."""
-        gate, up = self.gate_up(self.post_attention_norm(h)).split(self.intermediate_size, -1)
+        gate_up = self.gate_up(self.post_attention_norm(h))
+        if self.ops is not None and gate_up.dtype == torch.bfloat16:
+            return self.down(self.ops.silu_mul_bf16(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, -1)
         return self.down(F.silu(gate) * up)
 
 
@@ -177,10 +191,11 @@ class LlamaModel(nn.Module):
         # gather in `embed` wants rows of [vocab, hidden], the matmul wants [hidden, vocab].
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
-    def use_fast_linear(self, kernels: CpuKernels | None) -> str:
-        """Run the bf16 linear layers on prepacked weights (kernels/linear.py): the compiled
-        kernel for steps of few rows when `kernels` is given, oneDNN up to 256 rows when torch
-        has it. Nothing changes for other dtypes or devices. Returns what runs, for the log."""
+    def use_fast_layers(self, kernels: CpuKernels | None) -> str:
+        """Run the bf16 layers on prepacked weights (kernels/linear.py): the compiled kernel for
+        steps of few rows when `kernels` is given, oneDNN up to 256 rows when torch has it; and
+        with `kernels`, RMSNorm, RoPE and SiLU(gate) * up as compiled ops (ops_bf16.c).
+        Nothing changes for other dtypes or devices. Returns what runs, for the log."""
         first = self.lm_head.weight_t
         if first.dtype != torch.bfloat16 or first.device.type != "cpu":
             return "torch"
@@ -188,8 +203,11 @@ class LlamaModel(nn.Module):
         for mod in self.modules():
             if isinstance(mod, Linear):
                 mod.fast = FastLinear(mod.weight_t.detach(), mod.bias, kernels, onednn)
+            elif isinstance(mod, RMSNorm | DecoderLayer):
+                mod.ops = kernels
         small = f"compiled kernel up to {SMALL_ROWS} rows, " if kernels is not None else ""
-        return small + ("oneDNN prepacked" if onednn else "torch")
+        ops = ", compiled RMSNorm/RoPE/SiLU" if kernels is not None else ""
+        return small + ("oneDNN prepacked" if onednn else "torch") + ops
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids: [N] -> [N, hidden]
