@@ -14,8 +14,11 @@ import torch
 
 from conserve.kernels import CpuKernels
 
-# Decode steps of at most this many rows run natively (see the module docstring).
-NATIVE_ROWS = int(os.environ.get("CONSERVE_NATIVE_ROWS", "4"))
+# Decode steps of at most this many rows run natively (see the module docstring). With more
+# rows the compiled linear kernel is bound by its dot-product rate, not by the weight stream,
+# and oneDNN's matmuls win back what the native layer saves: `bench roofline` with
+# CONSERVE_NATIVE_ROWS=4 or 8 showed no steady gain at 4-8 rows on the development CPU.
+NATIVE_ROWS = int(os.environ.get("CONSERVE_NATIVE_ROWS", "2"))
 
 
 class LayerDims(ctypes.Structure):
