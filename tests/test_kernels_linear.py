@@ -98,3 +98,33 @@ def test_the_default_bf16_engine_runs_the_native_linear_and_attention_paths():
     # --linear torch turns the prepacked path off
     plain = LLM("default", dtype="bfloat16", num_blocks=64, layers="torch").engine.runner.model
     assert plain.lm_head.fast is None
+
+
+def test_without_a_working_compiler_the_engine_runs_on_the_torch_paths(tmp_path):
+    """A machine whose compiler fails (here CC=false, in a fresh cache directory): the build is
+    logged and skipped, and a bf16 engine generates on the torch paths (oneDNN matmuls where
+    torch has them, torch attention)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from conserve import LLM, SamplingParams\n"
+        "llm = LLM('default', dtype='bfloat16', num_blocks=64)\n"
+        "r = llm.engine.runner\n"
+        "assert r.kernels is None and r.native is None\n"
+        "lin = r.model.layers[0].qkv.fast\n"
+        "assert lin is None or lin.packed is None\n"
+        "assert r.model.layers[0].ops is None\n"
+        "out = llm.generate('The capital of France is', SamplingParams(temperature=0, "
+        "max_tokens=5), use_tqdm=False)[0].outputs[0]\n"
+        "assert len(out.token_ids) == 5\n"
+        "print('ok')\n"
+    )
+    env = os.environ | {"CC": "false", "CONSERVE_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("CONSERVE_KERNELS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert "compiled CPU kernels unavailable" in proc.stderr

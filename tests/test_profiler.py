@@ -69,6 +69,7 @@ def fake_engine(tmp_path: Path, runner: FakeRunner, name: str = "fake") -> Simpl
         dtype="float32",
         device="cpu",
         num_threads=2,
+        layers="auto",
         latency_profile="auto",
         cache=SimpleNamespace(num_blocks=40_000, block_size=16),
     )
@@ -245,6 +246,21 @@ def test_profiles_are_keyed_by_the_device_name(tmp_path, monkeypatch):
     calls = engine.runner.calls
     load_or_build(engine, progress=False, timer=clock)
     assert engine.runner.calls == 2 * calls  # another machine: measured, not reused
+
+
+def test_profiles_are_keyed_by_the_compute_path(tmp_path):
+    """Steps run faster or slower with other kernels: a profile made with the compiled kernels
+    of one build is not used with another build, with torch, or with another --layers."""
+    clock = Clock()
+    engine = fake_engine(tmp_path, FakeRunner(clock))
+    paths = {profile_path(engine)}
+    engine.runner.kernels = SimpleNamespace(fingerprint="build-a")
+    paths.add(profile_path(engine))
+    engine.runner.kernels = SimpleNamespace(fingerprint="build-b")
+    paths.add(profile_path(engine))
+    engine.config.layers = "torch"
+    paths.add(profile_path(engine))
+    assert len(paths) == 4
 
 
 def test_an_unreadable_profile_is_ignored(tmp_path, caplog):

@@ -178,7 +178,8 @@ def report_markdown(report: ProfileReport, engine, info: dict | None = None) -> 
 
 # -- where profiles live --------------------------------------------------------------------
 def profile_path(engine) -> Path:
-    """The cache file for this engine's model, dtype, machine, threads and attention."""
+    """The cache file for this engine's model, dtype, machine, threads and compute path (the
+    compiled kernels' build, or torch; the layers setting)."""
     cfg = engine.config
     src = Path(getattr(engine, "model_source", "") or engine.model_name)
     try:
@@ -186,10 +187,11 @@ def profile_path(engine) -> Path:
         ident = f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         ident = str(src)
-    attention = "kernel" if getattr(engine.runner, "kernels", None) is not None else "torch"
+    kernels = getattr(engine.runner, "kernels", None)
+    attention = f"kernel-{kernels.fingerprint}" if kernels is not None else "torch"
     key = (
         f"v{PROFILE_VERSION}|{ident}|{cfg.dtype}|{cfg.device}|{device_name(cfg.device)}|"
-        f"{cfg.num_threads}|{attention}|{cfg.cache.block_size}"
+        f"{cfg.num_threads}|{attention}|{cfg.layers}|{cfg.cache.block_size}"
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "profiles" / f"{engine.model_name}-{cfg.dtype}-{digest}.json"

@@ -43,7 +43,10 @@ _FLAGS = [
 
 
 class CpuKernels:
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, fingerprint: str = "custom") -> None:
+        # which build this is (sources and CPU flags): latency profiles made with other
+        # kernels are not reused
+        self.fingerprint = fingerprint
         self._fn = lib.paged_decode_attention
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._fn.argtypes = (
@@ -218,7 +221,7 @@ def cpu_kernels() -> CpuKernels | None:
             tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
             build(_SOURCES, tmp)
             os.replace(tmp, lib_path)  # atomic: concurrent builders never load a partial file
-        return CpuKernels(ctypes.CDLL(str(lib_path)))
+        return CpuKernels(ctypes.CDLL(str(lib_path)), key[:16])
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("compiled CPU kernels unavailable, using PyTorch paths: %s", detail[-500:])
