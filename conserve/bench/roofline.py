@@ -83,7 +83,7 @@ def run_roofline(args: argparse.Namespace) -> int:
         f"peak {floors['peak'] / 1e12:.2f} TFLOP/s ({dtype})"
     )
     rows = []
-    with _timed_parts(eng) as parts:
+    with _TimedParts(eng) as parts:
         rows += _decode_rows(eng, parts, decode, args)
         for cached in sorted({0, args.cached_context}):
             rows += _prefill_rows(eng, parts, chunks, cached, args)
@@ -106,7 +106,7 @@ def run_roofline(args: argparse.Namespace) -> int:
     return 0
 
 
-class _timed_parts:
+class _TimedParts:
     """A `StepParts` on the engine's runner (and its model's linear layers) while in use."""
 
     def __init__(self, eng: Engine) -> None:

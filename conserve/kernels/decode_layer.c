@@ -2,12 +2,11 @@
  *
  * At one or two rows a layer's own work is small (the weight stream aside) and a layer run as
  * ~30 torch calls from Python spends more time dispatching than computing. This does the same
- * math as `DecoderLayer` (model/llama.py) in C, rounding to bf16 where the torch path does:
- * RMSNorm in float32, rounded, times the weight; q/k/v projection; RoPE (rotate-half); K/V
- * written at the step's slots; paged decode attention; output projection and residual; RMSNorm;
- * gate/up projection; SiLU(gate) rounded, times up; down projection and residual. The linear
- * layers and the attention are the kernels of linear_bf16.c and paged_attention.c. The runner
- * calls it once per layer, so that a step still stops between layers.
+ * math as `DecoderLayer` (model/llama.py) with the bf16 layer path's compiled parts: RMSNorm,
+ * q/k/v projection, RoPE (ops_bf16.c, linear_bf16.c), K/V written at the step's slots, paged
+ * decode attention (paged_attention.c), output projection and residual, RMSNorm, gate/up
+ * projection, SiLU(gate) * up, down projection and residual, rounding to bf16 where the torch
+ * layer does. The runner calls it once per layer, so that a step still stops between layers.
  */
 #include <math.h>
 #include <stdint.h>
@@ -26,31 +25,12 @@ int paged_decode_attention(float *out, const float *q, const void *k_cache, cons
 #define bf bf16_to_f
 #define to_bf f_to_bf16
 
-/* out = w * bf16(x * rsqrt(mean(x^2) + eps)), per row of n. */
-static void rms_norm(uint16_t *out, const uint16_t *x, const uint16_t *w, int64_t rows, int64_t n,
-                     float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t *xr = x + r * n;
-    float ss = 0.f;
-    for (int64_t i = 0; i < n; ++i) ss += bf(xr[i]) * bf(xr[i]);
-    const float inv = 1.f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; ++i) out[r * n + i] = to_bf(bf(w[i]) * bf(to_bf(bf(xr[i]) * inv)));
-  }
-}
-
-/* x = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)) for `heads` heads of D per row. */
-static void rope(uint16_t *x, int64_t heads, int64_t D, const uint16_t *cos, const uint16_t *sin) {
-  const int64_t half = D / 2;
-  float tmp[512];
-  for (int64_t h = 0; h < heads; ++h) {
-    uint16_t *xh = x + h * D;
-    for (int64_t d = 0; d < D; ++d) {
-      const float rot = d < half ? -bf(xh[d + half]) : bf(xh[d - half]);
-      tmp[d] = bf(to_bf(bf(xh[d]) * bf(cos[d]))) + bf(to_bf(rot * bf(sin[d])));
-    }
-    for (int64_t d = 0; d < D; ++d) xh[d] = to_bf(tmp[d]);
-  }
-}
+/* ops_bf16.c: the same small ops as the bf16 torch layer path */
+void rms_norm_bf16(uint16_t *out, const uint16_t *x, const uint16_t *w, int64_t rows, int64_t n,
+                   int64_t xs, float eps, int num_threads);
+void silu_mul_bf16(uint16_t *out, const uint16_t *gu, int64_t rows, int64_t I, int num_threads);
+void rope_bf16(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t rows,
+               int64_t heads, int64_t D, int64_t xs, int num_threads);
 
 static void add_into(uint16_t *h, const uint16_t *a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) h[i] = to_bf(bf(h[i]) + bf(a[i]));
@@ -75,19 +55,18 @@ int decode_layer_bf16(uint16_t *h, int64_t M, const struct layer_dims *dm,
                       int num_threads, double *times) {
   const int64_t H = dm->hidden, D = dm->head_dim, Hq = dm->heads, Hkv = dm->kv_heads;
   const int64_t qn = Hq * D, kvn = Hkv * D, qkvn = qn + 2 * kvn, I = dm->inter;
-  if (D > 512) return -1;
   uint16_t *x = work, *qkv = x + M * H, *att = qkv + M * qkvn, *gu = att + M * qn;
   uint16_t *act = gu + M * 2 * I, *tmp = act + M * I;
   float *qf = fwork, *of = fwork + M * qn;
   double t0 = omp_get_wtime(), t;
   double lin = 0, attn = 0;
 #define LIN(call) (t = omp_get_wtime(), call, lin += omp_get_wtime() - t)
-  rms_norm(x, h, in_norm, M, H, dm->eps);
+  rms_norm_bf16(x, h, in_norm, M, H, H, dm->eps, num_threads);
   LIN(linear_bf16(qkv, x, qkv_w, qkv_b, M, H, qkvn, H, num_threads));
   t = omp_get_wtime();
+  rope_bf16(qkv, cos, sin, M, Hq + Hkv, D, qkvn, num_threads); /* q and k heads adjacent */
   for (int64_t r = 0; r < M; ++r) {
     uint16_t *row = qkv + r * qkvn;
-    rope(row, Hq + Hkv, D, cos + r * D, sin + r * D); /* q and k heads are adjacent */
     const int64_t blk = slots[r] / dm->block_size, off = slots[r] % dm->block_size;
     for (int64_t g = 0; g < Hkv; ++g) {
       const int64_t at = ((g * dm->num_blocks + blk) * dm->block_size + off) * D;
@@ -104,14 +83,9 @@ int decode_layer_bf16(uint16_t *h, int64_t M, const struct layer_dims *dm,
   attn += omp_get_wtime() - t;
   LIN(linear_bf16(tmp, att, o_w, NULL, M, qn, H, qn, num_threads));
   add_into(h, tmp, M * H);
-  rms_norm(x, h, post_norm, M, H, dm->eps);
+  rms_norm_bf16(x, h, post_norm, M, H, H, dm->eps, num_threads);
   LIN(linear_bf16(gu, x, gu_w, NULL, M, H, 2 * I, H, num_threads));
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = bf(gu[r * 2 * I + i]);
-      const float s = bf(to_bf(g / (1.f + expf(-g))));
-      act[r * I + i] = to_bf(s * bf(gu[r * 2 * I + I + i]));
-    }
+  silu_mul_bf16(act, gu, M, I, num_threads);
   LIN(linear_bf16(tmp, act, down_w, NULL, M, I, H, I, num_threads));
   add_into(h, tmp, M * H);
 #undef LIN

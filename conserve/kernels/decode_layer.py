@@ -74,11 +74,15 @@ class NativeDecode:
     def usable(model, k_cache: torch.Tensor) -> bool:
         """Whether this model and cache can run layers natively."""
         lin = model.layers[0].qkv.fast if len(model.layers) else None
+        cfg = model.config
         return (
             lin is not None
             and lin.packed is not None
             and k_cache.dtype == torch.bfloat16
-            and model.config.head_dim <= 512
+            # what paged_attention.c takes: head size, query heads per KV head, block size
+            and cfg.head_dim <= 256
+            and cfg.num_heads // cfg.num_kv_heads <= 32
+            and k_cache.shape[-2] <= 256
         )
 
     def step(self, rows: int, cos: torch.Tensor, sin: torch.Tensor, meta) -> NativeStep:
