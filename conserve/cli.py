@@ -243,7 +243,8 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         "(runs that disagree, a reference step that drifts) is measured again, then refused; "
         f"a profile whose held-out median error is above {MAX_HELDOUT_ERROR:.0%} is refused "
         "too. Refused: exit status 1, nothing saved. Accepted: cached per model, dtype, "
-        "device (CPU model or GPU name), threads and attention, where `serve` finds it "
+        "device (CPU model or GPU name), threads and compute path (the compiled kernels' build, "
+        "--attention, --layers), where `serve` finds it "
         "(docs/latency-profile.md).",
     )
     EngineArgs.add_cli_args(prof)
