@@ -1,14 +1,15 @@
 """bf16 linear layers on CPUs with weights prepacked once, at load.
 
 `torch.mm` on a plain [K, N] bf16 weight reorders it into the GEMM library's blocked layout on
-every call: at decode batch sizes it moved the weights at 8-15 GB/s where this machine reads
-34 GB/s (benchmarks/results/roofline-*.md). `FastLinear` packs each weight once:
+every call: the linear layers of 1-64 row steps moved their weights at 9-12.5 GB/s where the
+development machine read 34.6 GB/s (benchmarks/results/roofline-20261202-2142.md).
+`FastLinear` packs each weight once:
 - rows <= SMALL_ROWS: linear_bf16.c streams its own packed copy with AVX512-BF16 dot products
   (about the memory bandwidth at one row; its compute rate bounds it from 3-4 rows on);
 - up to ONEDNN_ROWS rows: oneDNN's linear (torch's mkldnn op, the one torch.compile uses for
   frozen CPU weights) on a weight reordered for it once;
 - more rows, or neither available: torch.mm, as before (at 512 rows and more the reorder is
-  a small share of the product, and torch.mm was as fast or faster).
+  a small share of the product; in quick checks torch.mm was as fast there).
 float32 models never come here: their matmuls stay torch's, so fp32 outputs keep matching the
 reference implementation token for token.
 """
@@ -19,11 +20,12 @@ import torch
 
 from conserve.kernels import CpuKernels, pack_linear_weight
 
-# The compiled kernel takes steps of at most this many rows: at 1 and 2 rows it beat oneDNN's
-# prepacked linear by 1.4x and 1.0x on the development CPU, at 4 rows it lost (1.2x).
+# The compiled kernel takes steps of at most this many rows: in quick checks on the
+# development CPU (the model's 120 layer weights) it beat oneDNN's prepacked linear at 1 row,
+# tied at 2 and lost from 4; `bench roofline` shows the result in the engine's own steps.
 SMALL_ROWS = 2
-# oneDNN on prepacked weights took 0.6x torch.mm's time at 64 rows, 0.78x at 128, 0.94x at 256
-# and 1.3x at 512 (the model's 120 layer weights, bf16, development CPU).
+# In the same checks oneDNN on prepacked weights beat torch.mm from 1 to 256 rows, by less as
+# the rows grow, and lost at 512.
 ONEDNN_ROWS = 256
 
 
