@@ -1,9 +1,10 @@
 """Optional compiled CPU kernels, built on first use with the system C compiler and cached.
 
 The engine works without them (pure PyTorch paths); with them, decode attention reads the paged
-KV cache in place instead of gathering it, and bf16 linear layers of decode steps stream their
-prepacked weights (`linear.py`). The kernels are plain C (no PyTorch headers, they build in
-about a second) called through ctypes. Set CONSERVE_KERNELS=0 to disable.
+KV cache in place instead of gathering it, and bf16 models run their small steps' linear
+layers on prepacked weights (`linear.py`), their per-layer small ops compiled, and whole layers
+of 1-2 row decode steps in one call (`decode_layer.py`). The kernels are plain C (no PyTorch
+headers, they build in a few seconds) called through ctypes. Set CONSERVE_KERNELS=0 to disable.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _SOURCES = [
     Path(__file__).with_name(n)
     for n in ("paged_attention.c", "linear_bf16.c", "decode_layer.c", "ops_bf16.c")
 ]
+_HEADERS = [Path(__file__).with_name("simd.h")]  # included by the sources: part of the key
 # The reassociation flags let the compiler vectorize the dot products. Not -ffast-math: a
 # shared library built with it switches the whole process to flush-to-zero when loaded.
 _FLAGS = [
@@ -212,7 +214,7 @@ def cpu_kernels() -> CpuKernels | None:
         log.warning("no C compiler found: using PyTorch paths")
         return None
     # -march=native: the build is only valid on this CPU model, so its flags are in the key.
-    source = b"".join(p.read_bytes() for p in [*_SOURCES, _SOURCES[0].with_name("simd.h")])
+    source = b"".join(p.read_bytes() for p in [*_SOURCES, *_HEADERS])
     key = hashlib.sha256(source + " ".join(_FLAGS + sorted(cpu_flags())).encode()).hexdigest()
     lib_path = cache_dir() / "kernels" / f"conserve-kernels-{key[:16]}.so"
     try:
