@@ -48,6 +48,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from conserve.cluster.args import check_cluster_args, make_client, uses_ray
     from conserve.server.run import serve
     from conserve.server.state import ServerSettings
 
@@ -63,7 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         planner_gbs=args.planner_gbs,
         restart_engine=not args.no_engine_restart,
     )
-    serve(_engine_config(args), settings, args.host, args.port, args.shutdown_timeout, args.verbose)
+    check_cluster_args(args)
+    config = _engine_config(args)
+    factory = None
+    if uses_ray(args):
+        factory = partial(make_client, config, args)
+    serve(config, settings, args.host, args.port, args.shutdown_timeout, args.verbose, factory)
     return 0
 
 
@@ -175,6 +183,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from conserve.batch.run_file import add_batch_order_args
+    from conserve.cluster.args import add_cluster_args
 
     serve = sub.add_parser(
         "serve",
@@ -227,6 +236,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-file-mb", type=float, default=200, help="largest file upload (413 beyond it)"
     )
     add_batch_order_args(serve)
+    add_cluster_args(serve)
     serve.set_defaults(func=cmd_serve)
 
 

@@ -220,8 +220,9 @@ model.save(__import__("pathlib").Path(sys.argv[1]))
 """
 
 
-def start_server(*extra: str):
-    """`conserve serve` on a free loopback port; returns (process, base URL) once healthy."""
+def start_server(*extra: str, env_extra: dict[str, str] | None = None):
+    """`conserve serve` on a free loopback port; returns (process, base URL) once healthy.
+    `env_extra`: more environment variables for the server process."""
     import subprocess
     import sys
     import tempfile
@@ -236,7 +237,7 @@ def start_server(*extra: str):
         # and the test process, ran a 24 GiB machine out of memory
         extra = (*extra, "--kv-cache-gb", "1", "--host-kv-gb", "0.25")
     port = free_port()
-    env = dict(os.environ, CONSERVE_API_KEY=API_KEY)
+    env = dict(os.environ, CONSERVE_API_KEY=API_KEY, **(env_extra or {}))
     if "--data-dir" not in extra:  # never litter the working directory
         env["CONSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="conserve-data-")
     proc = subprocess.Popen(

@@ -35,6 +35,7 @@ LAYERS: list[set[str]] = [
     },
     {"engine"},  # scheduler, policies, runner, latency model: one engine in one process
     {"core"},  # the engine in its own process, and the client that drives it
+    {"cluster"},  # engine replicas on Ray behind one front door
     {"openai"},  # OpenAI request preparation and response shapes, no web framework
     {"llm", "server", "batch", "__init__"},  # the ways in: Python API, HTTP server, batch jobs
     {"bench", "cli"},  # measuring and commanding all of the above

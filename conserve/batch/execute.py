@@ -4,6 +4,7 @@ Used by the server's Batch API, `conserve batch run` and `conserve bench offline
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol
 
@@ -12,12 +13,16 @@ from conserve.batch.prepare import LinePreparation, LineShape, PreparedLine, pre
 from conserve.batch.results import LineResult, answered
 from conserve.batch.runner import EngineGone, Execute, OrderHook, fcfs
 from conserve.batch.validate import BatchLine
-from conserve.core.client import EngineClient, EngineDeadError
+from conserve.core.client import EngineClient, EngineDeadError, ReplicaLost
 from conserve.core.messages import RequestDelta
 from conserve.engine.request import RequestClass
 from conserve.openai.answer import answer
 from conserve.openai.errors import OpenAIError
 from conserve.openai.protocol import UnknownFields
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_ATTEMPTS = 4  # runs of one batch line across lost replicas before the batch stops
 
 
 class LineHooks(Protocol):
@@ -83,11 +88,20 @@ def line_executor(hooks: LineHooks | None, client: EngineClient) -> Execute:
 
     async def execute(line: BatchLine) -> LineResult:
         prep = line.prep if isinstance(line, PreparedLine) else prepare_line(client, line)
-        try:
-            status, body = await answer_line(prep, client, hooks)
-        except EngineDeadError as e:
-            raise EngineGone(str(e)) from e
-        return answered(line.custom_id, status, body)
+        for attempt in range(MAX_LINE_ATTEMPTS):
+            try:
+                status, body = await answer_line(prep, client, hooks)
+                return answered(line.custom_id, status, body)
+            except ReplicaLost as e:
+                # its replica was lost mid-line; nothing of it was written: run it again on
+                # the replicas left (the request was consumed: prepare the line anew)
+                if attempt + 1 == MAX_LINE_ATTEMPTS:
+                    raise EngineGone(str(e)) from e
+                log.warning("batch line %r runs again: %s", line.custom_id, e)
+                prep = prepare_line(client, line)
+            except EngineDeadError as e:
+                raise EngineGone(str(e)) from e
+        raise AssertionError("unreachable")
 
     return execute
 

@@ -18,6 +18,7 @@ from conserve.batch.planner import DEFAULT_ORDER, ORDERS
 from conserve.batch.results import LineResult, ResultFiles, usage_of
 from conserve.batch.runner import BatchRunner, EngineGone
 from conserve.batch.validate import parse_input
+from conserve.cluster.args import add_cluster_args
 
 
 def add_batch_run_args(p: argparse.ArgumentParser) -> None:
@@ -30,11 +31,12 @@ def add_batch_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--window",
         type=int,
-        help="lines in flight at once (default: --max-num-seqs, so that the batch order, not "
-        "the engine's queue, decides what runs next)",
+        help="lines in flight at once (default: --max-num-seqs per replica, so that the batch "
+        "order, not the engine's queue, decides what runs next)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_batch_order_args(p)
+    add_cluster_args(p)
 
 
 def add_batch_order_args(p: argparse.ArgumentParser) -> None:
@@ -96,9 +98,9 @@ async def _run(args, config, lines, results: ResultFiles, done: int) -> int:
     from tqdm import tqdm
 
     from conserve.batch.execute import batch_order, line_executor
-    from conserve.core.client import EngineClient
+    from conserve.cluster.args import make_client
 
-    client = EngineClient(config)
+    client = make_client(config, args)
     client.start(asyncio.get_running_loop())
     bar = tqdm(
         total=len(lines), initial=done, unit="line", disable=args.no_progress, dynamic_ncols=True
@@ -119,7 +121,7 @@ async def _run(args, config, lines, results: ResultFiles, done: int) -> int:
         results,
         line_executor(None, client),
         order=batch_order(client, args.batch_order, args.planner_tflops, args.planner_gbs),
-        window=args.window or config.scheduler.max_num_seqs,
+        window=args.window or config.scheduler.max_num_seqs * client.num_replicas,
         on_results=progress,
     )
     try:

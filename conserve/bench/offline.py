@@ -81,8 +81,13 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
         "compare each order's fastest run (run-to-run noise on a shared machine is several "
         "percent)",
     )
-    g.add_argument("--window", type=int, help="lines in flight (default: --max-num-seqs)")
+    g.add_argument(
+        "--window", type=int, help="lines in flight (default: --max-num-seqs per replica)"
+    )
     g.add_argument("--output", default="benchmarks/results", help="results directory")
+    from conserve.cluster.args import add_cluster_args
+
+    add_cluster_args(p)
     # a CPU-sized default: with 256 seats the whole window is one engine queue
     p.set_defaults(max_num_seqs=32)
 
@@ -160,12 +165,12 @@ async def _run_order(
     from conserve.batch.results import ResultFiles
     from conserve.batch.runner import BatchRunner
     from conserve.batch.validate import parse_input
-    from conserve.core.client import EngineClient
+    from conserve.cluster.args import make_client
     from conserve.server.state import ServerState
 
     parsed = parse_input(job_path.read_bytes(), endpoint=None)
     assert not parsed.errors, parsed.errors[:3]
-    client = EngineClient(config)
+    client = make_client(config, args)
     client.start(asyncio.get_running_loop())
     try:
         execute = line_executor(ServerState(), client)
@@ -178,7 +183,7 @@ async def _run_order(
             results,
             execute,
             order=batch_order(client, order),
-            window=args.window or config.scheduler.max_num_seqs,
+            window=args.window or config.scheduler.max_num_seqs * client.num_replicas,
         )
         status, wall, steps = await _timed_run(runner, client)
         after = await client.stats()

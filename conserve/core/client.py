@@ -4,10 +4,11 @@ coroutines, aborts requests whose client went away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from conserve.config import EngineConfig
 from conserve.core.messages import (
@@ -33,22 +34,91 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class ReplicaLost(EngineDeadError):
+    """The engine replica running a request was lost, while other replicas may still run it:
+    work that can be done again (a batch line, a request that sent nothing yet) is retried."""
+
+
+class Transport(Protocol):
+    """How an EngineClient reaches its engine core: a pipe to a child process here, a Ray
+    actor in `conserve.cluster`. Messages are those of `conserve.core.messages`."""
+
+    def first(self, timeout_s: float) -> Any:
+        """The core's first message (Ready or Failed); None when none came in time."""
+        ...
+
+    def send(self, msg: Any) -> None: ...
+
+    def recv(self) -> Any:
+        """The next message; raises EOFError or OSError once the core is gone."""
+        ...
+
+    def is_alive(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def close(self, timeout_s: float) -> None:
+        """Ask the core to stop; kill it if it has not after `timeout_s`."""
+        ...
+
+    def kill(self) -> None: ...
+
+
+class PipeTransport:
+    """The engine core as a child process of this one, over a duplex pipe."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.proc, self.conn = start_core(config)
+
+    def first(self, timeout_s: float) -> Any:
+        return self.conn.recv() if self.conn.poll(timeout_s) else None
+
+    def send(self, msg: Any) -> None:
+        self.conn.send(msg)
+
+    def recv(self) -> Any:
+        return self.conn.recv()
+
+    def is_alive(self) -> bool:
+        return self.proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def close(self, timeout_s: float) -> None:
+        if self.proc.is_alive():
+            with contextlib.suppress(OSError, BrokenPipeError):
+                self.conn.send(Shutdown())
+            self.proc.join(timeout_s)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
 class EngineClient:
+    num_replicas = 1  # engines behind this client (a ReplicaSet has several)
+
     def __init__(
         self,
         config: EngineConfig,
         startup_timeout_s: float = 600,
         tokenizer: Tokenizer | None = None,
+        transport: Transport | None = None,
     ) -> None:
-        """Starts the engine core for `config`; `tokenizer`: the model's, when the caller has
-        it loaded already (a restart), else loaded here."""
+        """Starts the engine core for `config` (in a child process, unless `transport` reaches
+        one started elsewhere); `tokenizer`: the model's, when the caller has it loaded already
+        (a restart), else loaded here."""
         self.config = config
         self.tokenizer = tokenizer or Tokenizer.load(resolve_model(config.model))
-        self.proc, self.conn = start_core(config)
-        if not self.conn.poll(startup_timeout_s):
-            self.proc.kill()
+        self.transport = transport or PipeTransport(config)
+        ready = self.transport.first(startup_timeout_s)
+        if ready is None:
+            self.transport.kill()
             raise EngineDeadError("the engine core did not start in time")
-        ready = self.conn.recv()
         if isinstance(ready, Failed):
             raise EngineDeadError(f"the engine core failed to start: {ready.message}")
         assert isinstance(ready, Ready)
@@ -74,19 +144,24 @@ class EngineClient:
 
     @property
     def alive(self) -> bool:
-        return self.dead_reason is None and self.proc.is_alive()
+        return self.dead_reason is None and self.transport.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        """The engine core's process id (on its own machine, for a remote core)."""
+        return self.transport.pid
 
     def _send(self, msg: Any) -> None:
         if not self.alive:
             raise EngineDeadError(self.dead_reason or "the engine core is not running")
         with self._send_lock:
-            self.conn.send(msg)
+            self.transport.send(msg)
 
     def _read_loop(self) -> None:
         assert self._loop is not None
         while True:
             try:
-                msg = self.conn.recv()
+                msg = self.transport.recv()
             except (EOFError, OSError):
                 self._die("the engine core exited")
                 return
@@ -149,15 +224,8 @@ class EngineClient:
         return await asyncio.wait_for(fut, timeout=10)
 
     def shutdown(self, timeout_s: float = 10) -> None:
-        if self.proc.is_alive():
-            try:
-                with self._send_lock:
-                    self.conn.send(Shutdown())
-            except (OSError, BrokenPipeError):
-                pass
-            self.proc.join(timeout_s)
-        if self.proc.is_alive():
-            self.proc.kill()
+        with self._send_lock:
+            self.transport.close(timeout_s)
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:

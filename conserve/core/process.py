@@ -175,6 +175,12 @@ def _read_pipe(conn: Connection, inbox: queue.SimpleQueue, engine: Any) -> None:
 def run_core(config: EngineConfig, conn: Connection) -> None:
     """Process entry point: build the engine, then serve the pipe until Shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when to stop
+    serve_core(config, conn)
+
+
+def serve_core(config: EngineConfig, conn: Any) -> None:
+    """Build the engine, then serve `conn` (a pipe end, or anything with its `send` and
+    `recv`) until Shutdown. Runs in any thread."""
     try:
         from conserve.engine.engine import Engine
 

@@ -60,7 +60,9 @@ def startup_line(client: EngineClient) -> str:
         elif client.slo_slack is not None:
             slos.append(f"{name} as if alone +{client.slo_slack:.0%}")
     slo = f", online SLOs: {', '.join(slos)}" if slos else ""
-    return f"conserve: model {client.model_name}, policy {client.policy}{slo}"
+    replicas = getattr(client, "slots", None)
+    on = f", {len(replicas)} replicas on Ray" if replicas is not None else ""
+    return f"conserve: model {client.model_name}, policy {client.policy}{slo}{on}"
 
 
 def _lifespan(
@@ -75,7 +77,7 @@ def _lifespan(
         if state.batches is not None:
             await start_batches(state, client, settings)
         supervisor = None
-        if settings.restart_engine:
+        if settings.restart_engine and not getattr(client, "supervised", False):
             supervisor = EngineSupervisor(state, client_factory, _resume(state, settings))
             supervisor.start()
         yield

@@ -38,9 +38,9 @@ async def start_batches(state: ServerState, client: EngineClient, settings: Serv
     await state.batches.start(
         line_executor(state, client),
         client.model_name,
-        # about max_num_seqs lines in flight: the engine's own queue stays short, so the
-        # batch order (not the queue) decides what the scheduler admits next
-        default_window=client.config.scheduler.max_num_seqs,
+        # about max_num_seqs lines in flight per engine: the engine's own queue stays short,
+        # so the batch order (not the queue) decides what the scheduler admits next
+        default_window=client.config.scheduler.max_num_seqs * client.num_replicas,
         stop_if=lambda: state.draining,
     )
 

@@ -22,12 +22,15 @@ def info_routes(state: ServerState) -> APIRouter:
     @router.get("/health")
     async def health() -> Response:
         c = state.engine()
+        replicas = c.health() if hasattr(c, "health") else None  # engine replicas on Ray
+        extra = {} if replicas is None else {"replicas": replicas}
         if not c.alive:
-            status = "restarting" if state.restarting else "engine dead"
-            return JSONResponse({"status": status}, status_code=503)
+            restarting = state.restarting or getattr(c, "restarting", False)
+            status = "restarting" if restarting else "engine dead"
+            return JSONResponse({"status": status, **extra}, status_code=503)
         if state.draining:  # shutting down: finishing what runs, taking nothing new
-            return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse({"status": "ok", "engine_pid": c.proc.pid})
+            return JSONResponse({"status": "draining", **extra}, status_code=503)
+        return JSONResponse({"status": "ok", "engine_pid": c.pid, **extra})
 
     @router.get("/version")
     async def version() -> dict[str, Any]:
@@ -76,6 +79,9 @@ def info_routes(state: ServerState) -> APIRouter:
         s = await _engine_stats(state)
         if s is not None:  # else: the last snapshot (the engine restarts, or is busy)
             state.metrics.update_engine(s)
+        c = state.engine()
+        if hasattr(c, "replica_snapshots"):  # engine replicas on Ray
+            state.metrics.update_replicas(c.replica_snapshots())
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return router

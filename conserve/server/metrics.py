@@ -131,6 +131,64 @@ def _coserve_metrics(s: Stats):
     )
 
 
+class _ReplicaCollector:
+    """Per engine replica (`conserve serve --replicas N`), labelled `replica`: whether it is
+    up, its restarts, what the router sent it, and its own engine figures. Empty with one
+    engine process."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict] = []
+
+    def collect(self):
+        snaps = self.snapshots
+        if not snaps:
+            return
+        up = GaugeMetricFamily(
+            "conserve:replica_up", "1 while the replica runs", labels=["replica"]
+        )
+        restarts = CounterMetricFamily(
+            "conserve:replica_restarts",
+            "Times the replica was lost and restarted",
+            labels=["replica"],
+        )
+        routed = CounterMetricFamily(
+            "conserve:replica_requests_routed",
+            "Requests the router sent to the replica (retries included)",
+            labels=["replica", "class"],
+        )
+        gauges = {
+            name: GaugeMetricFamily(f"conserve:replica_{name}", text, labels=labels)
+            for name, text, labels in (
+                ("num_requests_running", "Sequences running", ["replica", "class"]),
+                ("num_requests_waiting", "Sequences waiting", ["replica", "class"]),
+                ("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", ["replica"]),
+            )
+        }
+        counters = {
+            name: CounterMetricFamily(f"conserve:replica_{name}", text, labels=["replica"])
+            for name, text in (
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+                ("prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+            )
+        }
+        for snap in snaps:
+            r = str(snap["replica"])
+            up.add_metric([r], 1.0 if snap["up"] else 0.0)
+            restarts.add_metric([r], snap["restarts"])
+            for klass, n in snap["routed"].items():
+                routed.add_metric([r, klass], n)
+            s: Stats | None = snap["stats"]
+            if s is None:
+                continue
+            for klass, (running, waiting) in s.by_class.items():
+                gauges["num_requests_running"].add_metric([r, klass], running)
+                gauges["num_requests_waiting"].add_metric([r, klass], waiting)
+            gauges["kv_cache_usage_perc"].add_metric([r], s.kv_usage)
+            counters["prefix_cache_queries"].add_metric([r], s.prefix_queries)
+            counters["prefix_cache_hits"].add_metric([r], s.prefix_hits)
+        yield from (up, restarts, routed, *gauges.values(), *counters.values())
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
@@ -139,6 +197,8 @@ class Metrics:
         r = self.registry
         self.engine = _EngineCollector()
         r.register(self.engine)
+        self.replicas = _ReplicaCollector()
+        r.register(self.replicas)
         self.prompt_tokens = Counter(
             "conserve:prompt_tokens", "Prompt tokens", ["class"], registry=r
         )
@@ -226,6 +286,10 @@ class Metrics:
             self.measured.inc(measured)
             if predicted > 0:
                 self.prediction_ratio.observe(measured / predicted)
+
+    def update_replicas(self, snapshots: list[dict]) -> None:
+        """Each replica's state (`ReplicaSet.replica_snapshots()`)."""
+        self.replicas.snapshots = snapshots
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import uvicorn
 
 from conserve.config import EngineConfig
+from conserve.core.client import EngineClient
 from conserve.server.app import create_app
 from conserve.server.state import ServerSettings, ServerState
 from conserve.server.supervisor import EngineFactory
@@ -42,8 +44,11 @@ def serve(
     port: int,
     shutdown_timeout_s: float,
     verbose: bool = False,
+    client_factory: Callable[[], EngineClient] | None = None,
 ) -> None:
+    """`client_factory`: builds the engine client (default: one engine process, restarted by
+    the supervisor when it dies)."""
     state = ServerState()
-    app = create_app(EngineFactory(config), settings, state)
+    app = create_app(client_factory or EngineFactory(config), settings, state)
     uv = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning")
     DrainingServer(uv, state, shutdown_timeout_s).run()

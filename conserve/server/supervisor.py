@@ -135,7 +135,7 @@ class EngineSupervisor:
             state.client = client
             state.restarting = False
             state.metrics.engine_restarts.inc()
-            log.warning("engine core restarted (pid %d)", client.proc.pid)
+            log.warning("engine core restarted (pid %d)", client.pid)
             if self.on_restart is not None:
                 await self.on_restart(client)
             return
