@@ -94,7 +94,9 @@ def test_two_replicas_serve_the_openai_api(cluster, client, model):
 
 
 def test_same_prefix_offline_requests_land_on_one_replica(cluster, client, model):
-    before_routed = metric(cluster, "conserve:replica_requests_routed_total", **{"class": "offline"})
+    before_routed = metric(
+        cluster, "conserve:replica_requests_routed_total", **{"class": "offline"}
+    )
     before_hits = metric(cluster, "conserve:replica_prefix_cache_hits_total")
     system = "You answer questions about rivers and bridges in one short sentence. " * 12
     for i in range(6):  # one after the other: the load never pulls them apart
