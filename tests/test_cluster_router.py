@@ -196,3 +196,20 @@ def test_without_ray_one_replica_needs_nothing_and_replicas_say_what_to_install(
         timeout=120,
     )
     assert run.returncode == 2 and "--replicas must be at least 1" in run.stderr
+
+
+def test_each_replica_owns_its_host_tier_directory_and_step_log(tmp_path):
+    from conserve.cluster.replica import for_replica
+    from conserve.config import CacheConfig, EngineConfig
+
+    cfg = EngineConfig(
+        cache=CacheConfig(host_kv_path=str(tmp_path / "tier")), step_log=str(tmp_path / "s.jsonl")
+    )
+    one, two = for_replica(cfg, 0), for_replica(cfg, 1)
+    assert one.cache.host_kv_path == str(tmp_path / "tier" / "replica-0")
+    assert two.cache.host_kv_path == str(tmp_path / "tier" / "replica-1")
+    assert (one.step_log, two.step_log) == (
+        str(tmp_path / "s.replica0.jsonl"),
+        str(tmp_path / "s.replica1.jsonl"),
+    )
+    assert for_replica(EngineConfig(), 3) == EngineConfig()

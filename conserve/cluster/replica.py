@@ -13,6 +13,7 @@ import queue
 import tempfile
 import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from conserve.config import EngineConfig
@@ -46,6 +47,20 @@ class QueueConn:
                 return out
 
 
+def for_replica(config: EngineConfig, index: int) -> EngineConfig:
+    """The files one engine owns, made per replica: the host tier's directory (one engine
+    per directory) gets a `replica-<i>` subdirectory, the step log a `.replica<i>` infix."""
+    if config.cache.host_kv_path:
+        path = str(Path(config.cache.host_kv_path) / f"replica-{index}")
+        config = replace(config, cache=replace(config.cache, host_kv_path=path))
+    if config.step_log:
+        log = Path(config.step_log)
+        config = replace(
+            config, step_log=str(log.with_name(f"{log.stem}.replica{index}{log.suffix}"))
+        )
+    return config
+
+
 class Replica:
     """Actor body (wrapped by `ray.remote` in `launch.py`). `profile_text`: a latency profile
     (JSON) to plan with, from the replica that measured or loaded it; written to a local file,
@@ -53,6 +68,7 @@ class Replica:
 
     def __init__(self, config: EngineConfig, index: int, profile_text: str | None) -> None:
         self.index = index
+        config = for_replica(config, index)
         if profile_text is not None:
             fd, path = tempfile.mkstemp(prefix=f"conserve-replica{index}-", suffix=".json")
             with os.fdopen(fd, "w") as f:

@@ -210,13 +210,14 @@ class ReplicaSet:
 
     # -- requests -----------------------------------------------------------------------------
     async def _pick(self, klass: RequestClass, prompt: list[int]) -> Slot:
-        """The replica to run a request on; waits while every replica restarts."""
+        """The replica to run a request on. While every replica restarts, an online request
+        fails at once (a retryable 503, as with one engine); offline work waits for one."""
         deadline = time.monotonic() + self.wait_for_replica_s
         while True:
             i = self.router.pick(klass, prompt)
             if i is not None:
                 return self.slots[i]
-            if self._closed or time.monotonic() > deadline:
+            if self._closed or klass is RequestClass.ONLINE or time.monotonic() > deadline:
                 raise EngineDeadError("no engine replica is running")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -247,6 +248,8 @@ class ReplicaSet:
                         yield delta
                     return
                 except EngineDeadError as e:
+                    if not client.alive:  # route nothing more there until it is back
+                        self.loads[slot.index].up = False
                     if sent or attempts >= len(self.slots):
                         raise ReplicaLost(f"engine replica {slot.index} was lost: {e}") from e
                     attempts += 1
