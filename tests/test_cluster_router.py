@@ -213,3 +213,26 @@ def test_each_replica_owns_its_host_tier_directory_and_step_log(tmp_path):
         str(tmp_path / "s.replica1.jsonl"),
     )
     assert for_replica(EngineConfig(), 3) == EngineConfig()
+
+
+def test_a_depth_first_batch_splits_into_subtrees_across_replicas():
+    """Lines of a planned batch arrive subtree by subtree (each subtree: one shared document);
+    with a window of lines in flight, each subtree stays on one replica and the subtrees
+    spread over both."""
+    r = router(min_margin=4)
+    docs = [[1000 * d + i for i in range(128)] for d in range(6)]
+    lines = [(d, docs[d] + [d, q]) for d in range(6) for q in range(8)]  # depth-first order
+    window, in_flight, placed = 8, [], {}
+    for d, prompt in lines:
+        if len(in_flight) == window:  # the oldest line finishes, a seat frees
+            r.loads[in_flight.pop(0)].offline_in_flight -= 1
+        i = r.pick(OFF, prompt)
+        r.loads[i].offline_in_flight += 1
+        in_flight.append(i)
+        placed.setdefault(d, []).append(i)
+    assert {i for p in placed.values() for i in p} == {0, 1}  # the subtrees use both
+    for d, p in placed.items():
+        # a subtree's lines stay together: they move at most once (a spill when its replica
+        # ran a margin ahead), and then follow the prefix's new home
+        moves = sum(a != b for a, b in zip(p, p[1:]))
+        assert moves <= 1, (d, p)
