@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -39,6 +40,8 @@ def cluster():
     )  # fmt: skip
     yield base
     stop_server(proc)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
     out = proc.stdout.read() if proc.stdout else ""
     assert "Traceback" not in out, out[-4000:]
 
