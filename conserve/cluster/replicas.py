@@ -81,7 +81,6 @@ class ReplicaSet:
             first = self._connect(self.slots[0])  # it measures or loads the latency profile
             self._describe(first)
             profile = profile or first.latency_profile
-            self._profile = profile
             self.slots += [
                 Slot(i, launch.create_replica(config, i, profile)) for i in range(1, replicas)
             ]
@@ -149,9 +148,8 @@ class ReplicaSet:
 
     def _set_up(self, slot: Slot) -> None:
         assert slot.client is not None
-        load = self.loads[slot.index]
+        load = self.loads[slot.index]  # its counts return to zero as its requests end
         load.up = True
-        load.online_queued_tokens = load.online_running = load.offline_in_flight = 0
         if slot.client.latency_profile:
             load.model = LatencyModel.from_json(json.loads(slot.client.latency_profile))
         slot.state = "up"
