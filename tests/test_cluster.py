@@ -79,6 +79,7 @@ def test_two_replicas_serve_the_openai_api(cluster, client, model):
     assert h["status"] == "ok"
     assert [r["status"] for r in h["replicas"]] == ["up", "up"]
     assert len({r["pid"] for r in h["replicas"]}) == 2
+    assert all(r["address"].startswith("127.0.0.1:") for r in h["replicas"]), h  # loopback
     r = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
     )

@@ -234,5 +234,5 @@ def test_a_depth_first_batch_splits_into_subtrees_across_replicas():
     for d, p in placed.items():
         # a subtree's lines stay together: they move at most once (a spill when its replica
         # ran a margin ahead), and then follow the prefix's new home
-        moves = sum(a != b for a, b in zip(p, p[1:]))
+        moves = sum(a != b for a, b in zip(p, p[1:], strict=False))
         assert moves <= 1, (d, p)

@@ -41,12 +41,12 @@ def uses_ray(args: argparse.Namespace) -> bool:
 
 def check_cluster_args(args: argparse.Namespace) -> None:
     """Before anything starts: a clear error for a bad count or a missing Ray."""
-    from conserve.cluster.launch import import_ray
+    from conserve.cluster.launch import LOCAL, import_ray
 
     if args.replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, not {args.replicas}")
     if uses_ray(args):
-        import_ray()
+        import_ray(local=args.ray_address in (None, LOCAL))
 
 
 def make_client(config: EngineConfig, args: argparse.Namespace) -> EngineClient:

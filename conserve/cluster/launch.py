@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -22,7 +23,12 @@ class RayMissingError(ConfigError):
     pass
 
 
-def import_ray() -> Any:
+def import_ray(local: bool = False) -> Any:
+    """Ray, imported. `local`: for a Ray instance of this process only; then Ray keeps every
+    address on loopback (by default it advertises the machine's outward address, so that
+    other machines could join), unless the environment says otherwise."""
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError as e:
@@ -36,7 +42,7 @@ def connect(address: str | None, cpus_needed: int) -> bool:
     """Join the cluster at `address` ("auto": the one `ray start` runs on this machine), or
     start a local instance on the loopback address when `address` is None or "local". True
     when this process started Ray (and so stops it at the end)."""
-    ray = import_ray()
+    ray = import_ray(local=address in (None, LOCAL))
     if ray.is_initialized():
         return False
     with _own_signal_handlers():
@@ -68,7 +74,6 @@ def _init(ray: Any, address: str | None, cpus_needed: int) -> bool:
             )
         ray.init(
             num_cpus=max(cpus, cpus_needed),
-            _node_ip_address="127.0.0.1",
             include_dashboard=False,
             configure_logging=False,
         )
@@ -77,16 +82,16 @@ def _init(ray: Any, address: str | None, cpus_needed: int) -> bool:
     return False
 
 
-def create_replica(config: EngineConfig, index: int, profile_text: str | None) -> Any:
+def create_replica(
+    config: EngineConfig, index: int, profile_text: str | None, authkey: bytes
+) -> Any:
     """A replica actor given `config.num_threads` CPUs; Ray restarts it whenever its process
     dies (the front door notices and reconnects)."""
     ray = import_ray()
-    actor_class = ray.remote(concurrency_groups={"inbox": 1, "outbox": 1}, max_concurrency=4)(
-        Replica
-    )
+    actor_class = ray.remote(Replica)
     return actor_class.options(
         num_cpus=config.num_threads or 1, max_restarts=-1, max_task_retries=0
-    ).remote(config, index, profile_text)
+    ).remote(config, index, profile_text, authkey)
 
 
 def same_process(actor: Any, pid: int | None) -> bool:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -76,13 +77,15 @@ class ReplicaSet:
         self._changed = asyncio.Event()
         self.retried = 0  # requests run again after their replica was lost
         profile = _profile_text(config)
-        self.slots = [Slot(0, launch.create_replica(config, 0, profile))]
+        self._authkey = os.urandom(32)  # what the front door connects to its replicas with
+        self.slots = [Slot(0, launch.create_replica(config, 0, profile, self._authkey))]
         try:
             first = self._connect(self.slots[0])  # it measures or loads the latency profile
             self._describe(first)
             profile = profile or first.latency_profile
             self.slots += [
-                Slot(i, launch.create_replica(config, i, profile)) for i in range(1, replicas)
+                Slot(i, launch.create_replica(config, i, profile, self._authkey))
+                for i in range(1, replicas)
             ]
             with ThreadPoolExecutor(max(1, replicas - 1)) as pool:
                 list(pool.map(self._connect, self.slots[1:]))
@@ -128,6 +131,7 @@ class ReplicaSet:
                 "replica": s.index,
                 "status": s.state,
                 "pid": s.client.pid if s.client is not None else None,
+                "address": getattr(s.client.transport, "address", None) if s.client else None,
                 "restarts": s.restarts,
             }
             for s in self.slots
@@ -139,7 +143,7 @@ class ReplicaSet:
             self.config,
             startup_timeout_s=self.startup_timeout_s,
             tokenizer=self.tokenizer,
-            transport=RayTransport(slot.actor),
+            transport=RayTransport(slot.actor, self._authkey),
         )
         slot.client = client
         if self._loop is not None:
@@ -328,6 +332,4 @@ def replica_config(config: EngineConfig, replicas: int) -> EngineConfig:
     """One replica's config: unless --threads says otherwise, the machine's cores shared out."""
     if config.num_threads:
         return config
-    import os
-
     return replace(config, num_threads=max(1, (os.cpu_count() or 1) // replicas))

@@ -1,23 +1,17 @@
-"""The front door's end of a replica: an `EngineClient` transport over a Ray actor handle.
-
-Sends are fire-and-forget actor calls, numbered so the actor takes them in order; receiving is a
-long poll (`Replica.recv`) that returns everything the core sent since the last one. A lost actor
-surfaces as EOFError from `recv`, as a dead pipe does for a local core.
-"""
+"""The front door's end of a replica: an `EngineClient` transport to an engine core in a Ray
+actor. Ray gives the actor's address and process id; the messages go over a direct connection
+(`multiprocessing.connection`, authenticated by the set's key), as over the local pipe. A lost
+actor closes the socket: `recv` raises EOFError at once."""
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
-from collections import deque
+from multiprocessing.connection import Client, Connection
 from typing import Any
 
-from conserve.core.messages import Failed
+from conserve.core.messages import Failed, Shutdown
 
 log = logging.getLogger(__name__)
-
-POLL_S = 1.0  # longest wait of one `recv` call on the actor
 
 
 def ray_errors() -> tuple[type[BaseException], ...]:
@@ -28,63 +22,63 @@ def ray_errors() -> tuple[type[BaseException], ...]:
 
 
 class RayTransport:
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
-        self._seq = itertools.count()
-        self._buffer: deque[Any] = deque()
-        self._dead = threading.Event()
+    def __init__(self, actor: Any, authkey: bytes) -> None:
+        self.actor, self.authkey = actor, authkey
+        self.conn: Connection | None = None
         self._pid: int | None = None
+        self._dead = False
+        self.address: str | None = None  # host:port of the replica's end (its node's address)
 
     def first(self, timeout_s: float) -> Any:
         import ray
 
         try:
+            address = ray.get(self.actor.address.remote(), timeout=timeout_s)
+            self.address = f"{address[0]}:{address[1]}"
             self._pid = ray.get(self.actor.pid.remote(), timeout=timeout_s)
-            while True:  # the core sends Ready (or Failed) once the engine is built
-                msgs = ray.get(self.actor.recv.options(concurrency_group="outbox").remote(POLL_S))
-                if msgs:
-                    self._buffer.extend(msgs[1:])
-                    return msgs[0]
         except ray_errors() as e:
             return Failed(f"the replica is unreachable: {type(e).__name__}: {e}")
+        try:
+            self.conn = Client(tuple(address), authkey=self.authkey)
+            # the core sends Ready (or Failed) once the engine is built
+            return self.conn.recv() if self.conn.poll(timeout_s) else None
+        except (OSError, EOFError) as e:
+            return Failed(f"the replica's connection failed: {type(e).__name__}: {e}")
 
     def send(self, msg: Any) -> None:
-        if self._dead.is_set():
+        if self.conn is None or self._dead:
             raise OSError("the replica is gone")
-        self.actor.send.options(concurrency_group="inbox").remote(next(self._seq), msg)
+        self.conn.send(msg)
 
     def recv(self) -> Any:
-        import ray
-
-        while not self._buffer:
-            if self._dead.is_set():
-                raise EOFError("the replica is closed")
-            try:
-                call = self.actor.recv.options(concurrency_group="outbox").remote(POLL_S)
-                self._buffer.extend(ray.get(call, timeout=POLL_S + 30))
-            except ray_errors() as e:
-                self._dead.set()
-                raise EOFError(f"the replica was lost ({type(e).__name__})") from e
-        return self._buffer.popleft()
+        if self.conn is None:
+            raise EOFError("not connected")
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self._dead = True
+            raise
 
     def is_alive(self) -> bool:
-        return not self._dead.is_set()
+        return self.conn is not None and not self._dead
 
     @property
     def pid(self) -> int | None:
         return self._pid
 
     def close(self, timeout_s: float) -> None:
-        """Stop the core loop (the actor itself is killed by the ReplicaSet)."""
-        import ray
-
-        if self._dead.is_set():
+        """Ask the core loop to stop (the ReplicaSet kills the actor afterwards)."""
+        if self.conn is None or self._dead:
             return
-        self._dead.set()
         try:
-            ray.get(self.actor.stop.remote(timeout_s), timeout=timeout_s + 5)
-        except ray_errors():
+            self.conn.send(Shutdown())
+            self.conn.poll(timeout_s)  # the core closes its end when its loop has ended
+        except (OSError, EOFError):
             pass
+        self._dead = True
+        self.conn.close()
 
     def kill(self) -> None:
-        self._dead.set()
+        self._dead = True
+        if self.conn is not None:
+            self.conn.close()
