@@ -18,6 +18,7 @@ import struct
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,6 +120,10 @@ def test_harvest_rate_and_ceiling():
     assert h["offline_tokens_per_s"] == pytest.approx(50.0)
     # nothing offline ever: no ceiling to tell
     assert harvest(counters(5.0, online_busy_s=1.0), counters(0.0))["ceiling_tokens_per_s"] is None
+    # two replicas: busy seconds are summed over both, and so is the ceiling
+    two = harvest(replace(new, engines=2), replace(old, engines=2))
+    assert two["online_busy"] == pytest.approx(0.2)
+    assert two["ceiling_tokens_per_s"] == pytest.approx(1200.0 * 2 * 0.8)
 
 
 def test_batch_time_left_from_its_recent_progress():

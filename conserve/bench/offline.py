@@ -353,7 +353,8 @@ def render(runs: list[dict], best: list[dict], desc: dict, info: dict, ratios: d
         f"- engine: model {config.model}, dtype {config.dtype}, max_num_seqs {sc.max_num_seqs}, "
         f"max_num_batched_tokens {sc.max_num_batched_tokens}, policy {sc.policy}, "
         f"window {desc['window']}, KV cache {desc['kv_blocks']} blocks of "
-        f"{config.cache.block_size} tokens",
+        f"{config.cache.block_size} tokens"
+        + (f" per replica, {desc['replicas']} replicas on Ray" if desc["replicas"] > 1 else ""),
         f"- job: {desc['num_requests']} lines ({tasks}), "
         f"{desc['prompt_tokens']} prompt + {desc['output_tokens']} output tokens; the tasks are "
         f"{desc['task_order']}",
@@ -436,7 +437,8 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         job, desc = build_job(
             args.num_requests, tokenizer, model_name, args.seed, tasks, args.arrange
         )
-        desc["window"] = args.window or config.scheduler.max_num_seqs
+        desc["window"] = args.window or config.scheduler.max_num_seqs * args.replicas
+        desc["replicas"] = args.replicas
         desc["fixed_step_s"] = profile["const"]
         desc["latency_profile"] = profile
         desc["kv_blocks"] = None  # the engine's, once one has started

@@ -57,4 +57,5 @@ def merge_stats(parts: list[tuple[Stats, int]]) -> Stats:
         offline_only_tokens=total("offline_only_tokens"),
         offline_computed_tokens=total("offline_computed_tokens"),
         host_kv_usage=sum(s.host_kv_usage for s in stats) / len(stats),
+        engines=sum(s.engines for s in stats),
     )

@@ -116,3 +116,4 @@ class Stats:
     offline_only_tokens: int = 0
     offline_computed_tokens: int = 0
     host_kv_usage: float = 0.0  # host-tier blocks in use (0-1; 0 without a host tier)
+    engines: int = 1  # engines these figures add up (replicas that answered)

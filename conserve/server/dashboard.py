@@ -47,6 +47,7 @@ class Counters:
     offline_only_busy_s: float = 0.0
     offline_only_tokens: int = 0
     offline_computed_tokens: int = 0
+    engines: int = 1  # busy seconds are summed over this many engines (replicas)
 
     @staticmethod
     def of(stats: Stats, mono: float) -> Counters:
@@ -57,6 +58,7 @@ class Counters:
             stats.offline_only_busy_s,
             stats.offline_only_tokens,
             stats.offline_computed_tokens,
+            stats.engines,
         )
 
     def plus(self, base: Counters) -> Counters:
@@ -77,6 +79,7 @@ class Counters:
             self.offline_only_busy_s + base.offline_only_busy_s,
             self.offline_only_tokens + base.offline_only_tokens,
             self.offline_computed_tokens + base.offline_computed_tokens,
+            self.engines,
         )
 
 
@@ -112,11 +115,13 @@ def attainment(new: Counters, old: Counters) -> dict[str, dict[str, Any]]:
 def harvest(new: Counters, old: Counters) -> dict[str, float | None]:
     """Offline tokens per second between `old` and `new`, and the ceiling: the offline-only
     rate (tokens per busy second of steps with offline work only, in the window, or since the
-    start when the window had none) times the share of the window that online work left."""
+    start when the window had none) times the share of the window that online work left,
+    for each engine (replicas: busy time is summed over them, the ceiling too)."""
     span = new.mono - old.mono
     if span <= 0:
         return {"offline_tokens_per_s": None, "ceiling_tokens_per_s": None, "online_busy": None}
-    online_busy = min(1.0, max(0.0, (new.online_busy_s - old.online_busy_s) / span))
+    engines = max(1, new.engines)
+    online_busy = min(1.0, max(0.0, (new.online_busy_s - old.online_busy_s) / (span * engines)))
     busy = new.offline_only_busy_s - old.offline_only_busy_s
     tokens = new.offline_only_tokens - old.offline_only_tokens
     if busy <= 0 or tokens <= 0:
@@ -124,7 +129,9 @@ def harvest(new: Counters, old: Counters) -> dict[str, float | None]:
     rate_alone = tokens / busy if busy > 0 and tokens > 0 else None
     return {
         "offline_tokens_per_s": (new.offline_computed_tokens - old.offline_computed_tokens) / span,
-        "ceiling_tokens_per_s": None if rate_alone is None else rate_alone * (1 - online_busy),
+        "ceiling_tokens_per_s": (
+            None if rate_alone is None else rate_alone * engines * (1 - online_busy)
+        ),
         "online_busy": online_busy,
     }
 
