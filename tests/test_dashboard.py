@@ -144,6 +144,7 @@ class FakeClient:
         self.ttft_slo, self.tpot_slo, self.slo_slack = None, 0.05, 0.05
         self.config = SimpleNamespace(cache=SimpleNamespace(host_kv_gb=0.25))
         self.alive = True
+        self.on_ray, self.num_replicas = False, 1
         self.stats_calls = 0
         self.next = fake_stats()
 

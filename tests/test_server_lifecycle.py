@@ -185,13 +185,16 @@ def test_the_startup_line_shows_the_slos_whenever_they_are_set():
 
     from conserve.server.app import startup_line
 
-    def client(policy, ttft, tpot, slack=None):
+    def client(policy, ttft, tpot, slack=None, replicas=0):
         return SimpleNamespace(
-            model_name="m", policy=policy, ttft_slo=ttft, tpot_slo=tpot, slo_slack=slack
-        )
+            model_name="m", policy=policy, ttft_slo=ttft, tpot_slo=tpot, slo_slack=slack,
+            on_ray=replicas > 0, num_replicas=max(replicas, 1),
+        )  # fmt: skip
 
     with_slos = "conserve: model m, policy fcfs, online SLOs: TTFT 1.5 s, TPOT 0.25 s"
     assert startup_line(client("fcfs", 1.5, 0.25)) == with_slos
     assert startup_line(client("fcfs", None, None)) == "conserve: model m, policy fcfs"
     relative = "conserve: model m, policy conserve, online SLOs: TTFT 2 s, TPOT as if alone +15%"
     assert startup_line(client("conserve", 2.0, None, 0.15)) == relative
+    assert startup_line(client("fcfs", None, None, replicas=2)).endswith(", 2 replicas on Ray")
+    assert startup_line(client("fcfs", None, None, replicas=1)).endswith(", 1 replica on Ray")

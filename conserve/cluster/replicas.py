@@ -52,7 +52,7 @@ class Slot:
 
 
 class ReplicaSet:
-    supervised = True  # restarts its replicas itself: the server runs no engine supervisor
+    on_ray = True  # Ray restarts its replicas, the set reconnects: no engine supervisor
 
     def __init__(
         self,

@@ -101,6 +101,7 @@ class PipeTransport:
 
 class EngineClient:
     num_replicas = 1  # engines behind this client (a ReplicaSet has several)
+    on_ray = False  # a ReplicaSet (conserve.cluster) is: per-replica health and metrics
 
     def __init__(
         self,

@@ -60,8 +60,8 @@ def startup_line(client: EngineClient) -> str:
         elif client.slo_slack is not None:
             slos.append(f"{name} as if alone +{client.slo_slack:.0%}")
     slo = f", online SLOs: {', '.join(slos)}" if slos else ""
-    replicas = getattr(client, "slots", None)
-    on = f", {len(replicas)} replicas on Ray" if replicas is not None else ""
+    n = client.num_replicas
+    on = f", {n} replica{'s' if n > 1 else ''} on Ray" if client.on_ray else ""
     return f"conserve: model {client.model_name}, policy {client.policy}{slo}{on}"
 
 
@@ -77,7 +77,8 @@ def _lifespan(
         if state.batches is not None:
             await start_batches(state, client, settings)
         supervisor = None
-        if settings.restart_engine and not getattr(client, "supervised", False):
+        # replicas on Ray are restarted by Ray, and followed by their ReplicaSet
+        if settings.restart_engine and not client.on_ray:
             supervisor = EngineSupervisor(state, client_factory, _resume(state, settings))
             supervisor.start()
         yield

@@ -22,8 +22,7 @@ def info_routes(state: ServerState) -> APIRouter:
     @router.get("/health")
     async def health() -> Response:
         c = state.engine()
-        replicas = c.health() if hasattr(c, "health") else None  # engine replicas on Ray
-        extra = {} if replicas is None else {"replicas": replicas}
+        extra = {"replicas": c.health()} if c.on_ray else {}
         if not c.alive:
             restarting = state.restarting or getattr(c, "restarting", False)
             status = "restarting" if restarting else "engine dead"
@@ -80,7 +79,7 @@ def info_routes(state: ServerState) -> APIRouter:
         if s is not None:  # else: the last snapshot (the engine restarts, or is busy)
             state.metrics.update_engine(s)
         c = state.engine()
-        if hasattr(c, "replica_snapshots"):  # engine replicas on Ray
+        if c.on_ray:
             state.metrics.update_replicas(c.replica_snapshots())
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
