@@ -75,7 +75,6 @@ class ReplicaSet:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: threading.Thread | None = None
         self._changed = asyncio.Event()
-        self.retried = 0  # requests run again after their replica was lost
         profile = _profile_text(config)
         self._authkey = os.urandom(32)  # what the front door connects to its replicas with
         self.slots = [Slot(0, launch.create_replica(config, 0, profile, self._authkey))]
@@ -255,7 +254,6 @@ class ReplicaSet:
                     if sent or attempts >= len(self.slots):
                         raise ReplicaLost(f"engine replica {slot.index} was lost: {e}") from e
                     attempts += 1
-                    self.retried += 1
                     log.warning("request %s runs again: replica %d lost", request_id, slot.index)
                 finally:
                     await inner.aclose()

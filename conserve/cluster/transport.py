@@ -5,13 +5,10 @@ actor closes the socket: `recv` raises EOFError at once."""
 
 from __future__ import annotations
 
-import logging
 from multiprocessing.connection import Client, Connection
 from typing import Any
 
 from conserve.core.messages import Failed, Shutdown
-
-log = logging.getLogger(__name__)
 
 
 def ray_errors() -> tuple[type[BaseException], ...]:
