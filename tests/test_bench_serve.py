@@ -178,7 +178,7 @@ def test_request_bodies_fix_the_output_length():
     body = request_body(r, "m", "completions")
     assert body["prompt"] == "hello" and body["max_tokens"] == 32
     assert body["ignore_eos"] is True and body["min_tokens"] == 32 and body["stream"] is True
-    assert body["stream_options"] == {"include_usage": True}
+    assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     chat = request_body(r, "m", "chat")
     assert chat["messages"] == [{"role": "user", "content": "hello"}] and "prompt" not in chat
 

@@ -166,6 +166,44 @@ def test_flex_tier_is_echoed(client, model):
     assert r.service_tier == "flex"
 
 
+def _usage_stream(client, model, tier: str) -> tuple[str, list[int], int]:
+    """A streamed chat with the usage so far in every chunk: (text, completion tokens each text
+    chunk added, final completion tokens)."""
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Write a long story about a cat."}],
+        temperature=0,
+        max_tokens=48,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True},
+        service_tier=tier,
+    )
+    text, per_chunk, seen = "", [], 0
+    for c in stream:
+        if c.choices:
+            assert c.usage is not None and c.usage.completion_tokens >= seen
+            if c.choices[0].delta.content:
+                text += c.choices[0].delta.content
+                per_chunk.append(c.usage.completion_tokens - seen)
+            seen = c.usage.completion_tokens
+        else:
+            final = c.usage.completion_tokens
+    return text, per_chunk, final
+
+
+def test_offline_streams_carry_several_tokens_per_chunk_with_running_usage(client, model):
+    """Offline (flex) outputs reach the API process every half second, merged per request:
+    the chunks of its stream hold several tokens, counted by `continuous_usage_stats`; the
+    text is the one an online stream gets."""
+    flex_text, flex_chunks, flex_total = _usage_stream(client, model, "flex")
+    text, chunks, total = _usage_stream(client, model, "default")
+    assert flex_total == total == 48 and sum(flex_chunks) <= 48 and sum(chunks) <= 48
+    assert flex_text == text
+    assert max(chunks) <= 2 and len(chunks) >= 40  # online: a chunk per token
+    assert max(flex_chunks) >= 4 and len(flex_chunks) < len(chunks)
+
+
 def _post(server: str, path: str, body, key: str | None = API_KEY, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(f"{server}{path}", json=body, headers=headers, timeout=60, **kw)

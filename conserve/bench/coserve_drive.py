@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,8 @@ class Window:
 
 
 def token_times(rec: RequestRecord) -> list[float]:
-    """Arrival times (s after the run start) of the record's text chunks."""
+    """Arrival times (s after the run start) of the record's tokens: each text chunk's time,
+    once per token it carried (when the server said so, else once)."""
     if rec.ttft_s is None:
         return []
     t = rec.sent_s + rec.ttft_s
@@ -72,6 +74,8 @@ def token_times(rec: RequestRecord) -> list[float]:
     for gap in rec.itl_s:
         t += gap
         out.append(t)
+    if len(rec.chunk_tokens) == len(out):
+        out = [x for x, n in zip(out, rec.chunk_tokens, strict=True) for _ in range(n)]
     return out
 
 
@@ -141,28 +145,25 @@ async def run_mixed(
     url = base_url + "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     on_recs = _records(online.requests if online is not None else [])
-    off_recs = _records(offline) if not as_batch else []
+    jobs = offline if not as_batch else []
+    clients = len(jobs) if offline_clients is None else min(offline_clients, len(jobs))
+    # The offline clients run in a process of their own, as they would on other machines: in
+    # the online clients' event loop, reading 256 offline streams delayed the online chunks'
+    # timestamps, so the online requests' measured latency included the load generator's.
+    senders = OfflineSenders(url, headers, model, jobs, clients) if jobs else None
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600, connect=60)) as c:
         t0, t0_monotonic = time.perf_counter(), time.monotonic()
-        batch_task, off_tasks = None, []
+        if senders is not None:
+            senders.start(t0)
+        batch_task = None
         if as_batch and offline:
             batch_task = asyncio.create_task(_submit_batch(c, base_url, headers, offline, model))
-        jobs = list(zip(offline if not as_batch else [], off_recs, strict=True))
-        clients = len(jobs) if offline_clients is None else min(offline_clients, len(jobs))
-        queue = iter(jobs)
-        for _ in range(clients):
-            client = _offline_client(c, url, headers, model, queue, t0)
-            off_tasks.append(asyncio.create_task(client))
-        lead = ONLINE_LEAD_S if off_tasks else 0.0
+        lead = ONLINE_LEAD_S if senders is not None else 0.0
         await asyncio.sleep(lead)
         await _online_part(c, url, headers, model, online, on_recs, t0 + lead, window_s)
         window = time.perf_counter() - t0
-        for t in off_tasks:
-            t.cancel()
-        for t in off_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        off_recs = senders.stop() if senders is not None else []
         done = None
         if batch_task is not None:
             done = await _cancel_batch(c, base_url, headers, await batch_task)
@@ -174,6 +175,62 @@ async def _offline_client(c, url: str, headers: dict, model: str, queue, t0: flo
     for r, rec in queue:
         body = request_body(r, model, "completions") | {"priority": 1}
         await send_one(c, url, headers, body, rec, t0)
+
+
+class OfflineSenders:
+    """The offline job's clients in a child process: `start(t0)` (a `time.perf_counter()`
+    value, the same clock in every process) sets them going once the child is ready, `stop()`
+    cancels what is still running (the server aborts those requests) and returns the records,
+    one per request of the job (unsent ones untouched)."""
+
+    def __init__(self, url: str, headers: dict, model: str, jobs, clients: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_senders_main,
+            args=(child, url, headers, model, list(jobs), clients),
+            name="offline-clients",
+            daemon=True,
+        )
+        self.proc.start()
+        child.close()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the offline clients' process failed to start")
+
+    def start(self, t0: float) -> None:
+        self.conn.send(t0)
+
+    def stop(self) -> list[RequestRecord]:
+        self.conn.send("stop")
+        recs = self.conn.recv()
+        self.proc.join(timeout=30)
+        return recs
+
+
+def _senders_main(conn, url: str, headers: dict, model: str, jobs, clients: int) -> None:
+    import httpx
+
+    async def run() -> list[RequestRecord]:
+        recs = _records(jobs)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        timeout = httpx.Timeout(3600, connect=60)
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as c:
+            conn.send("ready")
+            t0 = await asyncio.to_thread(conn.recv)
+            queue = iter(list(zip(jobs, recs, strict=True)))
+            tasks = [
+                asyncio.create_task(_offline_client(c, url, headers, model, queue, t0))
+                for _ in range(clients)
+            ]
+            await asyncio.to_thread(conn.recv)  # "stop"
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        return recs
+
+    conn.send(asyncio.run(run()))
 
 
 # -- the offline job as one batch --------------------------------------------------------------

@@ -244,6 +244,9 @@ class RequestRecord:
     output_tokens: int = 0  # as the server counted them (usage), else text chunks received
     server_prompt_tokens: int | None = None
     chunks: int = 0
+    # tokens each text chunk carried, where the server reports the usage so far in every chunk
+    # (`continuous_usage_stats`; an offline stream's chunks hold several tokens); else empty
+    chunk_tokens: list[int] = field(default_factory=list)
 
     @property
     def tpot_s(self) -> float | None:
@@ -260,7 +263,7 @@ def request_body(
         "max_tokens": r.output_len,
         "temperature": 0,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     if ignore_eos:
         body |= {"ignore_eos": True, "min_tokens": r.output_len}
@@ -289,6 +292,7 @@ async def send_one(
     t0 = time.perf_counter()
     rec.sent_s = t0 - t_start
     last = t0
+    seen = pending = 0  # completion tokens reported so far; not yet given to a text chunk
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
@@ -306,9 +310,19 @@ async def send_one(
                 if "error" in obj:
                     rec.error = f"stream error: {json.dumps(obj['error'])[:200]}"
                     return
+                new = 0
                 if obj.get("usage"):
                     rec.output_tokens = obj["usage"].get("completion_tokens") or 0
                     rec.server_prompt_tokens = obj["usage"].get("prompt_tokens")
+                    new, seen = rec.output_tokens - seen, rec.output_tokens
+                if obj.get("choices") and obj.get("usage"):  # a running usage: count per chunk
+                    if _chunk_text(obj):
+                        rec.chunk_tokens.append(pending + new)
+                        pending = 0
+                    elif rec.chunk_tokens:
+                        rec.chunk_tokens[-1] += new
+                    else:
+                        pending += new
                 if _chunk_text(obj):
                     rec.chunks += 1
                     if rec.ttft_s is None:

@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    # every chunk carries the usage so far (a vLLM extension); a client can then tell how many
+    # tokens a chunk holds (offline streams send several per chunk)
+    continuous_usage_stats: bool = False
 
 
 class _Common(BaseModel):

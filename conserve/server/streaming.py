@@ -69,6 +69,8 @@ async def sse(
             yield _event(chunk)
         open_streams = len(streams)
         finals: list[RequestDelta | None] = [None] * len(streams)
+        opts = fmt.body.stream_options
+        running_usage = bool(opts and opts.include_usage and opts.continuous_usage_stats)
         while open_streams:
             i, item = await queue.get()
             if item is None:
@@ -79,10 +81,11 @@ async def sse(
                 break
             finals[i] = item
             for chunk in fmt.delta_chunks(i, item):
+                if running_usage:
+                    chunk["usage"] = fmt.usage(finals)
                 yield _event(chunk)
         else:
-            usage = fmt.body.stream_options and fmt.body.stream_options.include_usage
-            if usage:
+            if opts and opts.include_usage:
                 yield _event(fmt.usage_chunk(finals))
         yield "data: [DONE]\n\n"
     finally:
