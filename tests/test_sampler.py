@@ -264,3 +264,19 @@ def test_greedy_token_is_listed_first_among_tied_top_logprobs() -> None:
     # k=1 with the tie: the greedy token, not the other tied one
     (one,) = sample(logits, [spec(temperature=0, logprobs=1)])
     assert [t for t, _ in one.top_logprobs] == [5]
+
+
+def test_greedy_takes_the_first_of_tied_maxima_in_wide_batches() -> None:
+    """Greedy rows pick the lowest token id among tied maxima (bf16 logits tie often), as
+    `argmax` does, over a real vocabulary width and many rows."""
+    torch.manual_seed(0)
+    rows, vocab = 300, 49152
+    logits = torch.randn(rows, vocab).bfloat16().float()
+    ties = torch.randint(0, vocab, (rows, 4))
+    logits[torch.arange(rows)[:, None], ties] = 10.0
+    logits[::2, :] = logits[::2, :].bfloat16().float()  # half the rows: plain bf16 values
+    out = sample(logits, [spec(temperature=0)] * rows)
+    assert [t.token_id for t in out] == ties.min(dim=1).values.tolist()
+    plain = torch.randn(rows, vocab).bfloat16().float()
+    out = sample(plain, [spec(temperature=0)] * rows)
+    assert [t.token_id for t in out] == plain.argmax(dim=-1).tolist()

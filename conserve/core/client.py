@@ -167,10 +167,9 @@ class EngineClient:
                 self._die("the engine core exited")
                 return
             if isinstance(msg, list):
-                for delta in msg:
-                    q = self._queues.get(delta.request_id)
-                    if q is not None:
-                        self._loop.call_soon_threadsafe(q.put_nowait, delta)
+                # one wake-up of the event loop per message, not per delta (an offline step's
+                # message holds hundreds)
+                self._loop.call_soon_threadsafe(self._dispatch, msg)
             elif isinstance(msg, Rejected):
                 q = self._queues.get(msg.request_id)
                 if q is not None:
@@ -183,6 +182,13 @@ class EngineClient:
                 log.error("%s", msg.message)
                 self._die(msg.message)
                 return
+
+    def _dispatch(self, deltas: list[RequestDelta]) -> None:
+        """In the event loop: each delta to its request's queue."""
+        for delta in deltas:
+            q = self._queues.get(delta.request_id)
+            if q is not None:
+                q.put_nowait(delta)
 
     def _die(self, reason: str) -> None:
         self.dead_reason = reason

@@ -8,6 +8,7 @@ tokenization and streaming happen in the API process, so they never stall an ite
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing as mp
@@ -201,6 +202,10 @@ def serve_core(config: EngineConfig, conn: Any) -> None:
     except Exception as e:  # noqa: BLE001 - report any start-up failure to the API process
         conn.send(Failed(f"{type(e).__name__}: {e}"))
         return
+    # What start-up made (the model, the tokenizer's tables) lives as long as the process: out
+    # of the garbage collector's sight, a full collection while serving does not walk it.
+    gc.collect()
+    gc.freeze()
     _CoreLoop(engine, conn).run()
 
 
