@@ -280,3 +280,22 @@ def test_greedy_takes_the_first_of_tied_maxima_in_wide_batches() -> None:
     plain = torch.randn(rows, vocab).bfloat16().float()
     out = sample(plain, [spec(temperature=0)] * rows)
     assert [t.token_id for t in out] == plain.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_sample_as_their_float32_copy(dtype) -> None:
+    """The model's bf16 logits go to the sampler as they are: greedy rows take their maximum
+    without a float32 copy, other rows (seeded draws, penalties, logprobs) are converted; every
+    token and logprob equals what the float32 copy gives."""
+    torch.manual_seed(1)
+    logits = (torch.randn(64, 3000) * 3).to(dtype)
+    logits[:, 7] = logits.max()  # ties with the maximum in every row
+    greedy = [spec(temperature=0)] * 64
+    assert sample(logits, greedy) == sample(logits.float(), greedy)
+    mixed = [
+        spec(temperature=0),
+        spec(temperature=0.8, seed_key=(3, 1)),
+        spec(temperature=0, logprobs=3),
+        spec(temperature=0, repetition_penalty=1.3, out=[7, 8]),
+    ] * 16
+    assert sample(logits, mixed) == sample(logits.float(), mixed)

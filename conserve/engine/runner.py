@@ -121,7 +121,8 @@ class ModelRunner:
         self, batch: ScheduledBatch, stop: Callable[[], bool] | None = None
     ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run the layers; logits [M, vocab] float32 for the M chunks that sample, in order."""
-        return self._logits(self._layers(self._start(batch), stop, resumed=False))
+        logits, chunks = self._logits(self._layers(self._start(batch), stop, resumed=False))
+        return logits.float(), chunks
 
     def _start(self, batch: ScheduledBatch) -> _Pass:
         # Single-token chunks first: they are attended together in one batched call.

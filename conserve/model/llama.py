@@ -214,5 +214,6 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        # h: [M, hidden] (only the rows that sample) -> [M, vocab] float32
-        return self.lm_head(self.norm(h)).float()
+        # h: [M, hidden] (only the rows that sample) -> [M, vocab] in the model's dtype (the
+        # sampler converts what it needs to float32)
+        return self.lm_head(self.norm(h))

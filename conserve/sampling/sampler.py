@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from conserve.sampling.params import SamplingParams
 from conserve.sampling.types import SampledToken, SampleSpec
 
 _MASK64 = (1 << 64) - 1
@@ -93,7 +94,13 @@ def draw(
 def sample(
     logits: torch.Tensor, specs: Sequence[SampleSpec], generator: torch.Generator | None = None
 ) -> list[SampledToken]:
-    """logits: [M, V] float32, one row per spec (raw model output; not modified)."""
+    """logits: [M, V], one row per spec (raw model output, in any float dtype; not modified).
+    Greedy rows without penalties or logprobs take the maximum in the logits' own dtype (the
+    same token as in float32, which holds every bf16 value exactly); the rest is float32."""
+    if logits.dtype != torch.float32:
+        if all(s.params.greedy and not _needs_float(s.params) for s in specs):
+            return [SampledToken(t) for t in logits.max(dim=-1).indices.tolist()]
+        logits = logits.float()
     raw = logits
     if any(s.params.has_penalties for s in specs):
         logits = apply_penalties(logits.clone(), specs)
@@ -119,6 +126,10 @@ def sample(
             top = _top(logprobs[row], k)
         out[i] = SampledToken(token_list[i], chosen, top)
     return out
+
+
+def _needs_float(params: SamplingParams) -> bool:
+    return params.has_penalties or params.logprobs is not None
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
