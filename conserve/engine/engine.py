@@ -332,14 +332,13 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._groups)
 
-    def online_prompt_pending(self) -> bool:
-        """An online request's prompt is still to be computed: it has arrived and is not taken
-        in yet, or it is queued, or its prefill is under way. The core loop holds offline
-        outputs back meanwhile (see `core.process`)."""
+    def online_pending(self) -> bool:
+        """Online work exists: a request has arrived and is not taken in yet, or one is queued
+        or running. The core loop holds offline outputs back meanwhile (see `core.process`)."""
         with self._stop_lock:
             if self._announced > self._received:
                 return True
-        return self.scheduler.has_online_prompt()
+        return self.scheduler.has_online_work()
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -167,14 +167,6 @@ class Scheduler:
     def has_online_work(self) -> bool:
         return bool(self.queues[ONLINE]) or any(r.request_class is ONLINE for r in self.running)
 
-    def has_online_prompt(self) -> bool:
-        """An online request waits for its prompt to be computed (queued, or running with
-        prompt tokens left)."""
-        return bool(self.queues[ONLINE]) or any(
-            r.request_class is ONLINE and r.num_computed_tokens < r.num_prompt_tokens
-            for r in self.running
-        )
-
     # -- plan -------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         plan = _Plan(budget=self.config.max_num_batched_tokens)
