@@ -181,6 +181,8 @@ def _usage_stream(client, model, tier: str) -> tuple[str, list[int], int]:
     )
     text, per_chunk, seen = "", [], 0
     for c in stream:
+        if c.choices and c.choices[0].delta.role:
+            continue  # the first chunk: the role, before any token (and any usage)
         if c.choices:
             assert c.usage is not None and c.usage.completion_tokens >= seen
             if c.choices[0].delta.content:
