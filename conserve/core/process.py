@@ -358,6 +358,7 @@ def merge_deltas(deltas: list[RequestDelta]) -> list[RequestDelta]:
             old = seqs.get(s.index)
             if old is None:
                 m.seqs.append(s)
+                seqs[s.index] = s
                 continue
             old.text += s.text
             old.token_ids += s.token_ids
