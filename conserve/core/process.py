@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -333,25 +333,11 @@ def merge_deltas(deltas: list[RequestDelta]) -> list[RequestDelta]:
     merged: dict[str, RequestDelta] = {}
     for d in deltas:
         m = merged.get(d.request_id)
-        if m is None:
-            merged[d.request_id] = RequestDelta(
-                d.request_id,
-                [
-                    SeqDelta(
-                        s.index,
-                        s.text,
-                        list(s.token_ids),
-                        _copy(s.logprobs),
-                        s.finish_reason,
-                        s.stop_reason,
-                    )
-                    for s in d.seqs
-                ],
-                d.finished,
-                d.num_prompt_tokens,
-                d.num_cached_tokens,
-                d.num_generated_tokens,
-            )
+        if m is None:  # a copy: the deltas given are left as they are
+            seqs = [
+                replace(s, token_ids=list(s.token_ids), logprobs=_copy(s.logprobs)) for s in d.seqs
+            ]
+            merged[d.request_id] = replace(d, seqs=seqs)
             continue
         seqs = {s.index: s for s in m.seqs}
         for s in d.seqs:
