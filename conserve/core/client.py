@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -28,6 +29,11 @@ from conserve.model.tokenizer import Tokenizer
 from conserve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
+# Offline deltas reach their requests' coroutines at most this many per turn of the event
+# loop: the engine sends held offline outputs in bursts (hundreds of requests at once, see
+# `core.process`), and the coroutines they wake would otherwise all run before the loop reads
+# its sockets again, so an online request arriving meanwhile would wait for the whole burst.
+OFFLINE_DISPATCH_SLICE = 16
 
 
 class EngineDeadError(RuntimeError):
@@ -133,6 +139,8 @@ class EngineClient:
         self.latency_profile = ready.latency_profile
         self.model_config, self.dtype, self.device = ready.model_config, ready.dtype, ready.device
         self._queues: dict[str, asyncio.Queue] = {}
+        self._offline: set[str] = set()  # requests of `_queues` that are offline
+        self._offline_deltas: deque[RequestDelta] = deque()  # not yet in their queues
         self._stats: list[asyncio.Future] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
@@ -184,11 +192,30 @@ class EngineClient:
                 return
 
     def _dispatch(self, deltas: list[RequestDelta]) -> None:
-        """In the event loop: each delta to its request's queue."""
+        """In the event loop: each delta to its request's queue; online ones at once, offline
+        ones in arrival order, OFFLINE_DISPATCH_SLICE per turn of the loop."""
+        draining = bool(self._offline_deltas)
         for delta in deltas:
+            if delta.request_id in self._offline:
+                self._offline_deltas.append(delta)
+                continue
             q = self._queues.get(delta.request_id)
             if q is not None:
                 q.put_nowait(delta)
+        if self._offline_deltas and not draining:
+            self._drain_offline()
+
+    def _drain_offline(self) -> None:
+        """A slice of the waiting offline deltas to their queues; the rest in a later turn of
+        the event loop, one that reads the sockets first."""
+        pending = self._offline_deltas
+        for _ in range(min(len(pending), OFFLINE_DISPATCH_SLICE)):
+            delta = pending.popleft()
+            q = self._queues.get(delta.request_id)
+            if q is not None:
+                q.put_nowait(delta)
+        if pending:
+            self._loop.call_soon(self._drain_offline)
 
     def _die(self, reason: str) -> None:
         self.dead_reason = reason
@@ -207,6 +234,8 @@ class EngineClient:
         """Deltas of one request until it finishes. Leaving early (client gone) aborts it."""
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
+        if request_class is RequestClass.OFFLINE:
+            self._offline.add(request_id)
         finished = False
         try:
             self._send(AddRequest(request_id, prompt_token_ids, params, request_class, stream))
@@ -220,6 +249,7 @@ class EngineClient:
                     return
         finally:
             del self._queues[request_id]
+            self._offline.discard(request_id)
             if not finished and self.alive:
                 self._send(Abort([request_id]))
 

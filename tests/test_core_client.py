@@ -1,0 +1,97 @@
+"""The API side of the engine core (`core/client.py`) over a fake transport: how step outputs
+reach the requests' coroutines."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from typing import Any
+
+from conserve.config import EngineConfig
+from conserve.core.client import OFFLINE_DISPATCH_SLICE, EngineClient
+from conserve.core.messages import AddRequest, Ready, RequestDelta, SeqDelta
+from conserve.engine.request import RequestClass
+from conserve.sampling.params import SamplingParams
+
+
+class FakeTransport:
+    """The core's side as a queue the test fills; what the client sends is recorded."""
+
+    def __init__(self) -> None:
+        self.inbox: queue.Queue = queue.Queue()
+        self.sent: list[Any] = []
+
+    def first(self, timeout_s: float) -> Any:
+        return Ready("m", 64, 16, "conserve", None, None)
+
+    def send(self, msg: Any) -> None:
+        self.sent.append(msg)
+
+    def recv(self) -> Any:
+        msg = self.inbox.get()
+        if msg is None:
+            raise EOFError
+        return msg
+
+    def is_alive(self) -> bool:
+        return True
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    def close(self, timeout_s: float) -> None:
+        self.inbox.put(None)
+
+    def kill(self) -> None:
+        self.inbox.put(None)
+
+
+def delta(request_id: str, token: int, finished: bool = False) -> RequestDelta:
+    seq = SeqDelta(0, f"<{token}>", [token], None, "length" if finished else None, None)
+    return RequestDelta(request_id, [seq], finished, 1, 0, token)
+
+
+async def _collect(client: EngineClient, rid: str, cls: RequestClass, log: list) -> list[int]:
+    tokens = []
+    async for d in client.generate(rid, [1], SamplingParams(max_tokens=3), cls, True):
+        tokens += d.seqs[0].token_ids
+        log.append((rid, d.seqs[0].token_ids[0]))
+    return tokens
+
+
+def test_offline_bursts_leave_the_loop_free_and_keep_each_requests_order() -> None:
+    """A message of many offline deltas reaches its requests a slice per turn of the event
+    loop, so a callback that became ready meanwhile (a socket read) runs before the burst is
+    through; online deltas in the same message are delivered at once; every request gets its
+    deltas in order and whole, across messages that overlap."""
+    n = 5 * OFFLINE_DISPATCH_SLICE
+
+    async def main() -> None:
+        transport = FakeTransport()
+        client = EngineClient(EngineConfig(), tokenizer=object(), transport=transport)
+        client.start(asyncio.get_running_loop())
+        log: list[tuple[str, int]] = []
+        off = [f"off-{i}" for i in range(n)]
+        tasks = [asyncio.create_task(_collect(client, r, RequestClass.OFFLINE, log)) for r in off]
+        online = asyncio.create_task(_collect(client, "on", RequestClass.ONLINE, log))
+        await asyncio.sleep(0.05)
+        assert sum(isinstance(m, AddRequest) for m in transport.sent) == n + 1
+        # two messages back to back: the second must not overtake the first's slices
+        transport.inbox.put([delta(r, 1) for r in off] + [delta("on", 1)])
+        transport.inbox.put([delta(r, 2) for r in off] + [delta("on", 2)])
+        probe: list[int] = []
+        while len(log) < 2:  # the first message is being dispatched
+            await asyncio.sleep(0)
+        # the socket read of an arriving request, as the loop would schedule it
+        asyncio.get_running_loop().call_soon(lambda: probe.append(len(log)))
+        transport.inbox.put([delta(r, 3, True) for r in off] + [delta("on", 3, True)])
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert await asyncio.wait_for(online, 10) == [1, 2, 3]
+        assert all(t == [1, 2, 3] for t in results)
+        # the online request's first token came before most of the burst's
+        assert [r for r, _ in log].index("on") < OFFLINE_DISPATCH_SLICE + 2
+        assert probe and probe[0] < 2 * n  # ran before the two bursts were through
+        client.shutdown()
+
+    asyncio.run(main())
