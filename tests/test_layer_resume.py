@@ -5,6 +5,8 @@ preempted) is dropped instead, and nothing leaks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -124,6 +126,48 @@ def test_a_step_stopped_inside_a_layer_resumes_where_it_stopped(tiny_llama_dir, 
         resumed_logits, _ = runner._logits(runner._layers(q, None))
     assert torch.equal(logits, resumed_logits)
     assert all(torch.equal(a, b) for a, b in zip(kv.k, whole_k, strict=True))
+
+
+def restore(runner, k_before, v_before) -> None:
+    for t, b in zip(runner.kv.k, k_before, strict=True):
+        t.copy_(b)
+    for t, b in zip(runner.kv.v, v_before, strict=True):
+        t.copy_(b)
+
+
+def test_a_step_stopped_after_its_layers_keeps_the_rows_it_sampled(
+    tiny_llama_dir, linear_profile, monkeypatch
+):
+    """After the last layer, an offline step computes its LM head and samples a slice of rows
+    at a time, with a safepoint before each slice. Stopped there, it keeps the rows sampled so
+    far; resumed, it runs one slice at least before it honours a stop again, and ends with the
+    tokens of the step run without a stop. A step with online work is not stopped there."""
+    import conserve.engine.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "LOGITS_SLICE_ROWS", 1)  # two sampling rows: two slices
+    runner, batch, _, _ = one_step_run_whole(tiny_llama_dir, linear_profile)
+    n_layers = len(runner.model.layers)
+    k0, v0 = [t.clone() for t in runner.kv.k], [t.clone() for t in runner.kv.v]
+    whole = runner.execute(batch, lambda: False).sampled
+    assert len(whole) == 2
+    restore(runner, k0, v0)
+    calls = iter(range(1, 1000))
+    with pytest.raises(IterationPreempted) as stopped:
+        # a safepoint before each layer, then the first before the LM head
+        runner.execute(batch, lambda: next(calls) == n_layers + 1)
+    p = stopped.value.continuation
+    assert stopped.value.layer == n_layers and p.layer == n_layers and p.sampled == []
+    with pytest.raises(IterationPreempted) as again:
+        runner.resume(p, lambda: True)  # the first slice runs, the second waits
+    assert again.value.continuation is p and len(p.sampled) == 1
+    assert runner.resume(p, lambda: False).sampled == whole
+    # the same step with an online chunk in it: never stopped after its layers
+    restore(runner, k0, v0)
+    chunks = list(batch.chunks)
+    chunks[0] = dataclasses.replace(chunks[0], offline=False)
+    mixed = dataclasses.replace(batch, chunks=chunks)
+    calls = iter(range(1, 1000))
+    assert runner.execute(mixed, lambda: next(calls) > n_layers).sampled == whole
 
 
 def test_a_stopped_offline_step_resumes_after_the_online_work(

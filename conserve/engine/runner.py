@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,7 @@ from conserve.kernels.decode_layer import NATIVE_ROWS, NativeDecode, NativeStep
 from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
 from conserve.sampling.sampler import sample
+from conserve.sampling.types import SampledToken
 
 # Steps of at least this many rows have safepoints inside each layer as well: between the
 # parts of its attention (the K/V write with the decodes, then each prefill chunk) and between
@@ -40,6 +41,11 @@ from conserve.sampling.sampler import sample
 # (Splitting the feed-forward half into row blocks as well cost 6-14% of the step at 512
 # rows; see benchmarks/results/coserve-diagnostics-20261202.md.)
 SUBLAYER_ROWS = 256
+# A stoppable step computes its LM head and samples in slices of at most this many rows, with a
+# safepoint before each (the first one too: a stop that came during the last layer stops there).
+# After the layers, a step of 240 offline decodes still had its LM head and sampling to run
+# (17 ms on a 2-core CPU), which an arriving online request used to wait for in full.
+LOGITS_SLICE_ROWS = 64
 
 
 @dataclass
@@ -58,6 +64,9 @@ class _Pass:
     attended: bool = False
     call: AttentionCall | None = None  # layer `layer`'s attention, begun and not finished
     native: NativeStep | None = None  # a small decode step: whole layers in compiled code
+    fresh: bool = False  # a resumed pass that has run nothing yet in this call
+    offline_only: bool = False  # every chunk is offline (a stopped step is kept, not dropped)
+    sampled: list[SampledToken] = field(default_factory=list)  # rows sampled so far, in order
 
 
 class ModelRunner:
@@ -108,13 +117,14 @@ class ModelRunner:
         t0 = time.perf_counter()
         with self._part("prepare"):
             p = self._start(batch)
-        return self._finish(self._layers(p, stop, resumed=False), t0)
+        return self._finish(self._layers(p, stop, resumed=False), t0, stop)
 
     @torch.inference_mode()
     def resume(self, continuation: _Pass, stop: Callable[[], bool] | None = None) -> StepResult:
-        """Run the layers a stopped step has left (it may stop again, at a later safepoint)."""
+        """Run what a stopped step has left: layers, then LM head and sampling (it may stop
+        again, at a later safepoint)."""
         t0 = time.perf_counter()
-        return self._finish(self._layers(continuation, stop), t0)
+        return self._finish(self._layers(continuation, stop), t0, stop)
 
     @torch.inference_mode()
     def forward(
@@ -133,6 +143,7 @@ class ModelRunner:
             self.kv, meta, self.scale, self.workspace, self.kernels, self.parts
         )
         p = _Pass(self.model.embed(input_ids), cos, sin, attention, sample_rows)
+        p.offline_only = all(c.offline for c in chunks)
         rows = len(input_ids)
         if self.native is not None and rows <= NATIVE_ROWS and meta.num_decodes == rows:
             p.native = self.native.step(rows, cos[:, 0], sin[:, 0], meta)
@@ -189,6 +200,7 @@ class ModelRunner:
                 p.layer, p.attended, fresh = p.layer + 1, False, False
         finally:
             self.progress = 0.0
+        p.fresh = fresh
         return p
 
     def _native_layer(self, p: _Pass) -> None:
@@ -200,20 +212,42 @@ class ModelRunner:
             self.parts.seconds["attention"] += t[1]
             t[0] = t[1] = t[2] = 0.0
 
-    def _logits(self, p: _Pass) -> tuple[torch.Tensor, list[ScheduledChunk]]:
-        if not p.sample_rows:
+    def _logits(
+        self, p: _Pass, lo: int = 0, hi: int | None = None
+    ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Logits of the sampling rows [lo, hi) (all by default), and their chunks."""
+        picked = p.sample_rows[lo:hi]
+        if not picked:
             return torch.empty(0, self.model.config.vocab_size), []
-        rows = torch.tensor([r for r, _ in p.sample_rows], device=self.device)
-        return self.model.logits(p.h.index_select(0, rows)), [c for _, c in p.sample_rows]
+        rows = torch.tensor([r for r, _ in picked], device=self.device)
+        return self.model.logits(p.h.index_select(0, rows)), [c for _, c in picked]
 
-    def _finish(self, p: _Pass, t0: float) -> StepResult:
-        with self._part("logits"):
-            logits, sampling = self._logits(p)
-        sampled = {}
-        if sampling:
-            with self._part("sampling"):
-                tokens = sample(logits, [c.sample for c in sampling], self.generator)
-            sampled = {c.request_id: t for c, t in zip(sampling, tokens, strict=True)}
+    def _finish(self, p: _Pass, t0: float, stop: Callable[[], bool] | None = None) -> StepResult:
+        """LM head and sampling of the rows that sample. With `stop`, in a step of offline
+        work only: in slices of LOGITS_SLICE_ROWS rows with a safepoint before each
+        (`IterationPreempted` after the last layer; the rows sampled so far are kept in the
+        pass). A step with online work is not stopped here: the engine would drop it, and
+        finishing it takes less than that would cost."""
+        chunks = [c for _, c in p.sample_rows]
+        if stop is None or not p.offline_only:
+            with self._part("logits"):
+                logits, _ = self._logits(p)
+            if chunks:
+                with self._part("sampling"):
+                    p.sampled = sample(logits, [c.sample for c in chunks], self.generator)
+        else:
+            fresh = p.fresh
+            while len(p.sampled) < len(chunks):
+                if not fresh and stop():
+                    raise IterationPreempted(p.layer, p)
+                lo = len(p.sampled)
+                hi = min(len(chunks), lo + LOGITS_SLICE_ROWS)
+                with self._part("logits"):
+                    logits, _ = self._logits(p, lo, hi)
+                with self._part("sampling"):
+                    p.sampled += sample(logits, [c.sample for c in chunks[lo:hi]], self.generator)
+                fresh = False
+        sampled = {c.request_id: t for c, t in zip(chunks, p.sampled, strict=True)}
         return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0)
 
     def _prepare(
