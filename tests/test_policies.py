@@ -277,10 +277,11 @@ def test_offline_is_not_starved_once_online_load_stops() -> None:
         steps += 1
         if "on" not in s.requests:
             assert any(c.request_id == "off" for c in batch.chunks)
-    # Once online is gone, offline prompt chunks fill the idle-step limit (20 x the 11 ms
-    # one-token step: 210 tokens), so 600 tokens take 3 steps, plus the tail.
-    assert s.policy.offline_step_limit == pytest.approx(0.22)
-    assert steps <= 600 // 210 + 3
+    # Once online is gone, offline prompt chunks fill the token budget (256: the idle-step
+    # limit, 50 x the 11 ms one-token step = 540 tokens, is larger), so 600 tokens take 3
+    # steps, plus the tail.
+    assert s.policy.offline_step_limit == pytest.approx(0.55)
+    assert steps <= 600 // 256 + 3
 
 
 def test_conserve_idle_offline_steps_are_cut_to_the_step_limit_but_decodes_are_not() -> None:

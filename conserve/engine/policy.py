@@ -39,8 +39,14 @@ ONLINE_RECENT_S = 60.0
 BUDGET_WINDOW = 64
 BUDGET_MIN_STEPS = 8
 MAX_PREDICTION_SCALE = 2.0
-# conserve: offline steps while online work is recent are cut to this many one-token steps
-OFFLINE_STEP_MULTIPLE = 20
+# conserve: offline steps while online work is recent are cut to this many one-token steps.
+# Measured in `bench coserve` (users x prefill-heavy, step logs of coserve-20261203-0919):
+# with 20 (about 240 ms), offline steps of 512-768 tokens computed 68% and those of 768-1024
+# tokens 83% of the tokens per second of the full 2048-token steps of the job alone (prompts
+# cut into more chunks that attend to cached context, smaller matmuls), and offline work got
+# 73% of its ceiling. An arrival waits for the running part of a step it stops (one chunk's
+# attention or one half of a layer), not for the step, so longer steps cost it little.
+OFFLINE_STEP_MULTIPLE = 50
 # conserve: while online work is recent, offline requests leave this share of the seats
 # (`max_num_seqs`) free, so that an online arrival takes a free seat instead of preempting an
 # offline request (measured: 256 offline clients filled every seat, and each online arrival
@@ -325,10 +331,9 @@ class ConservePolicy(Policy):
     def offline_step_limit(self) -> float | None:
         """Predicted seconds of a step with no online work: its offline prompt chunks are cut
         to fit (its decodes are not; prompt chunks then get a quarter of it on top of them).
-        Long enough that the fixed cost of a step (a one-token step) is at most a twentieth of
-        it (steps of ten one-token steps computed about 20% fewer tokens per second than full
-        steps); longer would not be much faster, and an arriving online request waits for the
-        running layer of a step it stops (a stopped step keeps its work, and resumes)."""
+        OFFLINE_STEP_MULTIPLE one-token steps: long enough that offline work runs nearly as
+        fast as in full steps, while an arriving online request waits only for the running
+        part of a step it stops (a stopped step keeps its work, and resumes)."""
         if self.offline_step_s is not None:
             return self.offline_step_s
         if self.latency is None:
