@@ -60,11 +60,15 @@ async def _collect(client: EngineClient, rid: str, cls: RequestClass, log: list)
     return tokens
 
 
+async def _started(transport: FakeTransport, n: int) -> None:
+    while sum(isinstance(m, AddRequest) for m in transport.sent) < n:
+        await asyncio.sleep(0.001)
+
+
 def test_offline_bursts_leave_the_loop_free_and_keep_each_requests_order() -> None:
     """A message of many offline deltas reaches its requests a slice per turn of the event
     loop, so a callback that became ready meanwhile (a socket read) runs before the burst is
-    through; online deltas in the same message are delivered at once; every request gets its
-    deltas in order and whole, across messages that overlap."""
+    through; every request gets its deltas in order and whole, across messages that overlap."""
     n = 5 * OFFLINE_DISPATCH_SLICE
 
     async def main() -> None:
@@ -74,24 +78,60 @@ def test_offline_bursts_leave_the_loop_free_and_keep_each_requests_order() -> No
         log: list[tuple[str, int]] = []
         off = [f"off-{i}" for i in range(n)]
         tasks = [asyncio.create_task(_collect(client, r, RequestClass.OFFLINE, log)) for r in off]
-        online = asyncio.create_task(_collect(client, "on", RequestClass.ONLINE, log))
-        await asyncio.sleep(0.05)
-        assert sum(isinstance(m, AddRequest) for m in transport.sent) == n + 1
+        await _started(transport, n)
         # two messages back to back: the second must not overtake the first's slices
-        transport.inbox.put([delta(r, 1) for r in off] + [delta("on", 1)])
-        transport.inbox.put([delta(r, 2) for r in off] + [delta("on", 2)])
+        transport.inbox.put([delta(r, 1) for r in off])
+        transport.inbox.put([delta(r, 2) for r in off])
         probe: list[int] = []
         while len(log) < 2:  # the first message is being dispatched
             await asyncio.sleep(0)
         # the socket read of an arriving request, as the loop would schedule it
         asyncio.get_running_loop().call_soon(lambda: probe.append(len(log)))
-        transport.inbox.put([delta(r, 3, True) for r in off] + [delta("on", 3, True)])
+        transport.inbox.put([delta(r, 3, True) for r in off])
         results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
-        assert await asyncio.wait_for(online, 10) == [1, 2, 3]
         assert all(t == [1, 2, 3] for t in results)
-        # the online request's first token came before most of the burst's
-        assert [r for r, _ in log].index("on") < OFFLINE_DISPATCH_SLICE + 2
         assert probe and probe[0] < 2 * n  # ran before the two bursts were through
+        client.shutdown()
+
+    asyncio.run(main())
+
+
+def test_offline_deltas_wait_while_an_online_request_is_in_flight(monkeypatch) -> None:
+    """Offline deltas that arrive while an online request runs wait until it has finished
+    (its own deltas go at once); they go on anyway after OFFLINE_DEFER_S; none is lost."""
+    import conserve.core.client as client_mod
+
+    async def main() -> None:
+        transport = FakeTransport()
+        client = EngineClient(EngineConfig(), tokenizer=object(), transport=transport)
+        client.start(asyncio.get_running_loop())
+        log: list[tuple[str, int]] = []
+        off = [f"off-{i}" for i in range(20)]
+        tasks = [asyncio.create_task(_collect(client, r, RequestClass.OFFLINE, log)) for r in off]
+        online = asyncio.create_task(_collect(client, "on", RequestClass.ONLINE, log))
+        await _started(transport, 21)
+        transport.inbox.put([delta(r, 1) for r in off] + [delta("on", 1)])
+        await asyncio.sleep(0.1)
+        assert log == [("on", 1)]  # the offline ones wait
+        transport.inbox.put([delta("on", 2)] + [delta(r, 2, True) for r in off])
+        transport.inbox.put([delta("on", 3, True)])
+        assert await asyncio.wait_for(online, 10) == [1, 2, 3]
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert all(t == [1, 2] for t in results)
+        assert [r for r, _ in log[:3]] == ["on"] * 3  # every offline delta came after
+        # an online request that lasts: the offline deltas go on after OFFLINE_DEFER_S
+        monkeypatch.setattr(client_mod, "OFFLINE_DEFER_S", 0.2)
+        log.clear()
+        late = asyncio.create_task(_collect(client, "late", RequestClass.OFFLINE, log))
+        long = asyncio.create_task(_collect(client, "long", RequestClass.ONLINE, log))
+        await _started(transport, 23)
+        t0 = asyncio.get_running_loop().time()
+        transport.inbox.put([delta("late", 1, True), delta("long", 1)])
+        assert await asyncio.wait_for(late, 10) == [1]
+        waited = asyncio.get_running_loop().time() - t0
+        assert 0.2 <= waited < 5
+        transport.inbox.put([delta("long", 2, True)])
+        assert await asyncio.wait_for(long, 10) == [1, 2]
         client.shutdown()
 
     asyncio.run(main())

@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 # `core.process`), and the coroutines they wake would otherwise all run before the loop reads
 # its sockets again, so an online request arriving meanwhile would wait for the whole burst.
 OFFLINE_DISPATCH_SLICE = 16
+# While an online request is in flight, offline deltas already received wait (at most this
+# long, then they go on, a slice per turn): their streaming work would share the cores with
+# the engine steps computing the online request. The engine core holds the offline outputs of
+# its later steps meanwhile (`core.process`); this covers those sent just before it arrived.
+OFFLINE_DEFER_S = 2.0
+OFFLINE_DEFER_POLL_S = 0.005
 
 
 class EngineDeadError(RuntimeError):
@@ -141,6 +147,8 @@ class EngineClient:
         self._queues: dict[str, asyncio.Queue] = {}
         self._offline: set[str] = set()  # requests of `_queues` that are offline
         self._offline_deltas: deque[RequestDelta] = deque()  # not yet in their queues
+        self._online = 0  # online requests in flight
+        self._deferred_since: float | None = None  # when offline dispatch began to wait
         self._stats: list[asyncio.Future] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
@@ -207,8 +215,18 @@ class EngineClient:
 
     def _drain_offline(self) -> None:
         """A slice of the waiting offline deltas to their queues; the rest in a later turn of
-        the event loop, one that reads the sockets first."""
+        the event loop, one that reads the sockets first. While an online request is in
+        flight they wait instead, up to OFFLINE_DEFER_S."""
         pending = self._offline_deltas
+        if self._online and pending:
+            now = self._loop.time()
+            if self._deferred_since is None:
+                self._deferred_since = now
+            if now - self._deferred_since < OFFLINE_DEFER_S:
+                self._loop.call_later(OFFLINE_DEFER_POLL_S, self._drain_offline)
+                return
+        else:
+            self._deferred_since = None
         for _ in range(min(len(pending), OFFLINE_DISPATCH_SLICE)):
             delta = pending.popleft()
             q = self._queues.get(delta.request_id)
@@ -234,7 +252,10 @@ class EngineClient:
         """Deltas of one request until it finishes. Leaving early (client gone) aborts it."""
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
-        if request_class is RequestClass.OFFLINE:
+        online = request_class is not RequestClass.OFFLINE
+        if online:
+            self._online += 1
+        else:
             self._offline.add(request_id)
         finished = False
         try:
@@ -250,6 +271,8 @@ class EngineClient:
         finally:
             del self._queues[request_id]
             self._offline.discard(request_id)
+            if online:
+                self._online -= 1
             if not finished and self.alive:
                 self._send(Abort([request_id]))
 
