@@ -43,8 +43,10 @@ from conserve.sampling.types import SampledToken
 SUBLAYER_ROWS = 256
 # A stoppable step computes its LM head and samples in slices of at most this many rows, with a
 # safepoint before each (the first one too: a stop that came during the last layer stops there).
-# After the layers, a step of 240 offline decodes still had its LM head and sampling to run
-# (17 ms on a 2-core CPU), which an arriving online request used to wait for in full.
+# After the layers, a step of 240 offline decodes still had its LM head and greedy sampling to
+# run, 15 ms in one piece on a 2-core CPU, which an arriving online request used to wait for in
+# full; in 64-row slices the four took 14 ms together (32-row slices: 20 ms), so a wait is one
+# slice, about 3.4 ms (benchmarks/results/lm-head-slices-20261203.txt).
 LOGITS_SLICE_ROWS = 64
 
 
