@@ -231,24 +231,19 @@ class ModelRunner:
         pass). A step with online work is not stopped here: the engine would drop it, and
         finishing it takes less than that would cost."""
         chunks = [c for _, c in p.sample_rows]
-        if stop is None or not p.offline_only:
+        stoppable = stop is not None and p.offline_only
+        size = LOGITS_SLICE_ROWS if stoppable else max(1, len(chunks))
+        fresh = p.fresh or not stoppable
+        while len(p.sampled) < len(chunks):
+            if not fresh and stop():
+                raise IterationPreempted(p.layer, p)
+            lo = len(p.sampled)
+            hi = min(len(chunks), lo + size)
             with self._part("logits"):
-                logits, _ = self._logits(p)
-            if chunks:
-                with self._part("sampling"):
-                    p.sampled = sample(logits, [c.sample for c in chunks], self.generator)
-        else:
-            fresh = p.fresh
-            while len(p.sampled) < len(chunks):
-                if not fresh and stop():
-                    raise IterationPreempted(p.layer, p)
-                lo = len(p.sampled)
-                hi = min(len(chunks), lo + LOGITS_SLICE_ROWS)
-                with self._part("logits"):
-                    logits, _ = self._logits(p, lo, hi)
-                with self._part("sampling"):
-                    p.sampled += sample(logits, [c.sample for c in chunks[lo:hi]], self.generator)
-                fresh = False
+                logits, _ = self._logits(p, lo, hi)
+            with self._part("sampling"):
+                p.sampled += sample(logits, [c.sample for c in chunks[lo:hi]], self.generator)
+            fresh = not stoppable
         sampled = {c.request_id: t for c, t in zip(chunks, p.sampled, strict=True)}
         return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0)
 
