@@ -257,3 +257,30 @@ def test_an_arrival_between_steps_stops_the_next_offline_step(
     assert steps[1]["online"] == [1, 16] and steps[1]["online_prefill_ids"] == ["on"]
     assert steps[1]["offline"] == [0, 0]  # offline decodes only beside an online prefill
     assert all(r["t"] >= added[0]["t"] and r["run_s"] > 0 for r in steps)
+
+
+def test_request_stop_stops_a_step_past_its_predicted_end(tiny_llama_dir, linear_profile):
+    """With no layer done since the step started (or its layers done, its LM head running),
+    the monitor has only the prediction: a step already past its predicted end has an unknown
+    time left and is stopped; one predicted to end within the arrival's slack is not."""
+    from conserve.engine.engine import _Step
+
+    llm = LLM(
+        str(tiny_llama_dir),
+        dtype="float32",
+        policy="conserve",
+        latency_profile=linear_profile,
+        slo_slack=0.2,  # relative objectives: an arrival may wait 20% of its own prefill
+    )
+    eng = llm.engine
+    assert eng.slo.ttft is None and eng.runner.progress == 0.0
+    eng.latency.coef[:] = 0
+    eng.latency.coef[FEATURES.index("const")] = 1.0  # the arrival's own prefill: 1 s
+    now = time.monotonic()
+    eng._current = _Step(1, now - 0.3, 0.2)  # predicted to end 0.1 s ago
+    assert eng.request_stop(16) is True
+    eng._current = _Step(2, now, 10.0)  # 10 s left by the prediction
+    assert eng.request_stop(16) is True
+    eng._current = _Step(3, time.monotonic(), 0.1)  # within the slack (20% of 1 s)
+    assert eng.request_stop(16) is False
+    eng._current = None

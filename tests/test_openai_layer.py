@@ -56,7 +56,9 @@ class StubBackend:
         )
         self.config = SimpleNamespace(cache=SimpleNamespace(block_size=16))
 
-    async def generate(self, request_id, prompt_token_ids, params, request_class, stream):
+    async def generate(
+        self, request_id, prompt_token_ids, params, request_class, stream, received=None
+    ):
         self.sent.append((request_id, prompt_token_ids, params, request_class))
         ids = list(range(100, 100 + self.k))
         seqs = [SeqDelta(i, "abc", ids, None, "length", None) for i in range(params.n)]

@@ -231,6 +231,7 @@ class ReplicaSet:
         params: SamplingParams,
         request_class: RequestClass,
         stream: bool,
+        received: float | None = None,
     ) -> AsyncIterator[RequestDelta]:
         """Deltas of one request from the replica the router picks; run again elsewhere if that
         replica is lost before the request sent anything."""
@@ -241,7 +242,9 @@ class ReplicaSet:
             assert client is not None
             sent = False
             with _Counted(self.loads[slot.index], request_class, len(prompt_token_ids)) as load:
-                inner = client.generate(request_id, prompt_token_ids, params, request_class, stream)
+                inner = client.generate(
+                    request_id, prompt_token_ids, params, request_class, stream, received
+                )
                 try:
                     async for delta in inner:
                         load.first_token()

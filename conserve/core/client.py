@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -248,6 +249,7 @@ class EngineClient:
         params: SamplingParams,
         request_class: RequestClass,
         stream: bool,
+        received: float | None = None,
     ) -> AsyncIterator[RequestDelta]:
         """Deltas of one request until it finishes. Leaving early (client gone) aborts it."""
         q: asyncio.Queue = asyncio.Queue()
@@ -259,7 +261,16 @@ class EngineClient:
             self._offline.add(request_id)
         finished = False
         try:
-            self._send(AddRequest(request_id, prompt_token_ids, params, request_class, stream))
+            add = AddRequest(
+                request_id,
+                prompt_token_ids,
+                params,
+                request_class,
+                stream,
+                received=received,
+                sent=time.monotonic(),
+            )
+            self._send(add)
             while True:
                 item = await q.get()
                 if isinstance(item, Exception):

@@ -18,6 +18,11 @@ class AddRequest:
     params: SamplingParams
     request_class: RequestClass
     stream: bool
+    # time.monotonic() (one clock for every process of the machine) when the HTTP server
+    # received the request and when this message left the API process; None when unknown.
+    # The step log records both, so the API process's share of a TTFT can be told apart.
+    received: float | None = None
+    sent: float | None = None
 
 
 @dataclass(frozen=True)

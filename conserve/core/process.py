@@ -285,6 +285,7 @@ class _CoreLoop:
                 msg.request_class,
                 msg.stream,
                 arrived,
+                api_times=None if msg.sent is None else (msg.received, msg.sent),
             )
         except ValueError as e:
             self.conn.send(Rejected(msg.request_id, str(e)))

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 # held every running offline request for the whole stream, and offline work got nothing)
 MAX_HOLD_S = 2.0
 HOLD_STEPS = 2.0
+# Host-tier checkpoints go in gathered copies of at most this many blocks, with a look for an
+# arrived online request before each: 240 offline decodes that crossed a block boundary
+# together made one 22 ms copy, which an online arrival waited for in full (a step log of
+# `bench coserve`, decode-heavy job); 16 blocks of the default model took about 1-2 ms here.
+CHECKPOINT_SLICE_BLOCKS = 16
 
 
 class Runner(Protocol):
@@ -272,9 +277,11 @@ class Engine:
         request_class: RequestClass = RequestClass.ONLINE,
         stream: bool = False,
         arrived: float | None = None,
+        api_times: tuple[float | None, float] | None = None,
     ) -> None:
         """Queue a request. `arrived`: when it reached the engine's process
-        (`time.monotonic()`; default now), its arrival time for the scheduler and observers."""
+        (`time.monotonic()`; default now), its arrival time for the scheduler and observers.
+        `api_times`: (received, sent) by the API process, for observers only."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text: str | None = prompt
@@ -298,6 +305,8 @@ class Engine:
                 self.objectives.watch(seq_id, now, self._predict_prefill(len(ids)))
         self._groups[request_id] = group
         for obs in self._observers:
+            if api_times is not None:
+                obs.on_request_received(request_id, *api_times)
             obs.on_request_added(request_id, request_class.value, len(ids), now)
 
     def validate_prompt(self, ids: Sequence[int], params: SamplingParams) -> None:
@@ -560,6 +569,12 @@ class Engine:
         done = self.runner.progress
         if done > step.first:
             remaining = (now - step.start) * (1 - done) / (done - step.first)
+        elif remaining <= 0:
+            # No layer has run since it started, or the layers are done and its LM head and
+            # sampling run (in slices with safepoints): a step past its predicted end has an
+            # unknown time left. Seen in a step log: a 240-row offline step ran 24% over its
+            # prediction, and arrivals in its last 13 ms waited for all of it.
+            remaining = float("inf")
         own = self.latency.predict(BatchShape().with_chunk(0, prompt_len)) if prompt_len else 0.0
         online_left = step.online * remaining / step.predicted if step.predicted > 0 else 0.0
         if remaining <= stop_limit(self.slo, own, online_left):
@@ -572,11 +587,16 @@ class Engine:
         self, batch: ScheduledBatch, result: StepResult, started: float
     ) -> list[RequestOutput]:
         advanced = self.scheduler.update(batch, result)
-        if self._announced == self._received and all(c.offline for c in batch.chunks):
-            # Copies to the host tier wait for a step without online work, with no online
-            # request waiting for the loop: their time would delay online tokens. The
-            # checkpoint is incremental, so that step takes the blocks of this one too.
-            self.scheduler.checkpoint_offline()
+        if all(c.offline for c in batch.chunks):
+            # Copies to the host tier wait for a step without online work, and go in slices
+            # while no online request waits for the loop: their time would delay online
+            # tokens. The checkpoint is incremental: what is left goes after a later step.
+            while (
+                self._announced == self._received
+                and self.scheduler.checkpoint_offline(CHECKPOINT_SLICE_BLOCKS)
+                == CHECKPOINT_SLICE_BLOCKS
+            ):
+                pass
         touched: dict[str, _Group] = {}
         eos = self.tokenizer.eos_token_ids
         for req in advanced:

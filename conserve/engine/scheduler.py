@@ -421,9 +421,10 @@ class Scheduler:
             offline=request.request_class is OFFLINE,
         )
 
-    def checkpoint_offline(self) -> int:
+    def checkpoint_offline(self, max_blocks: int | None = None) -> int:
         """Copy the blocks that running offline requests completed since the last call to the
-        host tier (one gathered copy). Returns the number of blocks copied."""
+        host tier (one gathered copy of at most `max_blocks`; the rest waits for the next
+        call). Returns the number of blocks copied."""
         if self.host is None:
             return 0
         pending = {
@@ -432,7 +433,7 @@ class Scheduler:
             if r.request_class is OFFLINE
             and self.host.saved_tokens(r.request_id) + self.kv.block_size <= r.num_computed_tokens
         }
-        return self.host.checkpoint(pending) if pending else 0
+        return self.host.checkpoint(pending, max_blocks) if pending else 0
 
     # -- apply ------------------------------------------------------------------------------
     def update(self, batch: ScheduledBatch, result: StepResult) -> list[Request]:

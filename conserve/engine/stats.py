@@ -109,6 +109,11 @@ class StepObserver:
         engine's process (`time.monotonic()`), which may be earlier when it waited for a
         running step to stop."""
 
+    def on_request_received(self, request_id: str, received: float | None, sent: float) -> None:
+        """Called just before `on_request_added` for a request that came through the API
+        process: `received` is when the HTTP server got it (None if unknown), `sent` when the
+        API process passed it on (both `time.monotonic()`, one clock for the machine)."""
+
     def on_step_start(self, batch: ScheduledBatch) -> None:
         """A planned step is about to compute."""
 

@@ -21,6 +21,11 @@ class StepLog(StepObserver):
         rec |= {"prompt_len": prompt_len, "arrived": round(arrived, 6)}
         self.file.write(json.dumps(rec) + "\n")
 
+    def on_request_received(self, request_id: str, received: float | None, sent: float) -> None:
+        rec = {"t": round(time.monotonic(), 6), "api": request_id, "sent": round(sent, 6)}
+        rec["received"] = None if received is None else round(received, 6)
+        self.file.write(json.dumps(rec) + "\n")
+
     def on_step_end(self, record: StepRecord) -> None:
         batch = record.batch
         on = [c for c in batch.chunks if not c.offline]

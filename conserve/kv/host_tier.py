@@ -106,16 +106,24 @@ class HostKVStore:
     def saved_tokens(self, request_id: str) -> int:
         return len(self._saved.get(request_id, ())) * self.block_size
 
-    def checkpoint(self, pending: dict[str, tuple[Sequence[int], int, Sequence[int]]]) -> int:
+    def checkpoint(
+        self,
+        pending: dict[str, tuple[Sequence[int], int, Sequence[int]]],
+        max_blocks: int | None = None,
+    ) -> int:
         """`pending`: request -> (device block table, computed tokens, token ids). Copies every
-        full block not saved yet, all requests in one copy; stops when the host tier is full
-        (orphans are given up first). Returns the number of blocks copied."""
+        full block not saved yet (at most `max_blocks`, in the order of `pending`), all in one
+        copy; stops when the host tier is full (orphans are given up first). Returns the
+        number of blocks copied."""
         src: list[int] = []
         dst: list[int] = []
         keyed: list[tuple[int, bytes]] = []
+        limit = max_blocks if max_blocks is not None else float("inf")
         for rid, (table, computed, tokens) in pending.items():
             saved = self._saved.setdefault(rid, [])
             for j in range(len(saved), computed // self.block_size):
+                if len(src) >= limit:
+                    break
                 h = self._take_block()
                 if h is None:
                     break

@@ -19,7 +19,7 @@ def start_streams(
     """One delta stream per prompt (engine request ids `rid-0`, `rid-1`, ...), each handed to
     `track` now: the serving side counts them from this moment, not from the first read."""
     return [
-        track(p.klass, backend.generate(f"{rid}-{i}", ids, sp, p.klass, p.stream))
+        track(p.klass, backend.generate(f"{rid}-{i}", ids, sp, p.klass, p.stream, p.received))
         for i, (ids, sp) in enumerate(zip(p.prompts, p.params, strict=True))
     ]
 

@@ -33,6 +33,8 @@ class Prepared:
     prompts: list[list[int]]
     params: list[SamplingParams]
     klass: RequestClass
+    # time.monotonic() when the HTTP server received the request (None: not over HTTP)
+    received: float | None = None
 
     @property
     def stream(self) -> bool:

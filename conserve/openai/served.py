@@ -31,8 +31,10 @@ class Backend(ServedModel, Protocol):
         params: SamplingParams,
         request_class: RequestClass,
         stream: bool,
+        received: float | None = None,
     ) -> AsyncIterator[RequestDelta]:
-        """Deltas of one request until it finishes; closing the stream early aborts it."""
+        """Deltas of one request until it finishes; closing the stream early aborts it.
+        `received`: `time.monotonic()` when the HTTP server got the request, if known."""
         ...
 
 

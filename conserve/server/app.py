@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -126,6 +127,7 @@ def _install_guard(app: FastAPI, settings: ServerSettings, state: ServerState) -
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
+        request.state.received = time.monotonic()  # the request's arrival, for the step log
         size = request.headers.get("content-length")
         upload = request.method == "POST" and request.url.path == "/v1/files"
         cap = settings.max_file_bytes + (64 << 10) if upload else settings.max_body_bytes

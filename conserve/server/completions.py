@@ -23,12 +23,14 @@ def completion_routes(state: ServerState, settings: ServerSettings) -> APIRouter
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         state.unknown_fields.log(body)
         p = prepare(state.engine(), body, request_class(body))
+        p.received = getattr(request.state, "received", None)
         return await respond(state, settings, request, p)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state.unknown_fields.log(body)
         p = prepare(state.engine(), body, request_class(body))
+        p.received = getattr(request.state, "received", None)
         return await respond(state, settings, request, p)
 
     return router
