@@ -64,10 +64,15 @@ class CacheConfig:
     host_kv_gb: float = 2.0
     # a directory that backs the host tier, so that its checkpoints outlive the engine
     host_kv_path: str | None = None
+    # a host tier in memory only gets checkpoints while less than this share of the device
+    # pool is free (1: after every step); one with a host_kv_path gets them after every step
+    host_kv_checkpoint_free: float = 0.5
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
+        if not 0 <= self.host_kv_checkpoint_free <= 1:
+            raise ValueError("host_kv_checkpoint_free must be in [0, 1]")
 
 
 @dataclass(frozen=True)

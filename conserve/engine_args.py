@@ -233,6 +233,19 @@ class EngineArgs:
             {},
         ),
     )
+    host_kv_checkpoint_free: float = _setting(
+        "cache",
+        _C.host_kv_checkpoint_free,
+        _Flag(
+            "--host-kv-checkpoint-free",
+            "a host tier in memory gets checkpoints only while less than this share of the "
+            "device KV pool is free: with memory to spare nobody is paused, and the copies "
+            "would only cost offline time; 1 = after every step (with --host-kv-path: always "
+            "after every step)",
+            CO_SERVING,
+            {"type": float},
+        ),
+    )
     latency_profile: str = _setting(
         "engine",
         _E.latency_profile,

@@ -611,26 +611,25 @@ def test_checkpoint_in_slices_copies_each_block_once_and_in_order() -> None:
     s.check_integrity()
 
 
-def test_checkpoints_wait_for_a_device_pool_under_pressure(tmp_path) -> None:
-    """An in-memory host tier gets no copies while at least half the device pool is free; one
-    behind a file (it outlives the engine) gets them at once; past the line, the copies come."""
-    from conserve.kv.host_file import HostFile
+def test_checkpoints_wait_for_a_device_pool_under_pressure() -> None:
+    """A host tier with `checkpoint_free` 0.5 gets no copies while at least half the device
+    pool is free, and copies once less is free; one with 1.0 (the engine's choice for a tier
+    behind a file, which outlives the engine) gets them at once."""
     from conserve.kv.host_tier import HostKVStore
 
     s, r = make("conserve", num_blocks=200, budget=512, prefix_caching=False, offline_step_s=1.0)
-    s.host = HostKVStore(128, BS, FakeMover(r))
+    s.host = HostKVStore(128, BS, FakeMover(r), checkpoint_free=0.5)
     s.add(req("off", OFFLINE, 117, 6))  # 30 of 200 blocks
     step(s, r)
     assert s.checkpoint_offline() == 0 and s.host.saved_tokens("off") == 0
     s.add(req("big", OFFLINE, 300, 2))  # 75 more blocks: 95 of 200 free
     step(s, r)
     assert s.checkpoint_offline() == 29 + 75
-    filed, fr = make("conserve", num_blocks=200, budget=512, prefix_caching=False)
-    layout = {"model": "m", "dtype": "bf16", "block": [1, 1, BS, 1], "host_blocks": 64}
-    filed.host = HostKVStore(64, BS, FakeMover(fr), HostFile(str(tmp_path), layout))
-    filed.add(req("off", OFFLINE, 117, 6))
-    step(filed, fr)
-    assert filed.checkpoint_offline() == 29
+    always, ar = make("conserve", num_blocks=200, budget=512, prefix_caching=False)
+    always.host = HostKVStore(64, BS, FakeMover(ar), checkpoint_free=1.0)
+    always.add(req("off", OFFLINE, 117, 6))
+    step(always, ar)
+    assert always.checkpoint_offline() == 29
 
 
 def test_host_tier_that_is_full_falls_back_to_recompute() -> None:

@@ -384,6 +384,7 @@ def test_engine_switches_policies_keeping_its_latency_model_and_slos(
     first = eng.policy
     assert isinstance(first, ConservePolicy) and first.latency is eng.latency
     assert eng.slo == Slo(0.05, 1.0, 0.1) and eng.scheduler.host is not None
+    assert eng.scheduler.host.checkpoint_free == 0.5  # in memory: only under pressure
     eng.set_policy("conserve")  # the policy in force: same object, same learned state
     assert eng.policy is first
     eng.set_policy("priority")

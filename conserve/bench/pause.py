@@ -76,6 +76,9 @@ def build_engine(args: argparse.Namespace, host: bool, num_blocks: int, budget: 
         num_blocks=num_blocks,
         enable_prefix_caching=False,
         host_kv_gb=cfg.cache.host_kv_gb if host else 0.0,
+        # checkpoints after every step, whatever is free: the mechanism is what is measured
+        # (part 1 pauses a request in a pool with room to spare)
+        host_kv_checkpoint_free=1.0,
     )
     engine = Engine.from_config(replace(cfg, scheduler=sched, cache=cache))
     if host and engine.stats().host is None:

@@ -199,7 +199,13 @@ class Engine:
             n_host = max(1, int(cfg.cache.host_kv_gb * 2**30 // per_block))
             file = _host_file(cfg, source.name, list(kv.k.shape), n_host)
             mover = TensorMover(kv.k, kv.v, n_host, file)
-            host = HostKVStore(n_host, cfg.cache.block_size, mover, file)
+            host = HostKVStore(
+                n_host,
+                cfg.cache.block_size,
+                mover,
+                file,
+                checkpoint_free=1.0 if file is not None else cfg.cache.host_kv_checkpoint_free,
+            )
         elif cfg.cache.host_kv_path:
             raise ValueError(
                 "--host-kv-path needs the host tier: --policy conserve, --host-kv-gb > 0"

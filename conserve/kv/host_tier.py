@@ -68,12 +68,20 @@ class TensorMover:
 
 class HostKVStore:
     def __init__(
-        self, num_blocks: int, block_size: int, mover: BlockMover, file: HostFile | None = None
+        self,
+        num_blocks: int,
+        block_size: int,
+        mover: BlockMover,
+        file: HostFile | None = None,
+        checkpoint_free: float = 1.0,
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.mover = mover
         self.file = file
+        # checkpoints are taken while less than this share of the device pool is free (1.0:
+        # always); the scheduler reads it (`--host-kv-checkpoint-free`)
+        self.checkpoint_free = checkpoint_free
         self._saved: dict[str, list[int]] = {}  # request -> host block of its block j
         self._keys: dict[str, list[bytes]] = {}  # request -> key of its block j (with a file)
         # key -> host blocks saved by an earlier engine, not adopted yet (with a file)
