@@ -135,3 +135,33 @@ def test_offline_deltas_wait_while_an_online_request_is_in_flight(monkeypatch) -
         client.shutdown()
 
     asyncio.run(main())
+
+
+def test_offline_deltas_wait_for_a_request_on_its_way_in() -> None:
+    """While the HTTP server holds a request it has not classified yet (`hold_offline`, wired
+    by `ServerState`), offline deltas wait; once it is classified they go on."""
+    from types import SimpleNamespace
+
+    from conserve.server.state import ServerState
+
+    async def main() -> None:
+        transport = FakeTransport()
+        client = EngineClient(EngineConfig(), tokenizer=object(), transport=transport)
+        state = ServerState()
+        state.client = client  # wires client.hold_offline to the state's count
+        client.start(asyncio.get_running_loop())
+        log: list[tuple[str, int]] = []
+        task = asyncio.create_task(_collect(client, "off", RequestClass.OFFLINE, log))
+        await _started(transport, 1)
+        request = SimpleNamespace(state=SimpleNamespace(arriving=True))
+        state.arriving += 1  # as the server's middleware counts a POST to /v1/
+        transport.inbox.put([delta("off", 1, True)])
+        await asyncio.sleep(0.1)
+        assert log == []  # waits for the arriving request
+        state.classified(request)
+        state.classified(request)  # counted once
+        assert state.arriving == 0
+        assert await asyncio.wait_for(task, 10) == [1]
+        client.shutdown()
+
+    asyncio.run(main())

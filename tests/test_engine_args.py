@@ -104,7 +104,7 @@ def test_every_field_but_the_pool_size_has_a_flag_in_its_group():
     assert groups["engine"][:3] == ["--model", "--dtype", "--device"]
     assert groups["engine"][-3:] == ["--step-log", "--attention", "--layers"]
     assert groups["co-serving"][0] == "--policy"
-    assert len(groups["engine"]) + len(groups["co-serving"]) == 25
+    assert len(groups["engine"]) + len(groups["co-serving"]) == 26
     args = EngineArgs.from_cli_args(p.parse_args([]))
     assert args == EngineArgs()  # argparse defaults are the fields' defaults
 

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from conserve.config import EngineConfig
@@ -149,6 +149,9 @@ class EngineClient:
         self._offline: set[str] = set()  # requests of `_queues` that are offline
         self._offline_deltas: deque[RequestDelta] = deque()  # not yet in their queues
         self._online = 0  # online requests in flight
+        # True while offline output should wait for a request on its way in (set by the HTTP
+        # server: a request it has received but not yet classified may be online)
+        self.hold_offline: Callable[[], bool] = lambda: False
         self._deferred_since: float | None = None  # when offline dispatch began to wait
         self._stats: list[asyncio.Future] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -217,9 +220,10 @@ class EngineClient:
     def _drain_offline(self) -> None:
         """A slice of the waiting offline deltas to their queues; the rest in a later turn of
         the event loop, one that reads the sockets first. While an online request is in
-        flight they wait instead, up to OFFLINE_DEFER_S."""
+        flight, or one is on its way in (`hold_offline`), they wait instead, up to
+        OFFLINE_DEFER_S."""
         pending = self._offline_deltas
-        if self._online and pending:
+        if pending and (self._online or self.hold_offline()):
             now = self._loop.time()
             if self._deferred_since is None:
                 self._deferred_since = now

@@ -135,6 +135,17 @@ def _install_guard(app: FastAPI, settings: ServerSettings, state: ServerState) -
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         request.state.received = time.monotonic()  # the request's arrival, for the step log
+        if request.method == "POST" and request.url.path.startswith("/v1/"):
+            # offline output waits until the route knows whether this one is online
+            request.state.arriving = True
+            state.arriving += 1
+            try:
+                return await _checked(request, call_next)
+            finally:
+                state.classified(request)
+        return await _checked(request, call_next)
+
+    async def _checked(request: Request, call_next):
         size = request.headers.get("content-length")
         upload = request.method == "POST" and request.url.path == "/v1/files"
         cap = settings.max_file_bytes + (64 << 10) if upload else settings.max_body_bytes

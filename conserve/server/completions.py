@@ -24,6 +24,7 @@ def completion_routes(state: ServerState, settings: ServerSettings) -> APIRouter
         state.unknown_fields.log(body)
         p = prepare(state.engine(), body, request_class(body))
         p.received = getattr(request.state, "received", None)
+        state.classified(request)
         return await respond(state, settings, request, p)
 
     @router.post("/v1/completions")
@@ -31,6 +32,7 @@ def completion_routes(state: ServerState, settings: ServerSettings) -> APIRouter
         state.unknown_fields.log(body)
         p = prepare(state.engine(), body, request_class(body))
         p.received = getattr(request.state, "received", None)
+        state.classified(request)
         return await respond(state, settings, request, p)
 
     return router

@@ -46,7 +46,10 @@ class ServerState:
     """Mutable state of the API process: the engine client, metrics, admission counters."""
 
     def __init__(self) -> None:
-        self.client: EngineClient | None = None
+        self._client: EngineClient | None = None
+        # requests the HTTP server has received and not yet classified (online or offline):
+        # offline output waits while there are any (`EngineClient.hold_offline`)
+        self.arriving = 0
         self.metrics = Metrics()
         self.unknown_fields = UnknownFields()
         self.queued = {RequestClass.ONLINE: 0, RequestClass.OFFLINE: 0}
@@ -56,10 +59,27 @@ class ServerState:
         self.batches: BatchManager | None = None  # the Batch API, when a data dir is given
         self.recent = RecentRequests()  # finished requests, timed (the dashboard's latencies)
 
+    @property
+    def client(self) -> EngineClient | None:
+        return self._client
+
+    @client.setter
+    def client(self, client: EngineClient | None) -> None:
+        self._client = client
+        if client is not None and hasattr(client, "hold_offline"):
+            client.hold_offline = lambda: self.arriving > 0
+
     def engine(self) -> EngineClient:
         """The engine client (set while the app runs)."""
-        assert self.client is not None
-        return self.client
+        assert self._client is not None
+        return self._client
+
+    def classified(self, request) -> None:
+        """The request (a Starlette request) is known to be online or offline now: it no
+        longer counts as arriving."""
+        if getattr(request.state, "arriving", False):
+            request.state.arriving = False
+            self.arriving -= 1
 
     def track(
         self, klass: RequestClass, stream: AsyncIterator[RequestDelta]
