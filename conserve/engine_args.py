@@ -240,8 +240,8 @@ class EngineArgs:
             "--host-kv-checkpoint-free",
             "a host tier in memory gets checkpoints only while less than this share of the "
             "device KV pool is free: with memory to spare nobody is paused, and the copies "
-            "would only cost offline time; 1 = after every step (with --host-kv-path: always "
-            "after every step)",
+            "would only cost offline time; 1 = after every step, 0 = never (with "
+            "--host-kv-path: always after every step)",
             CO_SERVING,
             {"type": float},
         ),
