@@ -84,8 +84,8 @@ def _lifespan(
             supervisor = EngineSupervisor(state, client_factory, _resume(state, settings))
             supervisor.start()
         # What start-up made (imports, the tokenizer) lives as long as the server: out of the
-        # garbage collector's sight. A full collection walked about 200,000 such objects in
-        # 60-70 ms on an idle 2-core CPU, and longer beside the engine; an online request
+        # garbage collector's sight. A full collection walked 236,000 such objects in 68-122
+        # ms on a 2-core CPU (benchmarks/results/gc-pause-20261203.txt); an online request
         # that arrived or got its first token meanwhile waited for it.
         gc.collect()
         gc.freeze()
