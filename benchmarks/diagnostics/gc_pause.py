@@ -18,11 +18,15 @@ def full_collection_ms() -> float:
 
 if __name__ == "__main__":
     gc.collect()
-    print(f"after imports: {len(gc.get_objects())} tracked objects, full collection "
-          f"{full_collection_ms():.1f} ms")
+    print(
+        f"after imports: {len(gc.get_objects())} tracked objects, full collection "
+        f"{full_collection_ms():.1f} ms"
+    )
     tokenizer = Tokenizer.load(resolve_model("default"))
     gc.collect()
-    print(f"with the tokenizer: {len(gc.get_objects())} tracked objects, full collection "
-          f"{full_collection_ms():.1f} ms")
+    print(
+        f"with the tokenizer: {len(gc.get_objects())} tracked objects, full collection "
+        f"{full_collection_ms():.1f} ms"
+    )
     gc.freeze()
     print(f"after gc.freeze(): full collection {full_collection_ms():.1f} ms")

@@ -35,10 +35,14 @@ def main(paths: list[str]) -> None:
             k[1] += s["plan_s"] + s["run_s"] + s["apply_s"]
             k[2] += s["offline"][1]
         busy = sum(k[1] for k in kinds.values())
-        print(f"{path.split('/')[-1]} span {t1 - t0:.1f}s busy {busy:.1f}s idle {t1 - t0 - busy:.1f}")
+        print(
+            f"{path.split('/')[-1]} span {t1 - t0:.1f}s busy {busy:.1f}s idle {t1 - t0 - busy:.1f}"
+        )
         for kind, (n, sec, tok) in sorted(kinds.items()):
-            print(f"  {kind:25s} steps {n:6d} s {sec:7.1f} offtok {tok:8d} "
-                  f"tok/s {tok / max(sec, 1e-9):7.0f} mean_step_ms {1000 * sec / n:6.1f}")
+            print(
+                f"  {kind:25s} steps {n:6d} s {sec:7.1f} offtok {tok:8d} "
+                f"tok/s {tok / max(sec, 1e-9):7.0f} mean_step_ms {1000 * sec / n:6.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -28,18 +28,26 @@ import numpy as np
 
 def main(results: str, log: str, variant: str, label: str = "conserve") -> None:
     res = json.load(open(results))
-    runs = [r for r in res["runs"] if r["label"] == label and (variant == "-" or r["variant"] == variant)]
+    runs = [
+        r
+        for r in res["runs"]
+        if r["label"] == label and (variant == "-" or r["variant"] == variant)
+    ]
     reqs = sorted(runs[0]["online_requests"], key=lambda q: q["sent_s"])
     recs = [json.loads(line) for line in open(log) if line.strip()]
     api = {r["api"]: r for r in recs if "api" in r}
-    adds = sorted((r for r in recs if r.get("class") == "online" and "added" in r), key=lambda a: a["arrived"])
-    adds = adds[len(adds) - len(reqs):]  # a warm-up request may come first
+    adds = sorted(
+        (r for r in recs if r.get("class") == "online" and "added" in r), key=lambda a: a["arrived"]
+    )
+    adds = adds[len(adds) - len(reqs) :]  # a warm-up request may come first
     end = {}
     for s in (r for r in recs if "run_s" in r):
         for rid in s["online_prefill_ids"]:
             if s["stopped_at_layer"] is None and rid not in end:
                 end[rid] = s["t"] + s["plan_s"] + s["run_s"] + s["apply_s"]
-    offset = np.median([api[a["added"]]["received"] - q["sent_s"] for q, a in zip(reqs, adds)]) - 0.001
+    offset = (
+        np.median([api[a["added"]]["received"] - q["sent_s"] for q, a in zip(reqs, adds)]) - 0.001
+    )
     rows = []
     for q, a in zip(reqs, adds):
         p = api[a["added"]]
@@ -55,10 +63,16 @@ def main(results: str, log: str, variant: str, label: str = "conserve") -> None:
     names = ["client->http", "http->api sent", "pipe->engine", "engine", "egress"]
     for i, name in enumerate(names):
         col = table[:, i]
-        print("%-16s p50 %6.1f p90 %6.1f max %6.1f" % (name, np.median(col), np.percentile(col, 90), col.max()))
+        print(
+            "%-16s p50 %6.1f p90 %6.1f max %6.1f"
+            % (name, np.median(col), np.percentile(col, 90), col.max())
+        )
     rows.sort(key=lambda r: -(r[3] + r[4] + r[5] + r[7]))
     for r in rows[:10]:
-        print("ttft %6.1f idx %3d plen %4d | c->http %6.1f http->sent %6.1f pipe %6.1f engine %6.1f egress %6.1f" % r)
+        print(
+            "ttft %6.1f idx %3d plen %4d | c->http %6.1f http->sent %6.1f pipe %6.1f engine %6.1f egress %6.1f"
+            % r
+        )
 
 
 if __name__ == "__main__":
