@@ -15,8 +15,8 @@ LAYER_SLEEP_S = 0.25
 def slow_prefill_layers(build):
     """`build_engine`, whose engines sleep LAYER_SLEEP_S in every layer of a step of 256 rows
     or more (the offline prefill): the step's layers then take about equal, known times on a
-    busy machine too, so an arrival in the middle of the step (seeds chosen so) comes after
-    the first layer and before the last safepoint, where policy conserve stops it."""
+    busy machine too, so an arrival in the middle of the step (seeds chosen so) comes before
+    the last safepoint, where policy conserve stops it."""
 
     def built(args, safepoint_every):
         engine = build(args, safepoint_every)
@@ -87,7 +87,10 @@ def test_bench_preempt_writes_waits_per_setting_and_overhead(
         for t in s["trials"]:
             assert 0 <= t["wait_ms"] <= t["ttft_ms"]
             layer = t["stopped_before_layer"]
-            assert layer is None or (t["stop_requested"] and 1 <= layer < 3)
+            # any safepoint: inside the first layer too (the linear profile predicts far less
+            # than the slowed layers take, so an arrival there finds the step past its
+            # predicted end) or after the last one, before the LM head
+            assert layer is None or (t["stop_requested"] and 0 <= layer <= 3)
         assert s["layer_preemptions"] <= s["stop_requests"]
     for s in d["settings"][:-1]:  # conserve stops the offline step between layers
         stops = [t for t in s["trials"] if t["stopped_before_layer"] is not None]

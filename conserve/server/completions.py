@@ -19,21 +19,22 @@ from conserve.server.streaming import engine_failed, sse, until_disconnected
 def completion_routes(state: ServerState, settings: ServerSettings) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+    def admit(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Prepared:
+        """The body validated and tokenized, stamped with the request's arrival; from here
+        the request no longer counts as arriving (its class is known)."""
         state.unknown_fields.log(body)
         p = prepare(state.engine(), body, request_class(body))
         p.received = getattr(request.state, "received", None)
         state.classified(request)
-        return await respond(state, settings, request, p)
+        return p
+
+    @router.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        return await respond(state, settings, request, admit(body, request))
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        state.unknown_fields.log(body)
-        p = prepare(state.engine(), body, request_class(body))
-        p.received = getattr(request.state, "received", None)
-        state.classified(request)
-        return await respond(state, settings, request, p)
+        return await respond(state, settings, request, admit(body, request))
 
     return router
 
