@@ -183,16 +183,21 @@ int paged_decode_attention(float *out, const float *q, const void *k_cache, cons
                            int64_t Hq, int64_t Hkv, int64_t NB, int64_t BS, int64_t D, int64_t MB,
                            float scale, int num_threads) {
   if (Hq % Hkv || Hq / Hkv > MAX_G || D > MAX_D || BS > MAX_BS) return -1;
-  /* Constant head sizes let the compiler unroll the inner loops completely. */
+  /* One task per (sequence, KV head), handed out one at a time: a task's cost grows with its
+   * sequence's context, and a running batch is ordered by age, so its oldest (longest)
+   * sequences come first. Split statically, the first thread got them all: 240 decodes of
+   * 1200 down to 100 tokens took 12.3 ms against 8.8 ms handed out dynamically, which also
+   * lets one thread take over the tasks of another that the OS has descheduled.
+   * Constant head sizes let the compiler unroll the inner loops completely. */
 #define RUN(DIM)                                                                            \
-  _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                     \
+  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                 \
   for (int64_t t = 0; t < B * Hkv; ++t)                                                     \
     task(t / Hkv, t % Hkv, out, q, k_cache, v_cache, is_bf16, tables, lens, Hq, Hkv, NB, BS, \
          DIM, MB, scale);
 #ifdef HAVE_TASK_BF16
   if (is_bf16 && D % 32 == 0) {
 #define RUN16(DIM, GG)                                                                       \
-  _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                     \
+  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                 \
   for (int64_t t = 0; t < B * Hkv; ++t)                                                     \
     task_bf16(t / Hkv, t % Hkv, out, q, (const uint16_t *)k_cache, (const uint16_t *)v_cache, \
               tables, lens, Hq, Hkv, NB, BS, DIM, MB, scale, GG);
