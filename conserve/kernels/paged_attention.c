@@ -186,8 +186,9 @@ int paged_decode_attention(float *out, const float *q, const void *k_cache, cons
   /* One task per (sequence, KV head), handed out one at a time: a task's cost grows with its
    * sequence's context, and a running batch is ordered by age, so its oldest (longest)
    * sequences come first. Split statically, the first thread got them all: 240 decodes of
-   * 1200 down to 100 tokens took 12.3 ms against 8.8 ms handed out dynamically, which also
-   * lets one thread take over the tasks of another that the OS has descheduled.
+   * 1200 down to 100 tokens took 1.4x as long as handed out dynamically
+   * (benchmarks/results/attn-balance-20261203.txt), which also lets one thread take over the
+   * tasks of another that the OS has descheduled.
    * Constant head sizes let the compiler unroll the inner loops completely. */
 #define RUN(DIM)                                                                            \
   _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                 \
