@@ -5,16 +5,10 @@ whole step's prediction (median), and the first part's and the resumed part's ti
 over the prediction's (31 units: 30 layers and the LM head). A record, not a maintained
 command."""
 
-import gzip
-import json
 import statistics
 import sys
 
-
-def load(path: str) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return [r for r in map(json.loads, filter(str.strip, f)) if "run_s" in r]
+from step_kinds import load  # this directory: the step records of a log, plain or .gz
 
 
 def main(paths: list[str]) -> None:
