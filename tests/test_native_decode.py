@@ -11,16 +11,24 @@ from conftest import native_kernels
 from conserve import LLM
 from conserve.bench.common import StepClock
 from conserve.engine.batch import IterationPreempted
-from conserve.kernels.decode_layer import NATIVE_ROWS
+from conserve.kernels import decode_layer
+from conserve.kernels.decode_layer import AMX_NATIVE_ROWS, NATIVE_ROWS, native_rows
 from conserve.kernels.linear import SMALL_ROWS
 from conserve.sampling.params import SamplingParams
+
+TEST_ROWS = 9
 
 
 @pytest.fixture(scope="module")
 def engine_llm() -> LLM:
     native_kernels()
     llm = LLM("default", dtype="bfloat16", num_blocks=256)
-    assert llm.engine.runner.native is not None, "the default bf16 engine runs layers natively"
+    native = llm.engine.runner.native
+    assert native is not None, "the default bf16 engine runs layers natively"
+    assert native.max_rows == native_rows()
+    # whatever this machine's default, the kernel is tested up to TEST_ROWS rows (its linear
+    # layers take rows in groups of 8: 9 rows make a second, partial group)
+    native.max_rows = TEST_ROWS
     return llm
 
 
@@ -70,9 +78,10 @@ def _logits(llm: LLM, batch, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, k[:, :, slots].clone()
 
 
-@pytest.mark.parametrize("rows", sorted({1, SMALL_ROWS, NATIVE_ROWS}))
+@pytest.mark.parametrize("rows", sorted({1, SMALL_ROWS, 4, TEST_ROWS}))
 def test_native_layers_give_the_torch_paths_logits_and_kv(llm, rows):
-    prompts = ["The capital of France is", "1, 2, 3, 4,", "def f(x):", "Once upon a"][:rows]
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "def f(x):", "Once upon a"]
+    prompts = (prompts + [f"Request number {i} says" for i in range(rows)])[:rows]
     ids, batch = _decode_batch(llm, prompts)
     assert llm.engine.runner._start(batch).native is not None  # the step runs natively
     native_logits, native_k = _logits(llm, batch, native=True)
@@ -111,11 +120,22 @@ def test_native_step_stopped_between_layers_resumes_to_the_same_logits(llm):
     assert torch.equal(resumed, whole)
 
 
-def test_steps_the_native_path_does_not_take_use_the_torch_layers(llm):
+def test_native_rows_default_and_override(monkeypatch):
+    monkeypatch.delenv("CONSERVE_NATIVE_ROWS", raising=False)
+    monkeypatch.setattr(decode_layer, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert native_rows() == NATIVE_ROWS
+    monkeypatch.setattr(decode_layer, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    assert native_rows() == AMX_NATIVE_ROWS
+    monkeypatch.setenv("CONSERVE_NATIVE_ROWS", "5")
+    assert native_rows() == 5
+
+
+def test_steps_the_native_path_does_not_take_use_the_torch_layers(llm, monkeypatch):
     runner = llm.engine.runner
-    prompts = [f"Request number {i} says" for i in range(NATIVE_ROWS + 1)]
+    monkeypatch.setattr(runner.native, "max_rows", 3)
+    prompts = [f"Request number {i} says" for i in range(4)]
     ids, batch = _decode_batch(llm, prompts)
-    assert runner._start(batch).native is None  # more rows than NATIVE_ROWS
+    assert runner._start(batch).native is None  # more rows than max_rows
     for rid in ids:
         llm.engine.abort(rid)
     ids, batch = _decode_batch(llm, ["Hello"])

@@ -179,7 +179,8 @@ def report_markdown(report: ProfileReport, engine, info: dict | None = None) -> 
 # -- where profiles live --------------------------------------------------------------------
 def profile_path(engine) -> Path:
     """The cache file for this engine's model, dtype, machine, threads and compute path (the
-    compiled kernels' build, or torch; the layers setting)."""
+    compiled kernels' build, or torch; the rows up to which decode steps run natively; the
+    layers setting)."""
     cfg = engine.config
     src = Path(getattr(engine, "model_source", "") or engine.model_name)
     try:
@@ -189,6 +190,9 @@ def profile_path(engine) -> Path:
         ident = str(src)
     kernels = getattr(engine.runner, "kernels", None)
     attention = f"kernel-{kernels.fingerprint}" if kernels is not None else "torch"
+    native = getattr(engine.runner, "native", None)
+    if native is not None:  # decode steps up to this many rows run whole layers natively
+        attention += f"-native{native.max_rows}"
     key = (
         f"v{PROFILE_VERSION}|{ident}|{cfg.dtype}|{cfg.device}|{device_name(cfg.device)}|"
         f"{cfg.num_threads}|{attention}|{cfg.layers}|{cfg.cache.block_size}"

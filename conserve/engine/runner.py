@@ -27,7 +27,7 @@ from conserve.engine.batch import (
 )
 from conserve.engine.step_parts import StepParts
 from conserve.kernels import CpuKernels
-from conserve.kernels.decode_layer import NATIVE_ROWS, NativeDecode, NativeStep
+from conserve.kernels.decode_layer import NativeDecode, NativeStep
 from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
 from conserve.sampling.sampler import sample
@@ -99,8 +99,9 @@ class ModelRunner:
         self.progress = 0.0
         # where each step's time goes, when set (the roofline benchmark; see step_parts.py)
         self.parts: StepParts | None = None
-        # decode steps of at most NATIVE_ROWS rows run whole layers in compiled code when the
-        # attention kernel is on and the model's bf16 linear layers are packed for it
+        # decode steps of at most `native.max_rows` rows (decode_layer.native_rows) run whole
+        # layers in compiled code when the attention kernel is on and the model's bf16 linear
+        # layers are packed for it
         self.native = (
             NativeDecode(kernels, model, kv.k, kv.v)
             if kernels is not None and NativeDecode.usable(model, kv.k)
@@ -147,7 +148,7 @@ class ModelRunner:
         p = _Pass(self.model.embed(input_ids), cos, sin, attention, sample_rows)
         p.offline_only = all(c.offline for c in chunks)
         rows = len(input_ids)
-        if self.native is not None and rows <= NATIVE_ROWS and meta.num_decodes == rows:
+        if self.native is not None and rows <= self.native.max_rows and meta.num_decodes == rows:
             p.native = self.native.step(rows, cos[:, 0], sin[:, 0], meta)
         return p
 

@@ -1,6 +1,6 @@
 """Whole decoder layers of a bf16 decode step in one compiled call each (decode_layer.c).
 
-Used for steps whose rows are all decodes and at most `NATIVE_ROWS` of them, when the model's
+Used for steps whose rows are all decodes and at most `native_rows()` of them, when the model's
 linear layers have their weights packed for the compiled kernel (`LlamaModel.use_fast_layers`)
 and the KV cache is bf16. Larger steps, prefill chunks, other dtypes: the torch layer path.
 """
@@ -13,12 +13,29 @@ import os
 import torch
 
 from conserve.kernels import CpuKernels
+from conserve.platform import cpu_flags
 
-# Decode steps of at most this many rows run natively (see the module docstring). With more
-# rows the compiled linear kernel is bound by its dot-product rate, not by the weight stream,
-# and oneDNN's matmuls win back what the native layer saves: `bench roofline` with
-# CONSERVE_NATIVE_ROWS=4 or 8 showed no steady gain at 4-8 rows on the development CPU.
-NATIVE_ROWS = int(os.environ.get("CONSERVE_NATIVE_ROWS", "2"))
+# How many rows a decode step may have and still run natively (see the module docstring).
+# Measured with `bench roofline` and CONSERVE_NATIVE_ROWS set (benchmarks/results/
+# native-rows-20261204.md):
+# - on a CPU with AMX (Intel Xeon, 2 cores), oneDNN's AMX matmuls outran the compiled
+#   dot-product kernel from 4 rows on and won back what the native layer saves: no steady gain
+#   at 4-8 rows, so steps of more than AMX_NATIVE_ROWS rows take the torch layers there;
+# - on a CPU with AVX512-BF16 and no AMX (AMD EPYC, 2 cores), the native layer was faster at
+#   every size from 3 to 256 rows (x4 28.1 -> 14.4 ms, x32 72.5 -> 43.8, x256 448 -> 291):
+#   oneDNN's bf16 matmuls there ran no faster than the compiled kernel, and the torch layer
+#   path adds ~30 dispatched ops per layer.
+AMX_NATIVE_ROWS = 2
+NATIVE_ROWS = 256
+
+
+def native_rows() -> int:
+    """The most rows of a decode step that runs natively on this machine
+    (CONSERVE_NATIVE_ROWS overrides it)."""
+    env = os.environ.get("CONSERVE_NATIVE_ROWS")
+    if env:
+        return max(0, int(env))
+    return AMX_NATIVE_ROWS if "amx_bf16" in cpu_flags() else NATIVE_ROWS
 
 
 class LayerDims(ctypes.Structure):
@@ -64,7 +81,10 @@ class NativeDecode:
                 (norms[0].data_ptr(), norms[1].data_ptr(), qkv, _ptr(bias), o, gate_up, down)
             )
         self.eps, self.scale = cfg.rms_norm_eps, cfg.head_dim**-0.5
-        self.work: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # scratch for the largest step so far (a smaller step uses its front part)
+        self.work = torch.empty(0, dtype=torch.bfloat16)
+        self.fwork = torch.empty(0, dtype=torch.float32)
+        self.max_rows = native_rows()
 
     def _hold(self, t: torch.Tensor) -> torch.Tensor:
         self.keep.append(t)
@@ -87,15 +107,13 @@ class NativeDecode:
 
     def step(self, rows: int, cos: torch.Tensor, sin: torch.Tensor, meta) -> NativeStep:
         """The call for one step of `rows` decode rows (`meta`: its AttentionMetadata)."""
-        assert rows <= NATIVE_ROWS and meta.num_decodes == rows
+        assert rows <= self.max_rows and meta.num_decodes == rows
         cfg = self.cfg
-        if rows not in self.work:
-            q, kv = cfg.q_size, cfg.kv_size
-            n = rows * (2 * cfg.hidden_size + 2 * q + 2 * kv + 3 * cfg.intermediate_size)
-            self.work[rows] = (
-                torch.empty(n, dtype=torch.bfloat16),
-                torch.empty(2 * rows * q, dtype=torch.float32),
-            )
+        q, kv = cfg.q_size, cfg.kv_size
+        n = rows * (2 * cfg.hidden_size + 2 * q + 2 * kv + 3 * cfg.intermediate_size)
+        if self.work.numel() < n:
+            self.work = torch.empty(n, dtype=torch.bfloat16)
+            self.fwork = torch.empty(2 * rows * q, dtype=torch.float32)
         l_, hkv, nb, bs, d = self.k.shape
         dims = LayerDims(
             cfg.hidden_size,
@@ -128,7 +146,7 @@ class NativeStep:
     def run_layer(self, i: int, h: torch.Tensor, timed: bool = False) -> None:
         """Layer `i` on h [rows, hidden] bf16 (contiguous), in place."""
         nd, meta = self.nd, self.meta
-        work, fwork = nd.work[self.rows]
+        work, fwork = nd.work, nd.fwork
         rc = nd.fn(
             h.data_ptr(),
             self.rows,
