@@ -14,7 +14,14 @@ import pytest
 
 from conserve.config import SchedulerConfig
 from conserve.engine.latency import FEATURES, BatchShape, LatencyModel
-from conserve.engine.policy import BANK_MIN_PROMPT_TOKENS, BANK_STEPS, Slo, make_policy
+from conserve.engine.policy import (
+    BANK_MIN_PROMPT_TOKENS,
+    BANK_STEPS,
+    ONLINE_PROMPT_PASSES,
+    ONLINE_PROMPT_TOKENS,
+    Slo,
+    make_policy,
+)
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.scheduler import Scheduler
 from conserve.kv.manager import KVCacheManager
@@ -127,6 +134,67 @@ def test_online_request_is_scheduled_in_the_next_step_despite_offline_prefill(po
     assert batch.chunks[0].request_id == "on" and batch.chunks[0].num_tokens == 40
     if policy == "online-only":
         assert [c.request_id for c in batch.chunks] == ["on"]
+
+
+def prompts_per_step(sim: Sim) -> list[list[str]]:
+    """The online prompt chunks of each step so far (request ids, in plan order)."""
+    return [
+        [c.request_id for c in b.chunks if not c.offline and c.num_tokens > 1] for b in sim.batches
+    ]
+
+
+def test_conserve_starts_online_prompts_shortest_first_one_long_prompt_per_step() -> None:
+    """Two prompts in one step would each get their first token when both are done (the
+    linear model, like a CPU past a few dozen tokens, charges every token): one after the
+    other, the short one is as fast as alone and the long one waits only for it."""
+    s, r = make("conserve", budget=2048, slack=0.05)
+    sim = Sim(s, r)
+    sim.add(req("long", ONLINE, 500, 2))
+    sim.add(req("short", ONLINE, 20, 2))
+    sim.add(req("tiny", ONLINE, 10, 2))
+    sim.step()
+    sim.step()
+    assert prompts_per_step(sim)[:2] == [["tiny", "short"], ["long"]]
+    alone = {
+        rid: s.policy.latency.predict(BatchShape().with_chunk(0, n))
+        for rid, n in (("short", 20), ("long", 500))
+    }
+    # the short prompts' step is as long as theirs alone; the long prompt waited for it only
+    assert sim.ttft("short") == pytest.approx(
+        s.policy.latency.predict(BatchShape().with_chunk(0, 10).with_chunk(0, 20))
+    )
+    assert sim.ttft("long") < alone["long"] + 2 * alone["short"]
+    assert 10 + 20 <= ONLINE_PROMPT_TOKENS < 20 + 500
+    for _ in range(10):
+        sim.step()
+    assert s.num_unfinished == 0
+    s.check_integrity()
+
+
+def test_priority_computes_waiting_online_prompts_together_in_queue_order() -> None:
+    s, r = make("priority", budget=2048)
+    sim = Sim(s, r)
+    sim.add(req("long", ONLINE, 500, 2))
+    sim.add(req("short", ONLINE, 20, 2))
+    sim.step()
+    assert prompts_per_step(sim)[0] == ["long", "short"]
+
+
+def test_conserve_long_prompt_passed_over_goes_first() -> None:
+    """A stream of short prompts passes a long one over at most ONLINE_PROMPT_PASSES times."""
+    s, r = make("conserve", budget=2048, slack=0.05)
+    sim = Sim(s, r)
+    sim.add(req("long", ONLINE, 300, 1))
+    for i in range(ONLINE_PROMPT_PASSES + 2):
+        sim.add(req(f"short-{i}", ONLINE, 100, 1))
+        sim.step()
+    firsts = [p[0] for p in prompts_per_step(sim)]
+    assert firsts[:ONLINE_PROMPT_PASSES] == [f"short-{i}" for i in range(ONLINE_PROMPT_PASSES)]
+    assert firsts[ONLINE_PROMPT_PASSES] == "long"
+    for _ in range(10):
+        sim.step()
+    assert s.num_unfinished == 0
+    s.check_integrity()
 
 
 def test_conserve_as_if_alone_adds_at_most_the_slack_to_online_steps() -> None:

@@ -63,6 +63,19 @@ BANK_STEPS = 32
 BANK_MIN_PROMPT_TOKENS = 16
 
 
+# conserve: online prompts start shortest first, and a step takes a second online prompt chunk
+# only while the step's online prompt tokens stay within ONLINE_PROMPT_TOKENS. On a CPU a
+# prompt chunk of more than a few dozen tokens is bound by the matmuls' FLOPs, so two prompts in
+# one step finish together, each as late as both alone: measured in `bench coserve` (users x
+# decode-heavy, benchmarks/results/coserve-20261204-1726.md), two 509-token prompts that
+# arrived 40 ms apart both got their first token after 1.2 s, twice their alone TTFT (in the
+# online-alone run they had arrived 0.55 s apart). One after the other, the first gets its
+# alone TTFT and the second waits for it; a short prompt no longer waits for a long one.
+ONLINE_PROMPT_TOKENS = 64
+# a waiting online prompt passed over by younger, shorter ones in this many steps goes first
+ONLINE_PROMPT_PASSES = 4
+
+
 @dataclass(frozen=True)
 class Slo:
     """Online latency objectives.
@@ -134,6 +147,11 @@ class Policy:
     online_first: ClassVar[bool] = True  # False: one queue in arrival order, whatever the class
     uses_latency_model: ClassVar[bool] = False  # the engine loads one (and resolves SLOs)
     uses_host_tier: ClassVar[bool] = False  # the engine keeps checkpoints of offline KV
+    # None: online prompts start in queue order, as many per step as the token budget takes.
+    # An int: waiting online prompts start shortest first (one passed over in
+    # ONLINE_PROMPT_PASSES steps goes first), and a step takes an online prompt chunk beyond
+    # its first only while its online prompt tokens stay within this many
+    online_prompt_tokens: ClassVar[int | None] = None
     slo: Slo | None = None  # the SLOs the policy plans with
     prediction_scale: float = 1.0  # correction the policy applies to predicted step times
 
@@ -248,6 +266,9 @@ class ConservePolicy(Policy):
     offline prompt tokens. With relative objectives a step with online decodes takes offline
     prompt chunks only from the `bank` of slack that earlier steps left unused.
 
+    Online prompts start shortest first, one per step unless they are short
+    (ONLINE_PROMPT_TOKENS), so that a prompt does not wait for another one computed beside it.
+
     With no online work, offline work gets the token budget; while online requests have been
     seen in the last ONLINE_RECENT_S seconds, every offline decode runs and prompt chunks are
     cut to a predicted step time (`offline_step_limit`) that is efficient but not so long that
@@ -257,6 +278,7 @@ class ConservePolicy(Policy):
     name = "conserve"
     uses_latency_model = True
     uses_host_tier = True
+    online_prompt_tokens = ONLINE_PROMPT_TOKENS
 
     def __init__(
         self,

@@ -68,6 +68,9 @@ class Request:
     first_token_time: float | None = None
     num_computed_before_preemption: int = 0
     queue_key: int = 0  # order in the waiting queues (preempted requests get smaller keys)
+    # steps in which a younger, shorter prompt was started while this one waited (policies
+    # that start online prompts shortest first: `Policy.online_prompt_tokens`)
+    passed_over: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from conserve.config import SchedulerConfig
 from conserve.engine.batch import ScheduledBatch, ScheduledChunk, StepResult
 from conserve.engine.latency import BatchShape
-from conserve.engine.policy import Policy
+from conserve.engine.policy import ONLINE_PROMPT_PASSES, Policy
 from conserve.engine.request import Request, RequestClass, RequestStatus
 from conserve.engine.shared_prefix import SharedPrefixWaits
 from conserve.kv.host_tier import HostKVStore
@@ -68,6 +68,10 @@ class _Plan:
     min_offline_chunk: int = 1
     num_offline: int = 0
     online_s: float | None = None  # predicted seconds of the plan's online work alone
+    # online prompt chunks beyond the first only while their tokens stay within this (None:
+    # no limit); online_prompt: the online prompt tokens planned so far
+    online_prompt_cap: int | None = None
+    online_prompt: int = 0
 
 
 class Scheduler:
@@ -194,8 +198,13 @@ class Scheduler:
         online_present = self.has_online_work()
         if online_present:
             self.policy.note_online(self.clock())
+        plan.online_prompt_cap = self.policy.online_prompt_tokens
         self._run(plan, [r for r in self.running if r.request_class is ONLINE])
-        self._admit(plan, lambda skip: _heads(self.queues[ONLINE], skip))
+        if plan.online_prompt_cap is None:
+            self._admit(plan, lambda skip: _heads(self.queues[ONLINE], skip))
+        else:
+            self._admit(plan, self._shortest_online)
+            self._count_passes(plan)
         if not self.policy.runs_offline(online_present):
             return
         offline = [r for r in self.running if r.request_class is OFFLINE]
@@ -221,6 +230,43 @@ class Scheduler:
         if not plan.preempted:
             self._admit(plan, lambda skip: _heads(self.queues[OFFLINE], skip))
 
+    def _shortest_online(self, skip: set[str]) -> Iterable[Request]:
+        """Waiting online requests, those in `skip` passed over: any passed over in
+        ONLINE_PROMPT_PASSES steps first (oldest first), then the fewest tokens to compute."""
+        while True:
+            left = [r for r in self.queues[ONLINE] if r.request_id not in skip]
+            if not left:
+                return
+            yield min(
+                left,
+                key=lambda r: (
+                    r.passed_over < ONLINE_PROMPT_PASSES,
+                    r.num_tokens - r.num_computed_tokens,
+                    r.queue_key,
+                ),
+            )
+
+    def _count_passes(self, plan: _Plan) -> None:
+        """Online requests still waiting that are older than one this plan started."""
+        started = [
+            r.queue_key
+            for rid in plan.scheduled
+            if (r := self.requests[rid]).request_class is ONLINE and r.num_output_tokens == 0
+        ]
+        if not started:
+            return
+        newest = max(started)
+        for r in self.queues[ONLINE]:
+            if r.queue_key < newest:
+                r.passed_over += 1
+
+    def _online_prompt_fits(self, plan: _Plan, request: Request, n: int) -> bool:
+        """Whether an online prompt chunk of `n` tokens may join this plan (`online_prompt_cap`:
+        the plan's first one always does)."""
+        if plan.online_prompt_cap is None or request.request_class is not ONLINE:
+            return True
+        return plan.online_prompt == 0 or plan.online_prompt + n <= plan.online_prompt_cap
+
     def _arrival_order(self, skip: set[str]) -> Iterable[Request]:
         """Waiting requests of both classes in queue order, lazily (heads compared), those
         in `skip` passed over."""
@@ -243,6 +289,8 @@ class Scheduler:
                 continue
             n = min(left, plan.budget, self.config.chunk_cap)
             n = self._fit(plan, request, request.num_computed_tokens, n)
+            if left > 1 and not self._online_prompt_fits(plan, request, n):
+                continue  # its next chunk waits for a step with no other online prompt
             if n == 0:
                 if plan.time_limit is not None and request.request_class is OFFLINE:
                     # not one more token fits the time limit: the requests after this one
@@ -284,7 +332,7 @@ class Scheduler:
             start = max(prefix.num_tokens, self._restorable(request))
             n = min(request.num_tokens - start, plan.budget, self.config.chunk_cap)
             n = self._fit(plan, request, start, n)
-            if n == 0:
+            if n == 0 or not self._online_prompt_fits(plan, request, n):
                 return
             if not self._make_room(plan, request, start + n, prefix):
                 return
@@ -403,6 +451,8 @@ class Scheduler:
         plan.shape.add(chunk.start, n, chunk.sample is not None)
         if request.request_class is OFFLINE:
             plan.num_offline += 1
+        elif n > 1 or chunk.start < request.num_prompt_tokens:
+            plan.online_prompt += n
 
     def _chunk(self, request: Request, n: int) -> ScheduledChunk:
         start = request.num_computed_tokens
