@@ -21,10 +21,10 @@ from conserve.platform import cpu_flags
 # - on a CPU with AMX (Intel Xeon, 2 cores), oneDNN's AMX matmuls outran the compiled
 #   dot-product kernel from 4 rows on and won back what the native layer saves: no steady gain
 #   at 4-8 rows, so steps of more than AMX_NATIVE_ROWS rows take the torch layers there;
-# - on a CPU with AVX512-BF16 and no AMX (AMD EPYC, 2 cores), the native layer was faster at
-#   every size from 3 to 256 rows (x4 28.1 -> 14.4 ms, x32 72.5 -> 43.8, x256 448 -> 291):
-#   oneDNN's bf16 matmuls there ran no faster than the compiled kernel, and the torch layer
-#   path adds ~30 dispatched ops per layer.
+# - on a CPU with AVX512-BF16 and no AMX (AMD EPYC, 2 cores), in two alternated rounds the
+#   native layers took 0.45-0.84x the torch layers' step time at 4-128 rows and 0.94-1.01x at
+#   256: oneDNN's bf16 matmuls there ran no faster than the compiled kernel, and the torch
+#   layer path adds ~30 dispatched ops per layer.
 AMX_NATIVE_ROWS = 2
 NATIVE_ROWS = 256
 
