@@ -73,6 +73,8 @@ class AttentionMetadata:
         )
 
 
+_BYTE = torch.empty(0, dtype=torch.uint8)  # the prefill kernel's scratch is raw bytes
+
 # Gathered K+V bytes per decode group: well inside a server CPU's L2+L3.
 _DECODE_GATHER_BYTES = 4 << 20
 
@@ -185,6 +187,38 @@ class PagedAttention:
         out = torch.matmul(probs, values)  # [Hkv, B, G, D]
         return out.transpose(0, 1).reshape(b, hq, d)
 
+    def _prefill_kernel(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> bool:
+        """Whether this step's prefill chunks run the compiled kernel (bf16, AVX512-BF16)."""
+        return (
+            self.kernels is not None
+            and q.dtype == k_cache.dtype == torch.bfloat16
+            and q.device.type == "cpu"
+            and self.kernels.prefill_attention_supported(q.shape[1], k_cache.shape[0], q.shape[2])
+        )
+
+    def _prefill_into(
+        self,
+        out: torch.Tensor,
+        seg: PrefillSegment,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> None:
+        # q, out: [T, Hq, D]. The chunk's K/V are in the cache already (the step's first part).
+        if self._prefill_kernel(q, k_cache, v_cache):
+            hkv, d = k_cache.shape[0], q.shape[2]
+            size = self.kernels.prefill_attention_scratch(hkv, seg.context_len, d)
+            scratch = self.workspace.take("prefill", (size,), _BYTE)
+            self.kernels.paged_prefill_attention_bf16(
+                out, q, k_cache, v_cache, seg.block_ids, seg.context_len, self.scale, scratch
+            )
+            return
+        out.copy_(self._prefill(seg, q, k, v, k_cache, v_cache))
+
     def _prefill(
         self,
         seg: PrefillSegment,
@@ -194,7 +228,7 @@ class PagedAttention:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        # q: [T, Hq, D] -> [T, Hq, D]
+        # q: [T, Hq, D] -> [T, Hq, D]: torch's attention (every device and dtype)
         t = seg.num_tokens
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
         if seg.context_len == t:  # nothing cached before this chunk: attend to itself
@@ -267,4 +301,4 @@ class AttentionCall:
             return
         seg = att.meta.prefills[i - 1]
         rows = slice(seg.row_start, seg.row_start + seg.num_tokens)
-        self.out[rows] = att._prefill(seg, q[rows], k[rows], v[rows], k_cache, v_cache)
+        att._prefill_into(self.out[rows], seg, q[rows], k[rows], v[rows], k_cache, v_cache)

@@ -25,7 +25,13 @@ from conserve.platform import cpu_flags
 log = logging.getLogger(__name__)
 _SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("paged_attention.c", "linear_bf16.c", "decode_layer.c", "ops_bf16.c")
+    for n in (
+        "paged_attention.c",
+        "prefill_attention.c",
+        "linear_bf16.c",
+        "decode_layer.c",
+        "ops_bf16.c",
+    )
 ]
 _HEADERS = [Path(__file__).with_name("simd.h")]  # included by the sources: part of the key
 # The reassociation flags let the compiler vectorize the dot products. Not -ffast-math: a
@@ -74,6 +80,68 @@ class CpuKernels:
         self._rope.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, cint]
         for fn in (self._rms_norm, self._silu_mul, self._rope):
             fn.restype = None
+        # prefill_attention.c
+        self._prefill_ok = lib.prefill_attention_supported
+        self._prefill_ok.argtypes = [i64] * 3
+        self._prefill_ok.restype = cint
+        self._prefill_scratch = lib.prefill_attention_scratch
+        self._prefill_scratch.argtypes = [i64] * 3
+        self._prefill_scratch.restype = i64
+        self._prefill = lib.paged_prefill_attention_bf16
+        self._prefill.argtypes = [ptr, i64, ptr, i64] + [ptr] * 3 + [i64] * 7 + [f32, ptr, cint]
+        self._prefill.restype = cint
+
+    def prefill_attention_supported(self, hq: int, hkv: int, d: int) -> bool:
+        """Whether `paged_prefill_attention_bf16` runs these head shapes on this build (it
+        needs AVX512-BF16)."""
+        return bool(self._prefill_ok(hq, hkv, d))
+
+    def prefill_attention_scratch(self, hkv: int, context_len: int, d: int) -> int:
+        """Bytes of scratch the prefill attention needs for a context of this length."""
+        return int(self._prefill_scratch(hkv, context_len, d))
+
+    def paged_prefill_attention_bf16(
+        self,
+        out: torch.Tensor,  # [T, Hq, D] bf16, rows may be strided
+        q: torch.Tensor,  # [T, Hq, D] bf16, rows may be strided
+        k_cache: torch.Tensor,  # [Hkv, NB, BS, D] bf16, holding the chunk's K/V too
+        v_cache: torch.Tensor,
+        block_ids: torch.Tensor,  # [>= ceil(L / BS)] int64: the sequence's blocks
+        context_len: int,  # L: the chunk's queries sit at positions L - T .. L - 1
+        scale: float,
+        scratch: torch.Tensor,  # uint8, >= prefill_attention_scratch(...) bytes
+    ) -> None:
+        """Causal attention of a prefill chunk over its sequence's paged K/V (bf16)."""
+        t, hq, d = q.shape
+        hkv, nb, bs, _ = k_cache.shape
+        for x in (q, out):
+            assert x.dtype == torch.bfloat16 and x.stride(2) == 1 and x.stride(1) == d
+        assert out.shape == q.shape and k_cache.dtype == v_cache.dtype == torch.bfloat16
+        assert k_cache.is_contiguous() and v_cache.is_contiguous()
+        assert block_ids.dtype == torch.int64 and block_ids.is_contiguous()
+        assert block_ids.numel() * bs >= context_len >= t
+        assert scratch.numel() >= self.prefill_attention_scratch(hkv, context_len, d)
+        rc = self._prefill(
+            out.data_ptr(),
+            out.stride(0),
+            q.data_ptr(),
+            q.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            block_ids.data_ptr(),
+            t,
+            context_len,
+            hq,
+            hkv,
+            nb,
+            bs,
+            d,
+            scale,
+            scratch.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise ValueError("paged_prefill_attention_bf16: unsupported shapes")
 
     def rms_norm_bf16(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm of x [M, n] bf16 (rows may be strided) by weight [n] bf16."""
