@@ -119,7 +119,9 @@ def test_a_mixed_step_gives_the_torch_paths_result():
     dec_tables, dec_lens = [perm[0:2], perm[2:3]], [20, 9]
     pre1 = perm[3:13]  # 150 tokens cached, 10 new at positions 150..159
     pre2 = perm[13:17]  # a new prompt of 50 tokens
-    slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(dec_tables, dec_lens, strict=True)]
+    slots = [
+        t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(dec_tables, dec_lens, strict=True)
+    ]
     slots += [pre1[p // bs] * bs + p % bs for p in range(150, 160)]
     slots += [pre2[p // bs] * bs + p % bs for p in range(50)]
     prefills = [(2, 10, 160, pre1), (12, 50, 50, pre2)]
@@ -130,7 +132,10 @@ def test_a_mixed_step_gives_the_torch_paths_result():
     outs = []
     for use in (kernels, None):
         meta = AttentionMetadata.build(dec_tables, dec_lens, prefills, slots, bs, q.device)
-        outs.append(PagedAttention(kv, meta, d**-0.5, Workspace(), use)(0, q, k, v))
+        att = PagedAttention(kv, meta, d**-0.5, Workspace(), use)
+        # the kernel's step takes the compiled prefill path; the other torch's
+        assert att._prefill_kernel(q, kv.k[0], kv.v[0]) == (use is not None)
+        outs.append(att(0, q, k, v))
     native, reference = outs
     assert (native.float() - reference.float()).abs().max().item() < 3e-2
 
