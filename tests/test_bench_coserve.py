@@ -271,6 +271,41 @@ def test_acceptance_fails_on_latency_on_a_better_baseline_and_on_harvest():
     assert acc["workloads"][0]["checks"][1]["passed"] is None and acc["passed"] is False
 
 
+def test_the_ceiling_takes_the_offline_job_alone_over_the_online_windows_length():
+    """A job that slows as it runs (a decode-heavy job's contexts grow): its speed alone is
+    taken over as many seconds as the online load alone lasted, not over its whole window."""
+    lead = 5.0
+
+    def rec(i: int, first: float, gap: float, n: int) -> RequestRecord:
+        # prompt of 10 tokens, then n output tokens `gap` apart from `first` (run seconds)
+        return RequestRecord(i, 10, n, 0.0, sent_s=first - 0.1, ttft_s=0.1, itl_s=[gap] * (n - 1))
+
+    # 10 tokens/s of output in the first 10 s of the window, 5 tokens/s in the next 20
+    fast = rec(0, lead + 0.05, 0.1, 100)  # tokens at 5.05 .. 14.95
+    slow = rec(1, lead + 10.1, 0.2, 100)  # tokens at 15.1 .. 34.9
+    runs = [
+        run_summary(PlannedRun(ONLINE_ALONE, "users", None, "conserve", ONLINE_ALONE),
+                    RunResult(_online(1, 1), [], 10.0, {"busy_s": 2.5}), 1),
+        run_summary(PlannedRun(OFFLINE_ALONE, None, "mixed", "fcfs", OFFLINE_ALONE),
+                    RunResult([], [fast, slow], lead + 30.0, {"busy_s": 35.0}, lead_s=lead), 2),
+        run_summary(PlannedRun(MIXED, "users", "mixed", "conserve", "conserve"),
+                    RunResult(_online(1, 1), [], 10.0, batch=_batch(5000)), 3),
+    ]  # fmt: skip
+    off = runs[1]["offline"]
+    assert off["tokens_every_s"][:3] == [60, 110, 145]  # cumulative at 5, 10, 15 s of the window
+    assert off["tok_s"] == pytest.approx(220 / 30)  # the whole window: both prompts, 200 tokens
+    [c] = comparisons(runs, ["conserve"])
+    # the online load alone lasted 10 s: the job's first 10 s alone (a prompt, 100 tokens)
+    assert c["offline_alone_over_s"] == pytest.approx(10.0)
+    assert c["offline_alone_tok_s"] == pytest.approx(11.0)
+    assert c["ceiling_tok_s"] == pytest.approx(0.75 * 11.0)
+    # an online window longer than the job's alone window: its whole window
+    runs[0]["window_s"] = 60.0
+    [c] = comparisons(runs, ["conserve"])
+    assert c["offline_alone_tok_s"] == pytest.approx(220 / 30)
+    assert c["offline_alone_over_s"] == pytest.approx(30.0)
+
+
 def test_ratios_compare_the_same_requests_when_users_left_some_unsent():
     alone = _online(1, 1)
     slow = _online(2, 2)

@@ -224,8 +224,10 @@ def _add_offline_args(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--offline-alone-s",
         type=float,
-        help=f"window of the offline-alone runs, seconds ({_D['offline_alone_s']:g}; it starts "
-        "5 s into the job, as in the mixed runs): their tokens/s set the ceiling",
+        help="window of the offline-alone runs, seconds (default: 10%% longer than the "
+        f"online-alone run before it, {_D['offline_alone_s']:g} without one; it starts 5 s into "
+        "the job, as in the mixed runs): their tokens/s over as many seconds as the online "
+        "load alone lasted set the ceiling",
     )
     o.add_argument(
         "--offline-clients",
@@ -248,6 +250,7 @@ def _add_offline_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_sizes(args: argparse.Namespace) -> None:
     """Fill the size flags left unset from --quick's sizes or the defaults."""
+    args.offline_alone_explicit = args.offline_alone_s is not None
     sizes = SIZES["quick"] if args.quick else SIZES["default"]
     for key in SIZES["default"]:
         if getattr(args, key) is None:
@@ -386,7 +389,7 @@ class Runner:
     ) -> RunResult:
         online = work.online[p.mode] if p.kind != OFFLINE_ALONE and p.mode else None
         offline = work.offline[p.variant] if p.kind != ONLINE_ALONE and p.variant else []
-        window = self.args.offline_alone_s if p.kind == OFFLINE_ALONE else None
+        window = self.offline_alone_window(summaries) if p.kind == OFFLINE_ALONE else None
         if p.engine == "vllm":
             flags = VLLM_FLAGS[p.policy]
             server = launch_vllm(
@@ -403,6 +406,15 @@ class Runner:
         as_batch = self.args.offline_via == "batch"
         clients = self.args.offline_clients or None
         return one_run(server, online, offline, work.warm, step_log, window, as_batch, clients)
+
+    def offline_alone_window(self, summaries: list[dict]) -> float:
+        """--offline-alone-s, else 10% longer than the longest online-alone run so far (the
+        ceiling takes the job's speed over as many seconds as the online load alone lasted),
+        else the size's default."""
+        if self.args.offline_alone_explicit:
+            return self.args.offline_alone_s
+        windows = [s["window_s"] for s in summaries if s["kind"] == ONLINE_ALONE]
+        return 1.1 * max(windows) if windows else self.args.offline_alone_s
 
     def launch(self, flags: list[str]) -> LaunchedServer:
         extra = shlex.split(self.args.conserve_args)

@@ -88,6 +88,7 @@ def run_summary(plan: PlannedRun, r: RunResult, order: int) -> dict[str, Any]:
         "engine_name": plan.engine,
         "slo_from_alone": plan.slo_from_alone,
         "window_s": r.window_s,
+        "lead_s": r.lead_s,  # the window's first seconds, before the online load started
         "online": {
             "requests": len(r.online),
             "completed": sum(1 for x in r.online if x.ok),
@@ -118,6 +119,7 @@ def _offline_summary(r: RunResult) -> dict[str, Any]:
         finished, total = r.batch["lines"], r.batch.get("total_lines") or 0
     w = r.window_s - lead if r.window_s > lead else float("nan")
     return {
+        "tokens_every_s": None if r.batch is not None else _tokens_every(r, lead),
         "requests": total,
         "started": started,
         "finished": finished,
@@ -159,13 +161,48 @@ def _find(runs: list[dict], **want: Any) -> dict | None:
     return next((r for r in runs if all(r.get(k) == v for k, v in want.items())), None)
 
 
+# the offline job's cumulative tokens are kept at this interval, so that its alone speed can be
+# taken over the first seconds of its window, as many as the online load's window
+CURVE_STEP_S = 5.0
+
+
+def _tokens_every(r: RunResult, lead: float) -> list[int]:
+    """Offline tokens computed from the window's start to every CURVE_STEP_S seconds in it."""
+    ends = [lead + CURVE_STEP_S * k for k in range(1, int((r.window_s - lead) // CURVE_STEP_S) + 1)]
+    return [sum(offline_tokens(x, end, lead) for x in r.offline) for end in ends]
+
+
+def alone_rate(offline_alone: dict, seconds: float | None) -> tuple[float | None, float | None]:
+    """The offline job's tokens/s alone over the first `seconds` of its window (its whole window
+    when None, or when it has no finer record or is not that long), and the seconds used."""
+    off = offline_alone["offline"]
+    whole = off["tok_s"], offline_alone["window_s"] - (offline_alone.get("lead_s") or 0.0)
+    curve = off.get("tokens_every_s")
+    if seconds is None or not curve:
+        return whole
+    k = min(len(curve), int(seconds // CURVE_STEP_S))
+    if k < 1 or k == len(curve):
+        return whole
+    return curve[k - 1] / (k * CURVE_STEP_S), k * CURVE_STEP_S
+
+
 def ceiling(alone: dict | None, offline_alone: dict | None) -> dict[str, float | None]:
     """What offline work can get beside the online load: (1 - b) x the offline job's tokens/s
-    with the engine to itself, b = the share of the online-alone window the engine was busy."""
+    with the engine to itself, b = the share of the online-alone window the engine was busy.
+    The job's speed alone is taken over as many seconds as the online-alone window lasted (or
+    its whole window, if shorter): a job's speed moves as it runs (a decode-heavy job slows as
+    its contexts grow), so it is compared over a window as long as the mixed runs'."""
     b = alone.get("busy_share") if alone else None
-    full = offline_alone["offline"]["tok_s"] if offline_alone else None
+    full = used = None
+    if offline_alone:
+        full, used = alone_rate(offline_alone, alone.get("window_s") if alone else None)
     value = (1.0 - b) * full if b is not None and full is not None else None
-    return {"busy_share": b, "offline_alone_tok_s": full, "ceiling_tok_s": value}
+    return {
+        "busy_share": b,
+        "offline_alone_tok_s": full,
+        "offline_alone_over_s": used,
+        "ceiling_tok_s": value,
+    }
 
 
 def comparisons(runs: list[dict], label_order: Sequence[str]) -> list[dict[str, Any]]:

@@ -66,9 +66,11 @@ def _run_name(r: dict) -> str:
 def _comparison_section(c: dict[str, Any]) -> list[str]:
     lines = [f"## Online `{c['mode']}` x offline `{c['variant']}`", ""]
     b, full, ceil = c["busy_share"], c["offline_alone_tok_s"], c["ceiling_tok_s"]
+    over = c.get("offline_alone_over_s")
+    over_text = f" over its first {over:.0f} s" if over else ""
     lines.append(
         f"Alone, the online load kept the engine busy {_pct(b)} of the time; the offline job "
-        f"alone ran at {_num(full)} tok/s; ceiling {_num(ceil)} tok/s."
+        f"alone ran at {_num(full)} tok/s{over_text}; ceiling {_num(ceil)} tok/s."
     )
     drift = c["alone"].get("drift") if c["alone"] else None
     if drift and all(v is not None for v in drift.values()):
