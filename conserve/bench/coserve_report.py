@@ -75,8 +75,8 @@ def _comparison_section(c: dict[str, Any]) -> list[str]:
     drift = c["alone"].get("drift") if c["alone"] else None
     if drift and all(v is not None for v in drift.values()):
         lines.append(
-            "The online load ran alone just before and just after these mixed runs (averaged "
-            "below); the "
+            "The online load ran alone just before and just after these mixed runs (pooled "
+            "below: percentiles over both runs' requests); the "
             f"later run's P50 TTFT was {drift['ttft']:.2f}x and P50 TPOT {drift['tpot']:.2f}x "
             "the earlier one's (how far the machine's speed moved)."
         )
