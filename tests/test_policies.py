@@ -17,7 +17,6 @@ from conserve.engine.latency import FEATURES, BatchShape, LatencyModel
 from conserve.engine.policy import (
     BANK_MIN_PROMPT_TOKENS,
     BANK_STEPS,
-    OFFLINE_STEP_MULTIPLE,
     ONLINE_PROMPT_PASSES,
     ONLINE_PROMPT_TOKENS,
     Slo,
@@ -347,9 +346,9 @@ def test_offline_is_not_starved_once_online_load_stops() -> None:
         if "on" not in s.requests:
             assert any(c.request_id == "off" for c in batch.chunks)
     # Once online is gone, offline prompt chunks fill the token budget (256: the idle-step
-    # limit, OFFLINE_STEP_MULTIPLE x the 11 ms one-token step, is larger), so 600 tokens take
-    # 3 steps, plus the tail.
-    assert s.policy.offline_step_limit == pytest.approx(OFFLINE_STEP_MULTIPLE * 0.011)
+    # limit, 50 x the 11 ms one-token step = 540 tokens, is larger), so 600 tokens take 3
+    # steps, plus the tail.
+    assert s.policy.offline_step_limit == pytest.approx(0.55)
     assert steps <= 600 // 256 + 3
 
 

@@ -46,11 +46,7 @@ MAX_PREDICTION_SCALE = 2.0
 # cut into more chunks that attend to cached context, smaller matmuls), and offline work got
 # 73% of its ceiling. An arrival waits for the running part of a step it stops (one chunk's
 # attention or one half of a layer), not for the step, so longer steps cost it little.
-# From 50 to 100 (users x mixed, coserve-20261204-2247 and -2321, with the compiled prefill
-# attention): the offline-only steps (about 740 -> 1220 tokens) computed 90% -> 96% of the
-# job's tokens per second alone, offline work got 85% -> 89% of its ceiling, and an arrival's
-# wait for the safepoint went from 2.9 to 6.5 ms (median; most 16 -> 21 ms).
-OFFLINE_STEP_MULTIPLE = 100
+OFFLINE_STEP_MULTIPLE = 50
 # conserve: while online work is recent, offline requests leave this share of the seats
 # (`max_num_seqs`) free, so that an online arrival takes a free seat instead of preempting an
 # offline request (measured: 256 offline clients filled every seat, and each online arrival
