@@ -46,6 +46,12 @@ MAX_PREDICTION_SCALE = 2.0
 # cut into more chunks that attend to cached context, smaller matmuls), and offline work got
 # 73% of its ceiling. An arrival waits for the running part of a step it stops (one chunk's
 # attention or one half of a layer), not for the step, so longer steps cost it little.
+# Tried at 100 (coserve-20261204-2321, -20261205-0006, with the compiled prefill and decode
+# attention): offline-only steps of ~1220 tokens instead of ~740 ran at 96% of the job's alone
+# speed instead of 90% (users x mixed: 89% of the ceiling against 85%), but an arrival waited
+# longer for the running half-layer (median 2.9 -> 6.5 ms beside the mixed job, 4.9 ms beside
+# the prefill-heavy one), and the trace's short prompts, 55 ms alone, took 1.23x at P50 beside
+# the prefill-heavy job. Longer steps want safepoints inside the feed-forward half first.
 OFFLINE_STEP_MULTIPLE = 50
 # conserve: while online work is recent, offline requests leave this share of the seats
 # (`max_num_seqs`) free, so that an online arrival takes a free seat instead of preempting an
