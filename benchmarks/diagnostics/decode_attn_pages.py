@@ -1,8 +1,8 @@
-"""Decode attention vs KV block size, and the K/V cache on 2 MiB pages (session 32, AMD EPYC):
-A/B harnesses behind the "what was tried" lines of results/decode-attn-prefetch-20261204.md.
-Usage: python decode_attn_pages.py OLD.c [NEW.c ...] (as decode_attn_ab.py). A record, not a
-maintained command."""
-sys.path.insert(0,'/work/main')
+"""Decode attention with the K/V cache on 4 KiB and on 2 MiB pages (madvise), session 32, AMD
+EPYC: behind the "2 MiB pages" line of results/decode-attn-prefetch-20261204.md. Usage:
+    python decode_attn_pages.py OLD.c [NEW.c ...]   (builds as decode_attn_ab.py does)
+A record of a measurement, not a maintained command."""
+import ctypes, sys, time, torch
 from conserve.kernels import CpuKernels, build, _SOURCES
 from pathlib import Path
 libc=ctypes.CDLL("libc.so.6"); libc.madvise.argtypes=[ctypes.c_void_p,ctypes.c_size_t,ctypes.c_int]
@@ -18,7 +18,7 @@ def huge_empty(shape,dtype):
 others=[p for p in _SOURCES if p.name!="paged_attention.c"]
 libs=[]
 for i,src in enumerate(sys.argv[1:]):
-    out=Path(f"/tmp/exp/thp_{i}.so"); build(others+[Path(src)], out); libs.append(CpuKernels(ctypes.CDLL(str(out))))
+    out=Path(f"/tmp/decode_attn_pages_{i}.so"); build(others+[Path(src)], out); libs.append(CpuKernels(ctypes.CDLL(str(out))))
 hkv,hq,d=3,9,64
 for bs in (16,):
   for b,ctx in [(256,384),(256,1024)]:
