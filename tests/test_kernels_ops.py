@@ -56,3 +56,15 @@ def test_rope_in_place_matches_the_torch_path_bit_for_bit(rows, heads, d):
     kernels.rope_bf16(out, cos, sin, heads, d)
     assert torch.equal(out[:, : heads * d].view(rows, heads, d), want)
     assert torch.equal(out[:, heads * d :], qkv[:, heads * d :])  # the rest untouched
+
+
+@pytest.mark.parametrize("lines", [1, 7, 1000, 70001])  # 70001 lines: split over the threads
+def test_stream_read_reads_every_byte_once(lines):
+    """bench roofline's bandwidth probe: its result is the wrapping sum of all 64-bit words,
+    so a byte skipped or read twice changes it."""
+    kernels = native_kernels()
+    gen = torch.Generator().manual_seed(lines)
+    buf = torch.randint(0, 1 << 40, (lines * 8,), generator=gen, dtype=torch.int64)
+    assert kernels.stream_read(buf) == int(buf.sum()) % (1 << 64)
+    with pytest.raises(AssertionError, match="multiple of 64"):
+        kernels.stream_read(buf[:-1])

@@ -33,8 +33,10 @@ def markdown(results: dict) -> str:
         f"- command: `{m['command']}`",
         f"- model: {m['model']}, dtype {m['dtype']}; compiled CPU kernels: "
         f"{'yes' if m['kernels'] else 'no'}",
-        f"- memory bandwidth: read {f['read'] / 1e9:.1f} GB/s, copy (read + write) "
-        f"{f['copy'] / 1e9:.1f} GB/s; floors use {f['bandwidth'] / 1e9:.1f} GB/s",
+        f"- memory bandwidth: read (torch sum) {f['read'] / 1e9:.1f} GB/s, "
+        + (f"read (compiled loads) {f['read_loads'] / 1e9:.1f} GB/s, " if "read_loads" in f else "")
+        + f"copy (read + write) {f['copy'] / 1e9:.1f} GB/s; floors use "
+        f"{f['bandwidth'] / 1e9:.1f} GB/s",
         f"- peak GEMM ({m['dtype']}, torch.mm, square n, TFLOP/s): {gemms}; floors use "
         f"{f['peak'] / 1e12:.2f}",
         "",

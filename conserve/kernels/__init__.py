@@ -31,6 +31,7 @@ _SOURCES = [
         "linear_bf16.c",
         "decode_layer.c",
         "ops_bf16.c",
+        "stream_read.c",
     )
 ]
 _HEADERS = [Path(__file__).with_name("simd.h")]  # included by the sources: part of the key
@@ -80,6 +81,10 @@ class CpuKernels:
         self._rope.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, cint]
         for fn in (self._rms_norm, self._silu_mul, self._rope):
             fn.restype = None
+        # stream_read.c (bench roofline's bandwidth probe)
+        self._stream_read = lib.stream_read_u64
+        self._stream_read.argtypes = [ptr, i64, cint]
+        self._stream_read.restype = ctypes.c_uint64
         # prefill_attention.c
         self._prefill_ok = lib.prefill_attention_supported
         self._prefill_ok.argtypes = [i64] * 3
@@ -142,6 +147,14 @@ class CpuKernels:
         )
         if rc != 0:
             raise ValueError("paged_prefill_attention_bf16: unsupported shapes")
+
+    def stream_read(self, buf: torch.Tensor) -> int:
+        """Read a contiguous CPU tensor once with every thread (a bandwidth probe); returns the
+        wrapping sum of its 64-bit words. Its size must be a multiple of 64 bytes."""
+        assert buf.is_contiguous() and buf.device.type == "cpu"
+        nbytes = buf.numel() * buf.element_size()
+        assert nbytes % 64 == 0, "stream_read: size must be a multiple of 64 bytes"
+        return int(self._stream_read(buf.data_ptr(), nbytes, torch.get_num_threads()))
 
     def rms_norm_bf16(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm of x [M, n] bf16 (rows may be strided) by weight [n] bf16."""
