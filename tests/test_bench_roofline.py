@@ -57,6 +57,8 @@ def test_roofline_run_times_the_asked_shapes_in_parts(tiny_llama_dir, tmp_path):
     if cpu_kernels() is not None:
         # the compiled read probe ran, and the floors use the fastest of the three rates
         assert floors["read_loads"] > 1e8
+    # measured before, between and after the steps; each rate the best of the three
+    assert floors["measurements"] == 3
     rates = [floors[k] for k in ("read", "copy", "read_loads") if k in floors]
     assert floors["bandwidth"] == max(rates)
     assert "read (compiled loads)" in path.with_suffix(".md").read_text() or len(rates) == 2

@@ -36,7 +36,8 @@ def markdown(results: dict) -> str:
         f"- memory bandwidth: read (torch sum) {f['read'] / 1e9:.1f} GB/s, "
         + (f"read (compiled loads) {f['read_loads'] / 1e9:.1f} GB/s, " if "read_loads" in f else "")
         + f"copy (read + write) {f['copy'] / 1e9:.1f} GB/s; floors use "
-        f"{f['bandwidth'] / 1e9:.1f} GB/s",
+        f"{f['bandwidth'] / 1e9:.1f} GB/s (each rate the best of {f.get('measurements', 1)} "
+        "measurements: before, between and after the steps)",
         f"- peak GEMM ({m['dtype']}, torch.mm, square n, TFLOP/s): {gemms}; floors use "
         f"{f['peak'] / 1e12:.2f}",
         "",
