@@ -76,9 +76,9 @@ def run_roofline(args: argparse.Namespace) -> int:
     dtype = eng.config.torch_dtype
     info = machine_info() | {"dtype": eng.config.dtype, "model": eng.model_name}
     info["kernels"] = eng.runner.kernels is not None
-    # The machine's speed moves (a shared host: its bandwidth read 31 and 51 GB/s ten minutes
-    # apart), so the rates are measured before, between and after the steps, and the floors use
-    # the best of each: what this machine showed it can do during the run.
+    # The machine's speed moves (a shared host: its read rate measured 38 and 66 GB/s within
+    # one run), so the rates are measured before, between and after the steps, and the floors
+    # use the best of each: what this machine showed it can do during the run.
     measured = [_measure_floors(dtype, "before the steps")]
     rows = []
     with _TimedParts(eng) as parts:

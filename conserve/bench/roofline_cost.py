@@ -85,8 +85,7 @@ def _best_s(fn, reps: int) -> float:
 def measure_bandwidth(size_bytes: int = 1 << 30, reps: int = 5) -> dict[str, float]:
     """Bytes/s of reading a `size_bytes` tensor (torch's sum over it, and the compiled read
     probe when the kernels are there) and of copying it (read + write counted), best of
-    `reps`. The floors use the largest: what this machine showed it can move. (torch's float32
-    sum is not a pure read: on an AMD EPYC it read 36 GB/s where plain loads read 47-51.)"""
+    `reps`. The floors use the largest: what this machine showed it can move."""
     src = torch.ones(size_bytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     read = size_bytes / _best_s(src.sum, reps)

@@ -1,8 +1,7 @@
 /* A memory-bandwidth probe for `conserve bench roofline`: read a buffer once, split between the
  * threads, with as little work per byte as a load (wrapping 64-bit sums, vectorized by the
- * compiler). The weight stream of a small decode step is a read like this one, so its floor
- * should use the rate this reaches, not that of a library reduction (torch's float32 sum read
- * 36 GB/s where this read 47-51 GB/s on the same AMD EPYC, benchmarks/results/linear-prefetch-20261205.md).
+ * compiler), the way a small decode step streams its weights. The roofline takes the best of
+ * this, torch's sum and torch's copy, each measured three times in a run.
  */
 #include <stdint.h>
 #include <string.h>
