@@ -15,6 +15,8 @@ import random
 import statistics
 import time
 
+import torch
+
 from conserve.bench.common import StepClock, machine_info, write_results
 from conserve.bench.roofline_cost import (
     StepShape,
@@ -108,7 +110,7 @@ def run_roofline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure_floors(dtype, when: str) -> dict[str, float]:
+def _measure_floors(dtype: torch.dtype, when: str) -> dict[str, float]:
     print(f"measuring memory bandwidth and peak GEMM rate {when} ...")
     f = measure_bandwidth() | measure_peak_flops(dtype)
     print(

@@ -91,7 +91,7 @@ def measure_bandwidth(size_bytes: int = 1 << 30, reps: int = 5) -> dict[str, flo
     read = size_bytes / _best_s(src.sum, reps)
     copy = 2 * size_bytes / _best_s(lambda: dst.copy_(src), reps)
     out = {"read": read, "copy": copy}
-    kernels = cpu_kernels() if src.device.type == "cpu" else None
+    kernels = cpu_kernels()
     if kernels is not None:
         out["read_loads"] = size_bytes / _best_s(lambda: kernels.stream_read(src), reps)
     return out | {"bandwidth": max(out.values())}
