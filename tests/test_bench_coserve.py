@@ -6,6 +6,8 @@ whole command on the tiny model."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import json
 import tempfile
 
@@ -45,6 +47,7 @@ from conserve.bench.coserve_workloads import (
     DECODE_HEAVY,
     PREFILL_HEAVY,
     TraceLoad,
+    UserPlan,
     offline_job,
     offline_variant,
     users_load,
@@ -409,7 +412,8 @@ def test_mixed_run_against_the_server_cancels_offline_work_at_the_end(server, de
 
 def test_closed_loop_users_wait_for_each_answer_and_think(server, default_tokenizer):
     model = served_model(server, API_KEY)
-    load = users_load([(30, 6)] * 5, 2, 0.2, PromptMaker(default_tokenizer, 2), seed=1)
+    maker = PromptMaker(default_tokenizer, 2)
+    load = users_load([(30, 6)] * 5, 2, 0.2, maker, seed=1, think_from="answer")
     w = asyncio.run(run_mixed(server, model, load, [], API_KEY))
     assert [r.index for r in w.online] == list(range(5)) and all(r.ok for r in w.online)
     for plan in load.users:
@@ -419,9 +423,39 @@ def test_closed_loop_users_wait_for_each_answer_and_think(server, default_tokeni
         for prev, nxt, think in zip(recs, recs[1:], plan.think_s[1:], strict=False):
             assert nxt.sent_s >= prev.sent_s + prev.e2e_s + think - 1e-3
     # a time limit already passed: nothing is sent, every request says why
-    late = users_load([(30, 6)] * 2, 2, 0.01, PromptMaker(default_tokenizer, 2), 1, max_s=0.0)
+    late = users_load([(30, 6)] * 2, 2, 0.01, maker, 1, max_s=0.0, think_from="answer")
     w = asyncio.run(run_mixed(server, model, late, [], API_KEY))
     assert all(r.error == NOT_SENT and r.sent_s == 0.0 for r in w.online)
+
+
+def test_paced_users_send_on_their_schedule_with_one_request_in_flight(server, default_tokenizer):
+    """Paced users (the default): request k goes out at the sum of the user's think times up to
+    k, unless the answer to k - 1 comes later, and then right after that answer."""
+    model = served_model(server, API_KEY)
+    load = users_load([(30, 6)] * 8, 2, 0.3, PromptMaker(default_tokenizer, 3), seed=4)
+    assert load.think_from == "send"
+    # one user whose think times are shorter than any answer: it sends each request as soon
+    # as the previous answer is in, never two at once
+    rushed = UserPlan(load.users[1].requests, [0.0] * len(load.users[1].requests))
+    load = dataclasses.replace(load, users=[load.users[0], rushed])
+    w = asyncio.run(run_mixed(server, model, load, [], API_KEY))
+    assert all(r.ok for r in w.online)
+    on_time = 0
+    for plan in load.users:
+        recs = [w.online[r.index] for r in plan.requests]
+        due = list(itertools.accumulate(plan.think_s))
+        for k, rec in enumerate(recs):
+            assert rec.sent_s >= due[k] - 1e-3  # never before it is due
+            if k:
+                prev = recs[k - 1]
+                assert rec.sent_s >= prev.sent_s + prev.e2e_s - 1e-3  # one in flight
+                # sent when due, or right after the previous answer: no think time added
+                assert rec.sent_s <= max(due[k], prev.sent_s + prev.e2e_s) + 0.1
+                on_time += due[k] > prev.sent_s + prev.e2e_s
+    # the paced user's think times (mean 0.3 s) mostly outlast its answers
+    assert on_time >= 1
+    with pytest.raises(ValueError, match="think_from"):
+        users_load([(30, 6)], 1, 0.3, PromptMaker(default_tokenizer, 3), 4, think_from="reply")
 
 
 def test_smoke_invocation_reports_every_section(

@@ -2,7 +2,8 @@
 workloads and per scheduling policy, in one invocation; is online latency what it is alone?
 
 Online traffic comes in two modes: `trace` replays a bursty trace at its arrival times, `users`
-runs closed-loop users (one request in flight each, an exponential think time between). The
+runs users with one request in flight each and an exponential think time between (paced by
+default: think times count from the previous send, so every run sends alike). The
 offline job, submitted whole at time 0 with `priority: 1`, comes in three variants:
 prefill-heavy, decode-heavy and mixed. Every run starts a fresh `conserve serve` with its default
 objectives (no SLO flags): per online mode the online requests alone, per offline variant the
@@ -47,6 +48,7 @@ from conserve.bench.coserve_plan import (
 from conserve.bench.coserve_workloads import (
     OFFLINE_VARIANTS,
     ONLINE_MODES,
+    THINK_FROM,
     OnlineLoad,
     describe_online,
     offline_variant,
@@ -143,7 +145,7 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
         "--online-modes",
         default="trace,users",
         help="comma-separated, from: trace (the trace replayed at its arrival times), users "
-        "(closed-loop users, one request in flight each), stream (one user, no think time, "
+        "(users with one request in flight each), stream (one user, no think time, "
         "long outputs: the engine never runs a step without online work)",
     )
     g.add_argument(
@@ -183,7 +185,7 @@ def _add_online_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--length-scale", type=float, default=0.125, help="trace lengths x this")
     g.add_argument("--max-prompt-len", type=int, default=512)
     g.add_argument("--max-output-len", type=int, default=64)
-    g.add_argument("--users", type=int, help=f"users mode: closed-loop users ({_D['users']})")
+    g.add_argument("--users", type=int, help=f"users mode: how many users ({_D['users']})")
     g.add_argument(
         "--requests-per-user",
         type=int,
@@ -192,6 +194,16 @@ def _add_online_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--think-s", type=float, help=f"users mode: mean think time, seconds ({_D['think_s']:g})"
+    )
+    g.add_argument(
+        "--think-from",
+        choices=THINK_FROM,
+        default="send",
+        help="users mode: a think time counts from the user's previous send (send: paced users; "
+        "a request due before the previous answer is in goes out with the answer; every run "
+        "sends the same requests at the same moments while the engine keeps up) or from its "
+        "answer (answer: a classic closed loop; every answer's latency shifts the later sends, "
+        "so runs differ by chance in which prompts meet)",
     )
     g.add_argument(
         "--users-max-s",
@@ -300,7 +312,7 @@ def build_workloads(
         _, lens, _ = trace_lengths(args.trace, args.users * args.requests_per_user, scaling)
         maker = PromptMaker(tokenizer, args.seed + 1)
         online["users"] = users_load(
-            lens, args.users, args.think_s, maker, args.seed, args.users_max_s
+            lens, args.users, args.think_s, maker, args.seed, args.users_max_s, args.think_from
         )
         on_desc["users"] = describe_online(online["users"]) | trace
     if "stream" in modes:

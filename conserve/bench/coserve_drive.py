@@ -98,18 +98,24 @@ async def _replay(c, url, headers, model, load: TraceLoad, recs, t0: float) -> N
 
 
 async def _users(c, url, headers, model, load: UsersLoad, recs, t0: float) -> None:
-    """Every user in turn thinks, sends its next request and waits for the answer, until its
-    requests are done or the load's time limit has passed."""
+    """Every user sends its requests one at a time, each after its think time (counted as
+    `load.think_from` says), until its requests are done or the load's time limit has
+    passed."""
     by_index = {rec.index: rec for rec in recs}
 
     async def one_user(plan: UserPlan) -> None:
+        due = 0.0  # paced users: when the next request is due, seconds after t0
         for r, think in zip(plan.requests, plan.think_s, strict=True):
-            await asyncio.sleep(think)
+            if load.think_from == "send":
+                due += think
+                await asyncio.sleep(max(0.0, t0 + due - time.perf_counter()))
+            else:
+                await asyncio.sleep(think)
             rec = by_index[r.index]
             if load.max_s is not None and time.perf_counter() - t0 >= load.max_s:
                 rec.error = NOT_SENT
                 continue
-            rec.scheduled_s = time.perf_counter() - t0  # closed loop: sent when planned
+            rec.scheduled_s = time.perf_counter() - t0  # one in flight: sent when planned
             await send_one(c, url, headers, request_body(r, model, "completions"), rec, t0)
 
     await asyncio.gather(*(one_user(p) for p in load.users))

@@ -1,7 +1,7 @@
 """The workloads of `conserve bench coserve`: offline jobs of three shapes, and the online
-traffic as a trace replay or as closed-loop users. Everything is built before the first server
-starts and is a pure function of its arguments and seed, so every run of a mode sends the same
-online requests and every run of a variant the same offline job."""
+traffic as a trace replay or as users with one request in flight each. Everything is built
+before the first server starts and is a pure function of its arguments and seed, so every run
+of a mode sends the same online requests and every run of a variant the same offline job."""
 
 from __future__ import annotations
 
@@ -37,10 +37,13 @@ class TraceLoad:
     requests: list[BenchRequest]
 
 
+# how a user's think time is counted (`UsersLoad.think_from`)
+THINK_FROM = ("send", "answer")
+
+
 @dataclass(frozen=True)
 class UserPlan:
-    """One closed-loop user: before request k it thinks `think_s[k]` seconds (counted from the
-    answer to request k - 1, or from the start for the first)."""
+    """One user and its requests in order, with a think time `think_s[k]` before request k."""
 
     requests: list[BenchRequest]
     think_s: list[float]
@@ -48,12 +51,26 @@ class UserPlan:
 
 @dataclass(frozen=True)
 class UsersLoad:
-    """Closed-loop users, each with one request in flight at a time. A user sends nothing new
-    once `max_s` seconds have passed since the start (None: no limit), so that a policy that
-    slows online requests a lot cannot stretch a run without bound."""
+    """Users with one request in flight each. `think_from`:
+
+    - "send" (paced users): a user's request k is due at the sum of its think times up to k
+      (its schedule, the same in every run), and goes out then, or as soon as the answer to its
+      request k - 1 is in if that is later. While the engine answers within the think times,
+      every run sends the same requests at the same moments, so two runs meet the same
+      coincidences of prompts; an engine that answers late still holds the user back.
+    - "answer" (a classic closed loop): request k goes out `think_s[k]` seconds after the
+      answer to request k - 1. Every answer's latency shifts all later sends, so two runs of
+      the same requests, even on the same engine, meet different coincidences (measured:
+      P90 TTFT up to 1.60x and P99 TPOT up to 1.33x apart between online-alone runs,
+      benchmarks/results/coserve-20261205-0237-alone-spread.txt).
+
+    A user sends nothing new once `max_s` seconds have passed since the start (None: no
+    limit), so that a policy that slows online requests a lot cannot stretch a run without
+    bound."""
 
     users: list[UserPlan]
     max_s: float | None = None
+    think_from: str = "send"
 
     @property
     def requests(self) -> list[BenchRequest]:
@@ -138,12 +155,15 @@ def users_load(
     maker: PromptMaker,
     seed: int,
     max_s: float | None = None,
+    think_from: str = "send",
 ) -> UsersLoad:
-    """`users` closed-loop users sharing the rows `lens` round-robin (request j of user u is
-    row u + j * users, so each user gets a like mix of lengths). Think times are exponential
-    with mean `think_s`, drawn from each user's own seeded stream."""
+    """`users` users sharing the rows `lens` round-robin (request j of user u is row
+    u + j * users, so each user gets a like mix of lengths). Think times are exponential with
+    mean `think_s`, drawn from each user's own seeded stream; `think_from` as in UsersLoad."""
     if users < 1:
         raise ValueError("users must be at least 1")
+    if think_from not in THINK_FROM:
+        raise ValueError(f"think_from must be one of {', '.join(THINK_FROM)}, not {think_from!r}")
     reqs = build_requests([0.0] * len(lens), lens, maker, ids=True)
     plans = []
     for u in range(users):
@@ -151,7 +171,7 @@ def users_load(
         rng = random.Random(f"coserve-user-{seed}-{u}")
         thinks = [rng.expovariate(1.0 / think_s) if think_s > 0 else 0.0 for _ in mine]
         plans.append(UserPlan(mine, thinks))
-    return UsersLoad(plans, max_s)
+    return UsersLoad(plans, max_s, think_from)
 
 
 def describe_online(load: OnlineLoad) -> dict:
@@ -168,4 +188,5 @@ def describe_online(load: OnlineLoad) -> dict:
         out["users"] = len(load.users)
         out["think_mean_s"] = round(float(np.mean([t for u in load.users for t in u.think_s])), 2)
         out["max_s"] = load.max_s
+        out["think_from"] = load.think_from
     return out
