@@ -128,6 +128,44 @@ def test_a_step_stopped_inside_a_layer_resumes_where_it_stopped(tiny_llama_dir, 
     assert all(torch.equal(a, b) for a, b in zip(kv.k, whole_k, strict=True))
 
 
+# With `feed_forward_slice_rows` 20 as well, the 57-row step's feed-forward half runs in three
+# slices (20, 20, 17 rows) with a safepoint before each: six safepoints per layer, the first
+# slice's being the one between the halves.
+IN_FEED_FORWARD = {11: 20, 12: 40}  # layer 1: rows of its feed-forward half done
+
+
+@pytest.mark.parametrize("at", sorted(IN_FEED_FORWARD))
+def test_a_step_stopped_inside_its_feed_forward_half_resumes_there(
+    tiny_llama_dir, linear_profile, at
+):
+    """A step with safepoints inside its layers computes its feed-forward half in row slices
+    with a safepoint before each. Stopped between two slices and resumed, it computes the rows
+    left and gives the logits and KV of the same step run without a stop, bit for bit."""
+    runner, batch, _, _ = one_step_run_whole(tiny_llama_dir, linear_profile)
+    kv = runner.kv
+    runner.sublayer_rows, runner.feed_forward_slice_rows = 16, 20
+    k0, v0 = [t.clone() for t in kv.k], [t.clone() for t in kv.v]
+    n_layers = len(runner.model.layers)
+    calls = iter(range(1, 10_000))
+    whole, _ = runner.forward(batch, lambda: next(calls) < 0)  # every safepoint, no stop
+    assert next(calls) == 6 * n_layers + 1  # six a layer were asked
+    whole_k = [t.clone() for t in kv.k]
+    restore(runner, k0, v0)
+    calls = iter(range(1, 100))
+    with pytest.raises(IterationPreempted) as stopped:
+        runner.forward(batch, lambda: next(calls) == at)
+    p = stopped.value.continuation
+    assert (p.layer, p.attended, p.ff_row) == (1, True, IN_FEED_FORWARD[at])
+    with torch.inference_mode():
+        with pytest.raises(IterationPreempted) as again:  # one slice at least, then a stop
+            runner._layers(p, lambda: True)
+        q = again.value.continuation
+        assert (q.layer, q.ff_row) in {(1, IN_FEED_FORWARD[at] + 20), (2, 0)}
+        resumed, _ = runner._logits(runner._layers(q, None))
+    assert torch.equal(whole, resumed)
+    assert all(torch.equal(a, b) for a, b in zip(kv.k, whole_k, strict=True))
+
+
 def restore(runner, k_before, v_before) -> None:
     for t, b in zip(runner.kv.k, k_before, strict=True):
         t.copy_(b)

@@ -30,6 +30,7 @@ from conserve.kernels import CpuKernels
 from conserve.kernels.decode_layer import NativeDecode, NativeStep
 from conserve.kv.cache import KVTensors
 from conserve.model.llama import LlamaModel, RotaryTable
+from conserve.platform import cpu_flags
 from conserve.sampling.sampler import sample
 from conserve.sampling.types import SampledToken
 
@@ -38,9 +39,16 @@ from conserve.sampling.types import SampledToken
 # its attention and feed-forward halves. An online arrival waits for the running part of a
 # step it stops: a 2048-token offline step's layer took 32 ms on a 2-core CPU (attention 58%
 # of it, with two fresh 1024-token prompts), so this shortens the expected wait at no cost.
-# (Splitting the feed-forward half into row blocks as well cost 6-14% of the step at 512
-# rows; see benchmarks/results/coserve-diagnostics-20261202.md.)
 SUBLAYER_ROWS = 256
+# Such a step's feed-forward half runs in slices of this many rows, with a safepoint before
+# each, where the machine computes the slices as fast as the whole: the longest piece an
+# arrival can wait for no longer grows with the step, so offline steps may be longer. On a
+# 2-core AMD EPYC (AVX512-BF16, no AMX) 256-row slices of the bf16 feed-forward half took
+# 0.93-1.04x the whole at 512-2048 rows, bit for bit the same result
+# (benchmarks/results/feed-forward-slices-20261205.txt). On a CPU with AMX, oneDNN's matmuls
+# gain from more rows: there 256-row slices cost 25% of a 2048-row step and 512-row ones 6-14%
+# (benchmarks/results/coserve-diagnostics-20261202.md), so the half stays whole.
+FEED_FORWARD_SLICE_ROWS = 256
 # A stoppable step computes its LM head and samples in slices of at most this many rows, with a
 # safepoint before each (the first one too: a stop that came during the last layer stops there).
 # After the layers, a step of 240 offline decodes still had its LM head and greedy sampling to
@@ -67,8 +75,17 @@ class _Pass:
     call: AttentionCall | None = None  # layer `layer`'s attention, begun and not finished
     native: NativeStep | None = None  # a small decode step: whole layers in compiled code
     fresh: bool = False  # a resumed pass that has run nothing yet in this call
+    ff_row: int = 0  # rows of layer `layer`'s feed-forward half done (a sliced half begun)
     offline_only: bool = False  # every chunk is offline (a stopped step is kept, not dropped)
     sampled: list[SampledToken] = field(default_factory=list)  # rows sampled so far, in order
+
+
+def feed_forward_slices(device: torch.device) -> int:
+    """Rows per feed-forward slice in steps with safepoints inside layers on `device` (0: the
+    half runs whole); see FEED_FORWARD_SLICE_ROWS."""
+    if device.type != "cpu" or "amx_bf16" in cpu_flags():
+        return 0
+    return FEED_FORWARD_SLICE_ROWS
 
 
 class ModelRunner:
@@ -82,6 +99,7 @@ class ModelRunner:
         kernels: CpuKernels | None = None,
         safepoint_every: int = 1,
         sublayer_rows: int = SUBLAYER_ROWS,
+        feed_forward_slice_rows: int | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -94,6 +112,10 @@ class ModelRunner:
         self.kernels = kernels
         self.safepoint_every = max(1, safepoint_every)
         self.sublayer_rows = max(1, sublayer_rows)
+        # 0: the feed-forward half of a step with safepoints inside layers runs whole
+        if feed_forward_slice_rows is None:
+            feed_forward_slice_rows = feed_forward_slices(device)
+        self.feed_forward_slice_rows = max(0, feed_forward_slice_rows)
         # fraction of the running step's layers finished (0 between steps); read by the
         # preemption monitor from another thread to estimate the step's remaining time
         self.progress = 0.0
@@ -157,8 +179,9 @@ class ModelRunner:
         before every `safepoint_every`-th layer (the first one included: an online request
         that arrived while the step was planned stops it before any layer ran) and, in steps
         of `sublayer_rows` rows or more (with `safepoint_every` 1), inside each layer too:
-        between the parts of its attention (`AttentionCall`) and between its halves. A
-        `resumed` pass runs one part at least before it may stop again."""
+        between the parts of its attention (`AttentionCall`), between its halves, and between
+        the row slices of its feed-forward half (`feed_forward_slice_rows`). A `resumed` pass
+        runs one part at least before it may stop again."""
         inner = (
             stop is not None and self.safepoint_every == 1 and p.h.shape[0] >= self.sublayer_rows
         )
@@ -197,9 +220,22 @@ class ModelRunner:
                         raise IterationPreempted(p.layer, p)
                     p.h = layer.attended(p.h, p.call.result())
                     p.call, p.attended, fresh = None, True, False
-                if inner and not fresh and stop():
-                    raise IterationPreempted(p.layer, p)
-                p.h = p.h + layer.mlp(p.h)
+                rows, piece = p.h.shape[0], self.feed_forward_slice_rows
+                # (a pass stopped inside a sliced half finishes it in slices, whatever `stop`)
+                if p.ff_row == 0 and (not inner or piece == 0 or rows <= piece):
+                    if inner and not fresh and stop():
+                        raise IterationPreempted(p.layer, p)
+                    p.h = p.h + layer.mlp(p.h)
+                else:  # row slices (each row's feed-forward is its own): a safepoint before each
+                    piece = piece or rows
+                    while p.ff_row < rows:
+                        if stop is not None and not fresh and stop():
+                            raise IterationPreempted(p.layer, p)
+                        lo, hi = p.ff_row, min(rows, p.ff_row + piece)
+                        h = p.h[lo:hi]
+                        p.h[lo:hi] = h + layer.mlp(h)
+                        p.ff_row, fresh = hi, False
+                    p.ff_row = 0
                 p.layer, p.attended, fresh = p.layer + 1, False, False
         finally:
             self.progress = 0.0
