@@ -28,7 +28,7 @@ class SchedulerConfig:
     # relative objectives: online latency may exceed the predicted alone latency by this fraction
     slo_slack: float = 0.05
     # conserve, no online work: predicted seconds per step for offline prompt chunks (None:
-    # fifty times a one-token step, from the latency profile)
+    # OFFLINE_STEP_MULTIPLE times a one-token step, from the latency profile)
     offline_step_s: float | None = None
 
     def __post_init__(self) -> None:

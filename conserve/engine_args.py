@@ -192,7 +192,7 @@ class EngineArgs:
             "--offline-step-s",
             "conserve policy, no online work but online requests in the last minute: "
             "offline prompt chunks are cut to this predicted step time, seconds (default: "
-            "fifty times a one-token step: shorter steps compute fewer tokens per second, "
+            "150 times a one-token step: shorter steps compute fewer tokens per second, "
             "and an online arrival waits only for the running part of a step it stops)",
             CO_SERVING,
             {"type": float},

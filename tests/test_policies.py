@@ -346,9 +346,9 @@ def test_offline_is_not_starved_once_online_load_stops() -> None:
         if "on" not in s.requests:
             assert any(c.request_id == "off" for c in batch.chunks)
     # Once online is gone, offline prompt chunks fill the token budget (256: the idle-step
-    # limit, 50 x the 11 ms one-token step = 540 tokens, is larger), so 600 tokens take 3
-    # steps, plus the tail.
-    assert s.policy.offline_step_limit == pytest.approx(0.55)
+    # limit, 150 x the 11 ms one-token step, is larger), so 600 tokens take 3 steps, plus the
+    # tail.
+    assert s.policy.offline_step_limit == pytest.approx(1.65)
     assert steps <= 600 // 256 + 3
 
 

@@ -221,11 +221,11 @@ def test_conserve_learns_only_from_steps_planned_under_the_online_budget():
     assert policy.prediction_scale == pytest.approx(1.3)
 
 
-def test_conserve_offline_step_limit_is_configured_or_fifty_one_token_steps():
+def test_conserve_offline_step_limit_is_configured_or_150_one_token_steps():
     assert conserve(offline_step_s=0.3).offline_step_limit == 0.3
     policy = conserve()
-    assert policy.offline_step_limit == pytest.approx(0.55)  # 50 x (10 ms + 1 ms)
-    assert policy.offline_step_limit == pytest.approx(0.55)
+    assert policy.offline_step_limit == pytest.approx(1.65)  # 150 x (10 ms + 1 ms)
+    assert policy.offline_step_limit == pytest.approx(1.65)
     assert policy.latency.calls == 1  # derived once
     assert ConservePolicy(None, None).offline_step_limit is None
 

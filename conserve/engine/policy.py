@@ -51,8 +51,13 @@ MAX_PREDICTION_SCALE = 2.0
 # speed instead of 90% (users x mixed: 89% of the ceiling against 85%), but an arrival waited
 # longer for the running half-layer (median 2.9 -> 6.5 ms beside the mixed job, 4.9 ms beside
 # the prefill-heavy one), and the trace's short prompts, 55 ms alone, took 1.23x at P50 beside
-# the prefill-heavy job. Longer steps want safepoints inside the feed-forward half first.
-OFFLINE_STEP_MULTIPLE = 50
+# the prefill-heavy job. With the feed-forward half in row slices (runner.py), A/B in one
+# session at 50 (about 0.34 s here, coserve-20261205-0500) and at 1.0 s (coserve-20261205-0527,
+# `--offline-step-s 1.0`), paced users and the trace beside the prefill-heavy and mixed jobs:
+# offline work got 94 / 93 / 98 / 97% of the ceiling at 1.0 s against 91 / 88 / 97 / 87% at
+# 50, every online figure within 1.09x alone in both, the stop wait 1.8-2.1 ms median (max
+# 8.5-10 ms) against 0.9-1.3 (max 3.8-5.2).
+OFFLINE_STEP_MULTIPLE = 150
 # conserve: while online work is recent, offline requests leave this share of the seats
 # (`max_num_seqs`) free, so that an online arrival takes a free seat instead of preempting an
 # offline request (measured: 256 offline clients filled every seat, and each online arrival
