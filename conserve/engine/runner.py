@@ -46,8 +46,8 @@ SUBLAYER_ROWS = 256
 # 2-core AMD EPYC (AVX512-BF16, no AMX) 256-row slices of the bf16 feed-forward half took
 # 0.93-1.04x the whole at 512-2048 rows, bit for bit the same result
 # (benchmarks/results/feed-forward-slices-20261205.txt). On a CPU with AMX, oneDNN's matmuls
-# gain from more rows: there 256-row slices cost 25% of a 2048-row step and 512-row ones 6-14%
-# (benchmarks/results/coserve-diagnostics-20261202.md), so the half stays whole.
+# gain from more rows: there 256-row slices cost 23-38% of a 2048-row step and 512-row ones
+# 6-14% (benchmarks/results/coserve-diagnostics-20261202.md), so the half stays whole.
 FEED_FORWARD_SLICE_ROWS = 256
 # A stoppable step computes its LM head and samples in slices of at most this many rows, with a
 # safepoint before each (the first one too: a stop that came during the last layer stops there).
