@@ -55,8 +55,8 @@ MAX_PREDICTION_SCALE = 2.0
 # session at 50 (about 0.34 s here, coserve-20261205-0500) and at 1.0 s (coserve-20261205-0527,
 # `--offline-step-s 1.0`), paced users and the trace beside the prefill-heavy and mixed jobs:
 # offline work got 94 / 93 / 98 / 97% of the ceiling at 1.0 s against 91 / 88 / 97 / 87% at
-# 50, every online figure within 1.09x alone in both, the stop wait 1.8-2.1 ms median (max
-# 8.5-10 ms) against 0.9-1.3 (max 3.8-5.2).
+# 50, every online figure within 1.09x alone at 1.0 s (1.14x at 50), the stop wait 1.8-2.1 ms
+# median (max 8.5-10 ms) against 0.9-1.3 (max 3.8-5.2).
 OFFLINE_STEP_MULTIPLE = 150
 # conserve: while online work is recent, offline requests leave this share of the seats
 # (`max_num_seqs`) free, so that an online arrival takes a free seat instead of preempting an
