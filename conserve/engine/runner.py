@@ -220,22 +220,21 @@ class ModelRunner:
                         raise IterationPreempted(p.layer, p)
                     p.h = layer.attended(p.h, p.call.result())
                     p.call, p.attended, fresh = None, True, False
-                rows, piece = p.h.shape[0], self.feed_forward_slice_rows
-                # (a pass stopped inside a sliced half finishes it in slices, whatever `stop`)
-                if p.ff_row == 0 and (not inner or piece == 0 or rows <= piece):
+                # the feed-forward half: whole, or in row slices (each row's feed-forward is its
+                # own) with a safepoint before each; a pass stopped between slices goes on there
+                rows = p.h.shape[0]
+                piece = (self.feed_forward_slice_rows if inner else 0) or rows
+                while p.ff_row < rows:
                     if inner and not fresh and stop():
                         raise IterationPreempted(p.layer, p)
-                    p.h = p.h + layer.mlp(p.h)
-                else:  # row slices (each row's feed-forward is its own): a safepoint before each
-                    piece = piece or rows
-                    while p.ff_row < rows:
-                        if stop is not None and not fresh and stop():
-                            raise IterationPreempted(p.layer, p)
-                        lo, hi = p.ff_row, min(rows, p.ff_row + piece)
+                    lo, hi = p.ff_row, min(rows, p.ff_row + piece)
+                    if hi - lo == rows:
+                        p.h = p.h + layer.mlp(p.h)
+                    else:
                         h = p.h[lo:hi]
                         p.h[lo:hi] = h + layer.mlp(h)
-                        p.ff_row, fresh = hi, False
-                    p.ff_row = 0
+                    p.ff_row, fresh = hi, False
+                p.ff_row = 0
                 p.layer, p.attended, fresh = p.layer + 1, False, False
         finally:
             self.progress = 0.0
