@@ -62,9 +62,15 @@ def test_offline_deltas_wait_while_online_work_lasts(tiny_llama_dir, monkeypatch
         # the online request runs: only its tokens are sent, the offline ones are held
         assert set(new) <= {"on"} and loop.held
     # two prompt chunks, three more tokens; the step that finished the online request sends
-    # its last token, then what was held (merged: one delta)
-    assert held_steps == 5 and new == ["on", "off"]
-    assert len(_tokens(conn.deltas(), "off")) == 3 + 5 and not loop.held
+    # its last token, and the offline output stays held while that token is on its way
+    assert held_steps == 5 and new == ["on"] and loop.held
+    before = len(conn.sent)
+    loop._step()  # an offline step right after: still within ONLINE_QUIET_S
+    assert len(conn.sent) == before and loop.held
+    loop.online_sent_at -= process.ONLINE_QUIET_S
+    loop._step()  # then what was held goes, merged: one delta
+    assert [d.request_id for d in conn.sent[-1]] == ["off"]
+    assert len(_tokens(conn.deltas(), "off")) == 3 + 7 and not loop.held
     while eng.has_unfinished():
         loop._step()
     assert not loop.held

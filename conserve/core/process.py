@@ -70,6 +70,12 @@ class _Sent:
 # was being sent. Offline work has no latency objective; its streams arrive in bursts.
 OFFLINE_INTERVAL_S = 0.5
 OFFLINE_HOLD_S = 2.0
+# And for ONLINE_QUIET_S after the last online output: the step that ends an online request is
+# followed at once by an offline step, and releasing the held burst with it put the API
+# process and the offline clients on the cores while the online client read its last token.
+# Beside 240 offline decode streams (AMD EPYC, 2 cores) that token reached the client a
+# median 8.8 ms (P90 19 ms) after its step, against 4.2-4.5 ms (P90 6-8 ms) alone.
+ONLINE_QUIET_S = 0.1
 
 
 def delta_of(out: RequestOutput, sent: _Sent) -> RequestDelta:
@@ -222,6 +228,7 @@ class _CoreLoop:
         self.sent: dict[str, _Sent] = {}
         self.held: list[RequestDelta] = []  # offline deltas held back (OFFLINE_HOLD_S)
         self.held_since = 0.0
+        self.online_sent_at = float("-inf")  # when online deltas were last sent
 
     def run(self) -> None:
         engine = self.engine
@@ -308,19 +315,19 @@ class _CoreLoop:
             (offline if state.offline else deltas).append(delta_of(out, state))
             if out.finished:
                 del self.sent[out.request_id]
+        now = time.monotonic()
+        if deltas:  # online output leaves at once, in a message of its own
+            self.conn.send(deltas)
+            self.online_sent_at = now
         if offline:
             if not self.held:
-                self.held_since = time.monotonic()
+                self.held_since = now
             self.held += offline
         if self.held:
-            age = time.monotonic() - self.held_since
-            if age > OFFLINE_HOLD_S or (
-                age >= OFFLINE_INTERVAL_S and not self.engine.online_pending()
-            ):
-                deltas += merge_deltas(self.held)
-                self.held = []
-        if deltas:
-            self.conn.send(deltas)
+            age = now - self.held_since
+            quiet = not self.engine.online_pending() and now - self.online_sent_at >= ONLINE_QUIET_S
+            if age > OFFLINE_HOLD_S or (age >= OFFLINE_INTERVAL_S and quiet):
+                self._flush()
 
     def _flush(self) -> None:
         """Send the offline deltas held back."""
