@@ -44,6 +44,7 @@ def _tokens(deltas, rid) -> list[int]:
 
 def test_offline_deltas_wait_while_online_work_lasts(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(process, "OFFLINE_INTERVAL_S", 0.0)  # else sent every half second
+    monkeypatch.setattr(process, "ONLINE_QUIET_S", 3600.0)  # moved past below, not waited for
     loop, conn = _loop(tiny_llama_dir)
     eng = loop.engine
     _add(loop, "off", list(range(300, 310)), OFFLINE, 12)
