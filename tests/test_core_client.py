@@ -9,7 +9,7 @@ from typing import Any
 
 from conserve.config import EngineConfig
 from conserve.core.client import OFFLINE_DISPATCH_SLICE, EngineClient
-from conserve.core.messages import AddRequest, Ready, RequestDelta, SeqDelta
+from conserve.core.messages import AddRequest, Door, Ready, RequestDelta, SeqDelta
 from conserve.engine.request import RequestClass
 from conserve.sampling.params import SamplingParams
 
@@ -139,7 +139,8 @@ def test_offline_deltas_wait_while_an_online_request_is_in_flight(monkeypatch) -
 
 def test_offline_deltas_wait_for_a_request_on_its_way_in() -> None:
     """While the HTTP server holds a request it has not classified yet (`hold_offline`, wired
-    by `ServerState`), offline deltas wait; once it is classified they go on."""
+    by `ServerState`), offline deltas wait; once it is classified they go on. The engine core
+    is told when the first such request arrives and when none is left (its door)."""
     from types import SimpleNamespace
 
     from conserve.server.state import ServerState
@@ -153,15 +154,25 @@ def test_offline_deltas_wait_for_a_request_on_its_way_in() -> None:
         log: list[tuple[str, int]] = []
         task = asyncio.create_task(_collect(client, "off", RequestClass.OFFLINE, log))
         await _started(transport, 1)
-        request = SimpleNamespace(state=SimpleNamespace(arriving=True))
-        state.arriving += 1  # as the server's middleware counts a POST to /v1/
+        request = SimpleNamespace(state=SimpleNamespace())
+        other = SimpleNamespace(state=SimpleNamespace())
+        state.arrive(request)  # as the server's middleware does for a POST to /v1/
+        state.arrive(other)
         transport.inbox.put([delta("off", 1, True)])
         await asyncio.sleep(0.1)
         assert log == []  # waits for the arriving request
         state.classified(request)
         state.classified(request)  # counted once
+        assert state.arriving == 1 and log == []
+        state.classified(other)
         assert state.arriving == 0
         assert await asyncio.wait_for(task, 10) == [1]
+        # the engine's door: opened by the first arrival, closed when the last is classified
+        assert [m.open for m in transport.sent if isinstance(m, Door)] == [True, False]
+        # ... unless that one is online: its AddRequest, right behind, closes it
+        state.arrive(request)
+        state.classified(request, online=True)
+        assert [m.open for m in transport.sent if isinstance(m, Door)] == [True, False, True]
         client.shutdown()
 
     asyncio.run(main())

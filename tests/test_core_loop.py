@@ -7,7 +7,7 @@ import time
 
 from conserve import LLM, SamplingParams
 from conserve.core import process
-from conserve.core.messages import Abort, AddRequest, RequestDelta
+from conserve.core.messages import Abort, AddRequest, Door, RequestDelta
 from conserve.engine.request import RequestClass
 
 ONLINE, OFFLINE = RequestClass.ONLINE, RequestClass.OFFLINE
@@ -138,4 +138,32 @@ def test_offline_streams_are_sent_in_merged_deltas_every_interval(tiny_llama_dir
     alone = conn2.deltas()
     assert _tokens(alone, "off") == _tokens(off, "off")
     assert "".join(d.seqs[0].text for d in alone) == "".join(d.seqs[0].text for d in off)
+    eng.check_integrity()
+
+
+def test_the_door_reaches_the_engine_and_the_loop_waits_at_it(tiny_llama_dir):
+    """A Door message is passed to the engine by the pipe thread (as it arrives, while a step
+    may run) and wakes the loop; with offline work and the door open, the loop waits for a
+    message for what is left of DOOR_WAIT_S instead of stepping, and no longer than that."""
+    loop, _ = _loop(tiny_llama_dir)
+    eng = loop.engine
+
+    class Pipe:
+        msgs = [Door(True)]
+
+        def recv(self):
+            if not self.msgs:
+                raise EOFError
+            return self.msgs.pop(0)
+
+    _add(loop, "off", list(range(300, 310)), OFFLINE, 4)
+    process._read_pipe(Pipe(), loop.inbox, eng)  # returns at EOF (a Shutdown in the inbox)
+    assert eng.online_pending() and eng.door_wait() > 0
+    msg, _ = loop.inbox.get_nowait()
+    assert msg == Door(True)
+    assert loop._take_messages(block=True, timeout=eng.door_wait()) is False  # the Shutdown
+    eng.door(False)
+    assert eng.door_wait() == 0.0
+    assert loop._take_messages(block=True, timeout=0.01) is True  # empty: back after 10 ms
+    eng.abort("off")
     eng.check_integrity()

@@ -259,6 +259,63 @@ def test_an_arrival_between_steps_stops_the_next_offline_step(
     assert all(r["t"] >= added[0]["t"] and r["run_s"] > 0 for r in steps)
 
 
+def test_an_open_door_stops_offline_work_until_it_closes(tiny_llama_dir, linear_profile):
+    """The HTTP server opens the door while it reads requests whose class it does not know
+    yet: the engine treats that as an online arrival of unknown length (an offline step stops
+    at its next safepoint, the loop is told to wait), until the door closes or DOOR_WAIT_S
+    has passed; then the stopped step resumes and nothing is lost."""
+    from conserve.engine import engine as engine_mod
+
+    llm = conserve_llm(tiny_llama_dir, linear_profile, max_num_batched_tokens=2048)
+    eng = llm.engine
+    stops = Stops(eng)
+    eng.add_request("off", list(range(300, 1000)), GREEDY, RequestClass.OFFLINE)
+    eng.latency.coef[:] = 0
+    eng.latency.coef[FEATURES.index("const")] = 10.0  # predicted: far beyond any SLO
+    assert eng.door_wait() == 0.0 and not eng.online_pending()
+    eng.door(True)
+    assert 0 < eng.door_wait() <= engine_mod.DOOR_WAIT_S and eng.online_pending()
+    assert eng.step() == []
+    assert eng.num_layer_preemptions == 1 and stops.stops[0][1] == 0
+    assert eng.scheduler.requests["off"].num_computed_tokens == 0
+    eng.door(False)  # it was an offline request (or a bad one): the step resumes in full
+    assert eng.door_wait() == 0.0 and not eng.online_pending()
+    eng.step()
+    assert eng.num_layer_preemptions == 1
+    assert eng.scheduler.requests["off"].num_computed_tokens == 700
+    # a door left open longer than DOOR_WAIT_S no longer stops anything
+    eng.door(True)
+    eng._door_opened -= engine_mod.DOOR_WAIT_S
+    assert eng.door_wait() == 0.0 and not eng.online_pending()
+    eng.step()
+    assert eng.num_layer_preemptions == 1
+    # with online work ready the loop does not wait at the door
+    eng.add_request("on", list(range(300, 316)), GREEDY, RequestClass.ONLINE)
+    eng.door(True)
+    assert eng.door_wait() == 0.0
+    eng.door(False)
+    # a running step with online work in it is not stopped by the door (the request may be
+    # offline); the same step would be by an online arrival, and one without online work is
+    from conserve.engine.engine import _Step
+
+    eng._current = _Step(101, time.monotonic(), 10.0, online=5.0)  # half of it online work
+    eng.door(True)
+    assert eng._stop_seq != 101
+    assert eng.request_stop(16) is True and eng._stop_seq == 101
+    eng._current = _Step(102, time.monotonic(), 10.0)
+    eng.door(True)
+    assert eng._stop_seq == 102
+    eng._current = None
+    eng.door(True)  # an online request classified: the server leaves the door to it ...
+    assert eng.online_pending()
+    eng.announce_online(16)  # ... and its arrival closes it
+    eng.online_received()
+    assert eng._door_opened is None
+    while eng.has_unfinished():
+        eng.step()
+    eng.check_integrity()
+
+
 def test_request_stop_stops_a_step_past_its_predicted_end(tiny_llama_dir, linear_profile):
     """With no layer done since the step started (or its layers done, its LM head running),
     the monitor has only the prediction: a step already past its predicted end has an unknown

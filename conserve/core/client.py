@@ -16,6 +16,7 @@ from conserve.config import EngineConfig
 from conserve.core.messages import (
     Abort,
     AddRequest,
+    Door,
     Failed,
     Ready,
     Rejected,
@@ -171,6 +172,11 @@ class EngineClient:
     def pid(self) -> int | None:
         """The engine core's process id (on its own machine, for a remote core)."""
         return self.transport.pid
+
+    def door(self, open_: bool) -> None:
+        """Tell the engine core whether requests of a class not known yet are arriving."""
+        with contextlib.suppress(EngineDeadError, OSError):  # no engine: the request will say
+            self._send(Door(open_))
 
     def _send(self, msg: Any) -> None:
         if not self.alive:

@@ -35,6 +35,16 @@ class Shutdown:
     pass
 
 
+@dataclass(frozen=True)
+class Door:
+    """The HTTP server has received requests it has not classified yet (`open`), or has none
+    left. Any of them may be online, so an open door stops a running offline step as an online
+    arrival does (`Engine.door`): the API process then reads, validates and tokenizes it on
+    cores the engine is not using."""
+
+    open: bool
+
+
 @dataclass
 class SeqDelta:
     index: int

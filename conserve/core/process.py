@@ -27,6 +27,7 @@ from conserve.config import EngineConfig
 from conserve.core.messages import (
     Abort,
     AddRequest,
+    Door,
     Failed,
     Ready,
     Rejected,
@@ -188,7 +189,9 @@ def _read_pipe(conn: Connection, inbox: queue.SimpleQueue, engine: Any) -> None:
         arrived = time.monotonic()
         if isinstance(msg, AddRequest) and msg.request_class is RequestClass.ONLINE:
             engine.announce_online(len(msg.prompt_token_ids))
-        inbox.put((msg, arrived))
+        elif isinstance(msg, Door):
+            engine.door(msg.open)
+        inbox.put((msg, arrived))  # a Door too: it wakes a loop waiting at an open door
         if isinstance(msg, Shutdown):
             return
 
@@ -255,16 +258,20 @@ class _CoreLoop:
             # Block only when there is nothing to compute.
             if self.held and not engine.has_unfinished():
                 self._flush()
-            if not self._take_messages(block=not engine.has_unfinished()):
+            # With work to do, wait only at an open door: while a request of unknown class is
+            # read, offline work would be stopped again at once.
+            wait = engine.door_wait() if engine.has_unfinished() else None
+            if not self._take_messages(block=wait != 0.0, timeout=wait):
                 return
             if engine.has_unfinished():
                 self._step()
 
-    def _take_messages(self, block: bool) -> bool:
-        """Handle what has arrived (waiting for one message if `block`); False on Shutdown."""
+    def _take_messages(self, block: bool, timeout: float | None = None) -> bool:
+        """Handle what has arrived (waiting for one message if `block`, for at most `timeout`
+        seconds if given); False on Shutdown."""
         while True:
             try:
-                msg, arrived = self.inbox.get(block=block)
+                msg, arrived = self.inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return True
             block = False

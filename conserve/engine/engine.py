@@ -46,6 +46,12 @@ HOLD_STEPS = 2.0
 # `bench coserve`, decode-heavy job, benchmarks/results/coserve-20261203-1336); 16 blocks of the
 # default model hold 5.9 MB of K and V.
 CHECKPOINT_SLICE_BLOCKS = 16
+# An open door (`Engine.door`: the HTTP server is reading requests of a class it does not know
+# yet) counts as an online arrival for at most this long after it opened: long enough for the
+# API process to validate and tokenize a request (1.5 ms at the median on an idle 2-core AMD
+# EPYC, 5.3 ms beside a 240-sequence offline decode step), short enough that a door left open
+# by a stream of arrivals costs offline work little.
+DOOR_WAIT_S = 0.05
 
 
 class Runner(Protocol):
@@ -158,6 +164,7 @@ class Engine:
         self._announced = 0
         self._received = 0
         self._pending_prompt_len: int | None = None
+        self._door_opened: float | None = None  # see `door`
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -352,7 +359,7 @@ class Engine:
         """Online work exists: a request has arrived and is not taken in yet, or one is queued
         or running. The core loop holds offline outputs back meanwhile (see `core.process`)."""
         with self._stop_lock:
-            if self._announced > self._received:
+            if self._arriving():
                 return True
         return self.scheduler.has_online_work()
 
@@ -522,10 +529,14 @@ class Engine:
         )
         with self._stop_lock:
             self._current = step
-            if self._announced > self._received:
+            if self._arriving():
                 # An online request arrived after this plan was made (while the previous step
-                # was applied or this one planned): it may stop this step right away.
-                self._request_stop_locked(self._pending_prompt_len)
+                # was applied or this one planned), or one may be on its way (an open door):
+                # it may stop this step right away.
+                if self._announced > self._received:
+                    self._request_stop_locked(self._pending_prompt_len)
+                else:
+                    self._request_stop_locked(None, door=True)
         for obs in self._observers:
             obs.on_step_start(batch)
         stop = lambda: self._stop_seq == step.seq  # noqa: E731 - read at every safepoint
@@ -546,12 +557,46 @@ class Engine:
     def announce_online(self, prompt_len: int) -> bool:
         """The monitor's entry point, called from another thread as an online request of
         `prompt_len` tokens arrives and before the loop calls `add_request` for it (and then
-        `online_received`). Stops the running step as `request_stop` does; if no step is
-        running, the next one to start is checked instead, unless the request is in its plan."""
+        `online_received`), and closes the door (`door`). Stops the running step as
+        `request_stop` does; if no step is running, the next one to start is checked instead,
+        unless the request is in its plan."""
         with self._stop_lock:
             self._announced += 1
             self._pending_prompt_len = prompt_len
+            self._door_opened = None  # the request the door was open for (see `door`)
             return self._request_stop_locked(prompt_len)
+
+    def door(self, open_: bool) -> None:
+        """The monitor's entry point for the HTTP server's door, called from another thread:
+        it has received requests whose class it does not know yet (`open_`), or has none left.
+        Until it closes, or for DOOR_WAIT_S at most, the door counts as an arriving online
+        request of unknown length: it stops a running step of offline work only at its next
+        safepoint (as `request_stop` does; a step with online work runs on), and the core loop
+        waits rather than start offline work (`door_wait`). So the API process reads,
+        validates and tokenizes the request on cores the engine leaves alone; if it is
+        offline, the stopped step resumes. For an online request the server leaves the door
+        open and the request's own arrival (`announce_online`) closes it."""
+        with self._stop_lock:
+            self._door_opened = time.monotonic() if open_ else None
+            if open_:
+                self._request_stop_locked(None, door=True)
+
+    def door_wait(self) -> float:
+        """Seconds the loop should wait for a message before its next step: what is left of an
+        open door's DOOR_WAIT_S while no online work is ready (else 0)."""
+        with self._stop_lock:
+            if self._door_opened is None:
+                return 0.0
+            left = self._door_opened + DOOR_WAIT_S - time.monotonic()
+        return 0.0 if left <= 0 or self.scheduler.has_online_work() else left
+
+    def _arriving(self) -> bool:
+        """An online request has arrived that the loop has not taken in, or the door is open.
+        Only reads (with or without `_stop_lock` held)."""
+        if self._announced > self._received:
+            return True
+        opened = self._door_opened
+        return opened is not None and time.monotonic() - opened < DOOR_WAIT_S
 
     def online_received(self) -> None:
         """The loop has taken in one announced online request (added or rejected it)."""
@@ -565,10 +610,12 @@ class Engine:
         with self._stop_lock:
             return self._request_stop_locked(prompt_len)
 
-    def _request_stop_locked(self, prompt_len: int | None) -> bool:
+    def _request_stop_locked(self, prompt_len: int | None, door: bool = False) -> bool:
         step = self._current
         if step is None or self.latency is None:
             return False
+        if door and step.online > 0:
+            return False  # online work is not stopped for what may be an offline request
         now = time.monotonic()
         remaining = step.start + step.predicted - now
         # Once layers have run, extrapolate from them: a step that overruns its prediction (a
@@ -599,7 +646,7 @@ class Engine:
             # while no online request waits for the loop: their time would delay online
             # tokens. The checkpoint is incremental: what is left goes after a later step.
             while (
-                self._announced == self._received
+                not self._arriving()
                 and self.scheduler.checkpoint_offline(CHECKPOINT_SLICE_BLOCKS)
                 == CHECKPOINT_SLICE_BLOCKS
             ):

@@ -136,9 +136,9 @@ def _install_guard(app: FastAPI, settings: ServerSettings, state: ServerState) -
     async def _guard(request: Request, call_next):
         request.state.received = time.monotonic()  # the request's arrival, for the step log
         if request.method == "POST" and request.url.path.startswith("/v1/"):
-            # offline output waits until the route knows whether this one is online
-            request.state.arriving = True
-            state.arriving += 1
+            # until the route knows whether this one is online, offline output waits and the
+            # engine's door is open (ServerState.arrive)
+            state.arrive(request)
             try:
                 return await _checked(request, call_next)
             finally:

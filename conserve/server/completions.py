@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from conserve.core.client import EngineDeadError
+from conserve.engine.request import RequestClass
 from conserve.openai.answer import answer, start_streams
 from conserve.openai.errors import OpenAIError
 from conserve.openai.formats import response_format
@@ -25,7 +26,7 @@ def completion_routes(state: ServerState, settings: ServerSettings) -> APIRouter
         state.unknown_fields.log(body)
         p = prepare(state.engine(), body, request_class(body))
         p.received = getattr(request.state, "received", None)
-        state.classified(request)
+        state.classified(request, online=p.klass is RequestClass.ONLINE)
         return p
 
     @router.post("/v1/chat/completions")

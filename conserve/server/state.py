@@ -74,12 +74,29 @@ class ServerState:
         assert self._client is not None
         return self._client
 
-    def classified(self, request) -> None:
-        """The request (a Starlette request) is known to be online or offline now: it no
-        longer counts as arriving."""
+    def arrive(self, request) -> None:
+        """The request (a Starlette request) may be online until `classified`: it counts as
+        arriving, and the first one arriving opens the engine's door (`Engine.door`)."""
+        request.state.arriving = True
+        self.arriving += 1
+        if self.arriving == 1:
+            self._door(True)
+
+    def classified(self, request, online: bool = False) -> None:
+        """The request is known to be online or offline now (or failed): it no longer counts
+        as arriving; the last one closes the door, unless it is online: then the engine closes
+        it when the request reaches it, so that the stopped offline step does not resume in
+        between."""
         if getattr(request.state, "arriving", False):
             request.state.arriving = False
             self.arriving -= 1
+            if self.arriving == 0 and not online:
+                self._door(False)
+
+    def _door(self, open_: bool) -> None:
+        door = getattr(self._client, "door", None)  # replicas on Ray: no door
+        if door is not None:
+            door(open_)
 
     def track(
         self, klass: RequestClass, stream: AsyncIterator[RequestDelta]
