@@ -141,15 +141,19 @@ def test_offline_streams_are_sent_in_merged_deltas_every_interval(tiny_llama_dir
     eng.check_integrity()
 
 
-def test_the_door_reaches_the_engine_and_the_loop_waits_at_it(tiny_llama_dir):
+def test_the_door_reaches_the_engine_and_the_loop_waits_at_it(tiny_llama_dir, monkeypatch):
     """A Door message is passed to the engine by the pipe thread (as it arrives, while a step
     may run) and wakes the loop; with offline work and the door open, the loop waits for a
     message for what is left of DOOR_WAIT_S instead of stepping, and no longer than that."""
+    from conserve.engine import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "DOOR_WAIT_S", 3600.0)  # a slow machine cannot outlast it
     loop, _ = _loop(tiny_llama_dir)
     eng = loop.engine
 
     class Pipe:
-        msgs = [Door(True)]
+        def __init__(self) -> None:
+            self.msgs = [Door(True)]
 
         def recv(self):
             if not self.msgs:
