@@ -8,56 +8,41 @@ beside offline work, whatever the offline activity right after the online reques
 
     python benchmarks/diagnostics/last_token_delay.py RESULT.json STEP_LOG_DIR
 
-STEP_LOG_DIR: the directory `bench coserve` printed at its start ("engine step logs under
-..."), whose NN-*.jsonl files are the runs in order. The first online request of each run's
-step log is the driver's warm-up and is skipped; runs where some online requests were not
-answered (fcfs, priority beside the users) are left out.
+STEP_LOG_DIR and which runs are left out: see coserve_logs.py.
 """
 
 from __future__ import annotations
 
 import bisect
-import glob
-import json
 import os
 import sys
 
+from coserve_logs import paired_runs
 
-def delays(run: dict, step_log: str) -> list[tuple[float, int, int]]:
-    recs = [json.loads(line) for line in open(step_log)]
-    online_ids = [r["added"] for r in recs if r.get("class") == "online"][1:]
+
+def delays(recs: list, pairs: list) -> list[float]:
     api = {r["api"]: r for r in recs if "api" in r}
     ends = sorted(
         r["t"] + r["run_s"] + r["apply_s"] for r in recs if "run_s" in r and r["online"][0] > 0
     )
-    reqs = sorted(
-        (q for q in run["online_requests"] if q["e2e_ms"] is not None), key=lambda q: q["sent_s"]
-    )
-    if len(reqs) != len(online_ids):  # some unanswered: the two lists would not pair up
-        return []
     out = []
-    for rid, q in zip(online_ids, reqs):
+    for rid, q in pairs:
         client_end = api[rid]["received"] + q["e2e_ms"] / 1e3
         i = bisect.bisect_right(ends, client_end) - 1
-        out.append(((client_end - ends[i]) * 1e3, q["index"], q["output_tokens"]))
+        out.append((client_end - ends[i]) * 1e3)
     return out
 
 
 def main() -> None:
     result, log_dir = sys.argv[1], sys.argv[2]
-    runs = json.load(open(result))["runs"]
     print(f"{os.path.basename(result)}: last online token, engine step end -> client, ms")
     print("| run | requests | P50 | P90 | max |")
     print("|---|---|---|---|---|")
-    for i, run in enumerate(runs):
-        logs = glob.glob(os.path.join(log_dir, f"{i + 1:02d}-*.jsonl"))
-        if not run.get("online_requests") or not logs:
-            continue
-        d = sorted(x[0] for x in delays(run, logs[0]))
+    for name, recs, pairs in paired_runs(result, log_dir, "e2e_ms"):
+        d = sorted(delays(recs, pairs))
         n = len(d)
         if not n:
             continue
-        name = f"{i + 1:02d} {run['mode']} {run.get('variant') or ''} {run['label']}".replace("  ", " ")
         print(f"| {name} | {n} | {d[n // 2]:.1f} | {d[int(0.9 * (n - 1))]:.1f} | {d[-1]:.1f} |")
 
 

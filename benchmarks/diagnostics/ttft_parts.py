@@ -10,35 +10,26 @@ client); ttft = the client's figure.
 
     python benchmarks/diagnostics/ttft_parts.py RESULT.json STEP_LOG_DIR
 
-STEP_LOG_DIR: the directory `bench coserve` printed at its start; its NN-*.jsonl files are
-the runs in order. The first online request of each step log is the driver's warm-up and is
-skipped; runs where some online requests were not answered are left out.
+STEP_LOG_DIR and which runs are left out: see coserve_logs.py.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import statistics
 import sys
 
+from coserve_logs import paired_runs
+
 PARTS = ("api", "pipe", "wait", "prefill", "deliver", "ttft")
 
 
-def parts(run: dict, step_log: str) -> dict[str, list[float]] | None:
-    recs = [json.loads(line) for line in open(step_log)]
+def parts(recs: list, pairs: list) -> dict[str, list[float]]:
     added = {r["added"]: r for r in recs if r.get("class") == "online"}
-    ids = list(added)[1:]
     api = {r["api"]: r for r in recs if "api" in r}
     steps = [r for r in recs if "run_s" in r]
-    reqs = sorted(
-        (q for q in run["online_requests"] if q["ttft_ms"] is not None), key=lambda q: q["sent_s"]
-    )
-    if len(reqs) != len(ids):
-        return None
     out: dict[str, list[float]] = {k: [] for k in PARTS}
-    for rid, q in zip(ids, reqs):
+    for rid, q in pairs:
         mine = [s for s in steps if rid in s["online_prefill_ids"]]
         first, last = mine[0], mine[-1]
         a, end = api[rid], last["t"] + last["run_s"] + last["apply_s"]
@@ -53,18 +44,13 @@ def parts(run: dict, step_log: str) -> dict[str, list[float]] | None:
 
 def main() -> None:
     result, log_dir = sys.argv[1], sys.argv[2]
-    runs = json.load(open(result))["runs"]
     print(f"{os.path.basename(result)}: parts of TTFT, ms, median / P90")
     print("| run | " + " | ".join(PARTS) + " |")
     print("|---|" + "---|" * len(PARTS))
-    for i, run in enumerate(runs):
-        logs = glob.glob(os.path.join(log_dir, f"{i + 1:02d}-*.jsonl"))
-        if not run.get("online_requests") or not logs:
+    for name, recs, pairs in paired_runs(result, log_dir, "ttft_ms"):
+        if not pairs:
             continue
-        p = parts(run, logs[0])
-        if not p:
-            continue
-        name = f"{i + 1:02d} {run['mode']} {run.get('variant') or ''} {run['label']}".replace("  ", " ")
+        p = parts(recs, pairs)
         cells = []
         for k in PARTS:
             v = sorted(p[k])
