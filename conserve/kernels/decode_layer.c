@@ -13,27 +13,28 @@
 #include <string.h>
 #include <omp.h>
 
-void linear_bf16(uint16_t *y, const uint16_t *x, const uint16_t *wp, const uint16_t *bias,
-                 int64_t M, int64_t K, int64_t N, int64_t xs, int num_threads);
-int paged_decode_attention(float *out, const float *q, const void *k_cache, const void *v_cache,
-                           int is_bf16, const int64_t *tables, const int64_t *lens, int64_t B,
-                           int64_t Hq, int64_t Hkv, int64_t NB, int64_t BS, int64_t D, int64_t MB,
-                           float scale, int num_threads);
+/* linear_bf16.c, paged_attention.c, ops_bf16.c: each thread of the layer's team calls these
+ * for its own share of the work */
+void linear_bf16_share(uint16_t *y, const uint16_t *x, const uint16_t *wp, const uint16_t *bias,
+                       int64_t M, int64_t K, int64_t N, int64_t xs, int t, int team);
+int paged_decode_attention_supported(int64_t Hq, int64_t Hkv, int64_t BS, int64_t D);
+int paged_decode_attention_team(float *out, uint16_t *out16, const float *q, const void *k_cache,
+                                const void *v_cache, int is_bf16, const int64_t *tables,
+                                const int64_t *lens, int64_t B, int64_t Hq, int64_t Hkv,
+                                int64_t NB, int64_t BS, int64_t D, int64_t MB, float scale);
+void rms_norm_bf16_rows(uint16_t *out, const uint16_t *x, const uint16_t *w, int64_t r0, int64_t r1,
+                        int64_t n, int64_t xs, float eps);
+void silu_mul_bf16_share(uint16_t *out, const uint16_t *gu, int64_t rows, int64_t I, int t, int team);
+void rope_bf16_rows(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t r0, int64_t r1,
+                    int64_t heads, int64_t D, int64_t xs);
 
 #include "simd.h"
 
 #define bf bf16_to_f
 #define to_bf f_to_bf16
 
-/* ops_bf16.c: the same small ops as the bf16 torch layer path */
-void rms_norm_bf16(uint16_t *out, const uint16_t *x, const uint16_t *w, int64_t rows, int64_t n,
-                   int64_t xs, float eps, int num_threads);
-void silu_mul_bf16(uint16_t *out, const uint16_t *gu, int64_t rows, int64_t I, int num_threads);
-void rope_bf16(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t rows,
-               int64_t heads, int64_t D, int64_t xs, int num_threads);
-
-static void add_into(uint16_t *h, const uint16_t *a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) h[i] = to_bf(bf(h[i]) + bf(a[i]));
+static void add_into(uint16_t *h, const uint16_t *a, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) h[i] = to_bf(bf(h[i]) + bf(a[i]));
 }
 
 struct layer_dims {
@@ -45,7 +46,15 @@ struct layer_dims {
  * cos, sin: [M, head_dim] bf16. k_cache, v_cache: this layer's [Hkv, NB, BS, D] bf16. slots:
  * [M] where each row's K/V goes; tables [M, max_blocks], lens [M]: attention after the write.
  * work: bf16 scratch of M * (2 * hidden + q + 2 kv + q + 3 * inter) elements; fwork: float32
- * scratch of 2 * M * q. times (or NULL): seconds added to [linear, attention, other]. */
+ * scratch of 2 * M * q. times (or NULL): seconds added to [linear, attention, other].
+ *
+ * One parallel region for the whole layer: its threads go through the layer's parts together,
+ * each taking its share of every part (output blocks of a linear layer, rows, attention tasks)
+ * and waiting for the others at a barrier between parts. Started once per part instead, a team
+ * costs a wake-up and a join each time, ten times a layer: one region took 0.95-0.98x the
+ * step time at 4-32 rows, the same at 1-2 (benchmarks/results/decode-layer-team-20261205.md).
+ * Asking each thread's next weight share into L2 before the barriers did not pay (0.98-1.08x).
+ * The times are thread 0's, barriers included. */
 int decode_layer_bf16(uint16_t *h, int64_t M, const struct layer_dims *dm,
                       const uint16_t *in_norm, const uint16_t *post_norm, const uint16_t *qkv_w,
                       const uint16_t *qkv_b, const uint16_t *o_w, const uint16_t *gu_w,
@@ -55,40 +64,66 @@ int decode_layer_bf16(uint16_t *h, int64_t M, const struct layer_dims *dm,
                       int num_threads, double *times) {
   const int64_t H = dm->hidden, D = dm->head_dim, Hq = dm->heads, Hkv = dm->kv_heads;
   const int64_t qn = Hq * D, kvn = Hkv * D, qkvn = qn + 2 * kvn, I = dm->inter;
+  if (!paged_decode_attention_supported(Hq, Hkv, dm->block_size, D)) return -1;
   uint16_t *x = work, *qkv = x + M * H, *att = qkv + M * qkvn, *gu = att + M * qn;
   uint16_t *act = gu + M * 2 * I, *tmp = act + M * I;
   float *qf = fwork, *of = fwork + M * qn;
-  double t0 = omp_get_wtime(), t;
+  const double t0 = omp_get_wtime();
   double lin = 0, attn = 0;
-#define LIN(call) (t = omp_get_wtime(), call, lin += omp_get_wtime() - t)
-  rms_norm_bf16(x, h, in_norm, M, H, H, dm->eps, num_threads);
-  LIN(linear_bf16(qkv, x, qkv_w, qkv_b, M, H, qkvn, H, num_threads));
-  t = omp_get_wtime();
-  rope_bf16(qkv, cos, sin, M, Hq + Hkv, D, qkvn, num_threads); /* q and k heads adjacent */
-  for (int64_t r = 0; r < M; ++r) {
-    uint16_t *row = qkv + r * qkvn;
-    const int64_t blk = slots[r] / dm->block_size, off = slots[r] % dm->block_size;
-    for (int64_t g = 0; g < Hkv; ++g) {
-      const int64_t at = ((g * dm->num_blocks + blk) * dm->block_size + off) * D;
-      memcpy(k_cache + at, row + qn + g * D, D * 2);
-      memcpy(v_cache + at, row + qn + kvn + g * D, D * 2);
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t r0 = M * t / T, r1 = M * (t + 1) / T;       /* this thread's rows */
+    const int64_t e0 = M * H * t / T, e1 = M * H * (t + 1) / T; /* and elements of h */
+    double s = 0;
+#define MARK() (t == 0 ? (s = omp_get_wtime()) : 0)
+#define ADD(v) (t == 0 ? (v += omp_get_wtime() - s) : 0)
+    rms_norm_bf16_rows(x, h, in_norm, r0, r1, H, H, dm->eps);
+#pragma omp barrier
+    MARK();
+    linear_bf16_share(qkv, x, qkv_w, qkv_b, M, H, qkvn, H, t, T);
+#pragma omp barrier
+    ADD(lin);
+    MARK();
+    rope_bf16_rows(qkv, cos, sin, r0, r1, Hq + Hkv, D, qkvn); /* q and k heads adjacent */
+    for (int64_t r = r0; r < r1; ++r) {
+      uint16_t *row = qkv + r * qkvn;
+      const int64_t blk = slots[r] / dm->block_size, off = slots[r] % dm->block_size;
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const int64_t at = ((g * dm->num_blocks + blk) * dm->block_size + off) * D;
+        memcpy(k_cache + at, row + qn + g * D, D * 2);
+        memcpy(v_cache + at, row + qn + kvn + g * D, D * 2);
+      }
+      for (int64_t i = 0; i < qn; ++i) qf[r * qn + i] = bf(row[i]);
     }
-    for (int64_t i = 0; i < qn; ++i) qf[r * qn + i] = bf(row[i]);
+#pragma omp barrier
+    /* every task's output rounded to bf16 into att; the loop waits for the team at its end */
+    paged_decode_attention_team(of, att, qf, k_cache, v_cache, 1, tables, lens, M, Hq, Hkv,
+                                dm->num_blocks, dm->block_size, D, dm->max_blocks, dm->scale);
+    ADD(attn);
+    MARK();
+    linear_bf16_share(tmp, att, o_w, NULL, M, qn, H, qn, t, T);
+#pragma omp barrier
+    ADD(lin);
+    for (int64_t r = r0; r < r1; ++r) {
+      add_into(h, tmp, r * H, (r + 1) * H);
+      rms_norm_bf16_rows(x, h, post_norm, r, r + 1, H, H, dm->eps);
+    }
+#pragma omp barrier
+    MARK();
+    linear_bf16_share(gu, x, gu_w, NULL, M, H, 2 * I, H, t, T);
+#pragma omp barrier
+    ADD(lin);
+    silu_mul_bf16_share(act, gu, M, I, t, T);
+#pragma omp barrier
+    MARK();
+    linear_bf16_share(tmp, act, down_w, NULL, M, I, H, I, t, T);
+#pragma omp barrier
+    ADD(lin);
+    add_into(h, tmp, e0, e1);
+#undef MARK
+#undef ADD
   }
-  if (paged_decode_attention(of, qf, k_cache, v_cache, 1, tables, lens, M, Hq, Hkv,
-                             dm->num_blocks, dm->block_size, D, dm->max_blocks, dm->scale,
-                             num_threads))
-    return -1;
-  for (int64_t i = 0; i < M * qn; ++i) att[i] = to_bf(of[i]);
-  attn += omp_get_wtime() - t;
-  LIN(linear_bf16(tmp, att, o_w, NULL, M, qn, H, qn, num_threads));
-  add_into(h, tmp, M * H);
-  rms_norm_bf16(x, h, post_norm, M, H, H, dm->eps, num_threads);
-  LIN(linear_bf16(gu, x, gu_w, NULL, M, H, 2 * I, H, num_threads));
-  silu_mul_bf16(act, gu, M, I, num_threads);
-  LIN(linear_bf16(tmp, act, down_w, NULL, M, I, H, I, num_threads));
-  add_into(h, tmp, M * H);
-#undef LIN
   if (times) {
     times[0] += lin;
     times[1] += attn;

@@ -80,6 +80,8 @@ class NativeDecode:
             self.layers.append(
                 (norms[0].data_ptr(), norms[1].data_ptr(), qkv, _ptr(bias), o, gate_up, down)
             )
+        # each layer's K and V cache
+        self.caches = [(k.data_ptr(), v.data_ptr()) for k, v in zip(k_cache, v_cache, strict=True)]
         self.eps, self.scale = cfg.rms_norm_eps, cfg.head_dim**-0.5
         # scratch for the largest step so far (a smaller step uses its front part)
         self.work = torch.empty(0, dtype=torch.bfloat16)
@@ -142,26 +144,30 @@ class NativeStep:
         )
         self.tables = meta.decode_block_ids.view(rows, meta.decode_max_blocks)
         self.times = (ctypes.c_double * 3)()
-
-    def run_layer(self, i: int, h: torch.Tensor, timed: bool = False) -> None:
-        """Layer `i` on h [rows, hidden] bf16 (contiguous), in place."""
-        nd, meta = self.nd, self.meta
-        work, fwork = nd.work, nd.fwork
-        rc = nd.fn(
-            h.data_ptr(),
-            self.rows,
-            ctypes.addressof(self.dims),
-            *nd.layers[i],
-            self.cos.data_ptr(),
-            self.sin.data_ptr(),
-            nd.k[i].data_ptr(),
-            nd.v[i].data_ptr(),
+        # arguments the same for every layer of the step (not the scratch: a step run while
+        # this one is stopped may replace it with a larger one)
+        self.meta_ptrs = (
             meta.slot_mapping.data_ptr(),
             self.tables.data_ptr(),
             meta.decode_lens.data_ptr(),
-            work.data_ptr(),
-            fwork.data_ptr(),
-            torch.get_num_threads(),
+        )
+        self.threads = torch.get_num_threads()
+        self.head = (rows, ctypes.addressof(dims))
+        self.rope = (self.cos.data_ptr(), self.sin.data_ptr())
+
+    def run_layer(self, i: int, h: torch.Tensor, timed: bool = False) -> None:
+        """Layer `i` on h [rows, hidden] bf16 (contiguous), in place."""
+        nd = self.nd
+        rc = nd.fn(
+            h.data_ptr(),
+            *self.head,
+            *nd.layers[i],
+            *self.rope,
+            *nd.caches[i],
+            *self.meta_ptrs,
+            nd.work.data_ptr(),
+            nd.fwork.data_ptr(),
+            self.threads,
             self.times if timed else None,
         )
         if rc != 0:

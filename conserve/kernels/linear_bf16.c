@@ -16,6 +16,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <omp.h>
 
 #define BLOCK 32
 #define MAX_ROWS 8
@@ -98,14 +99,17 @@ static inline __attribute__((always_inline)) void block_rows(
 
 #endif
 
-/* y: [M, N] bf16 (contiguous); x: [M, K] bf16 with row stride xs; wp: the packed weight;
- * bias: [N] bf16 or NULL. */
-void linear_bf16(uint16_t *y, const uint16_t *x, const uint16_t *wp, const uint16_t *bias,
-                 int64_t M, int64_t K, int64_t N, int64_t xs, int num_threads) {
-  const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+/* This thread's share [lo, hi) of n items when `team` threads split them in order. */
+static inline void share(int64_t n, int t, int team, int64_t *lo, int64_t *hi) {
+  *lo = n * t / team;
+  *hi = n * (t + 1) / team;
+}
+
+/* Blocks [b0, b1) of the product (see linear_bf16). */
+static void linear_blocks(uint16_t *y, const uint16_t *x, const uint16_t *wp, const uint16_t *bias,
+                          int64_t M, int64_t K, int64_t N, int64_t xs, int64_t b0, int64_t b1) {
   const int64_t block_elems = ((K + 1) / 2) * 64;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t b = 0; b < nblocks; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const uint16_t *wb = wp + b * block_elems;
     for (int64_t m = 0; m < M; m += MAX_ROWS) {
       const int64_t R = M - m < MAX_ROWS ? M - m : MAX_ROWS;
@@ -120,4 +124,21 @@ void linear_bf16(uint16_t *y, const uint16_t *x, const uint16_t *wp, const uint1
       }
     }
   }
+}
+
+/* Thread t of a team of `team` threads computes its share of the output blocks (no barrier:
+ * the caller waits for the team). decode_layer.c calls this inside its own parallel region. */
+void linear_bf16_share(uint16_t *y, const uint16_t *x, const uint16_t *wp, const uint16_t *bias,
+                       int64_t M, int64_t K, int64_t N, int64_t xs, int t, int team) {
+  int64_t lo, hi;
+  share((N + BLOCK - 1) / BLOCK, t, team, &lo, &hi);
+  linear_blocks(y, x, wp, bias, M, K, N, xs, lo, hi);
+}
+
+/* y: [M, N] bf16 (contiguous); x: [M, K] bf16 with row stride xs; wp: the packed weight;
+ * bias: [N] bf16 or NULL. */
+void linear_bf16(uint16_t *y, const uint16_t *x, const uint16_t *wp, const uint16_t *bias,
+                 int64_t M, int64_t K, int64_t N, int64_t xs, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+  linear_bf16_share(y, x, wp, bias, M, K, N, xs, omp_get_thread_num(), omp_get_num_threads());
 }

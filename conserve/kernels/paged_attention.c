@@ -222,13 +222,27 @@ static inline __attribute__((always_inline)) void task_bf16(
 #define HAVE_TASK_BF16 1
 #endif
 
-/* q, out: [B, Hq, D] float32; k_cache, v_cache: [Hkv, NB, BS, D] float32 or bfloat16;
- * tables: [B, MB] int64; lens: [B] int64. All contiguous. Returns 0, or -1 on bad shapes. */
-int paged_decode_attention(float *out, const float *q, const void *k_cache, const void *v_cache,
-                           int is_bf16, const int64_t *tables, const int64_t *lens, int64_t B,
-                           int64_t Hq, int64_t Hkv, int64_t NB, int64_t BS, int64_t D, int64_t MB,
-                           float scale, int num_threads) {
-  if (Hq % Hkv || Hq / Hkv > MAX_G || D > MAX_D || BS > MAX_BS) return -1;
+/* Task t's output (its G query heads) rounded to bf16 into out16 at the same place. */
+static inline void task_to_bf16(uint16_t *out16, const float *out, int64_t t, int64_t Hkv,
+                                int64_t Hq, int64_t D) {
+  const int64_t G = Hq / Hkv, at = ((t / Hkv) * Hq + (t % Hkv) * G) * D;
+  for (int64_t i = at; i < at + G * D; ++i) out16[i] = f_to_bf16(out[i]);
+}
+
+/* Whether the kernel takes these head shapes and block size. */
+int paged_decode_attention_supported(int64_t Hq, int64_t Hkv, int64_t BS, int64_t D) {
+  return !(Hq % Hkv || Hq / Hkv > MAX_G || D > MAX_D || BS > MAX_BS);
+}
+
+/* The tasks of paged_decode_attention handed out among the threads of the calling parallel
+ * region (every thread of it calls this; an orphaned worksharing loop, which waits for the team
+ * at its end), or all run by a caller outside any parallel region. out16 (or NULL): each
+ * task's output also rounded to bf16 there, [B, Hq, D]. */
+int paged_decode_attention_team(float *out, uint16_t *out16, const float *q, const void *k_cache,
+                                const void *v_cache, int is_bf16, const int64_t *tables,
+                                const int64_t *lens, int64_t B, int64_t Hq, int64_t Hkv,
+                                int64_t NB, int64_t BS, int64_t D, int64_t MB, float scale) {
+  if (!paged_decode_attention_supported(Hq, Hkv, BS, D)) return -1;
   /* One task per (sequence, KV head), handed out one at a time: a task's cost grows with its
    * sequence's context, and a running batch is ordered by age, so its oldest (longest)
    * sequences come first. Split statically, the first thread got them all: 240 decodes of
@@ -236,18 +250,20 @@ int paged_decode_attention(float *out, const float *q, const void *k_cache, cons
    * (benchmarks/results/attn-balance-20261203.txt), which also lets one thread take over the
    * tasks of another that the OS has descheduled.
    * Constant head sizes let the compiler unroll the inner loops completely. */
-#define RUN(DIM)                                                                            \
-  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                 \
-  for (int64_t t = 0; t < B * Hkv; ++t)                                                     \
-    task(t / Hkv, t % Hkv, out, q, k_cache, v_cache, is_bf16, tables, lens, Hq, Hkv, NB, BS, \
-         DIM, MB, scale);
+#define TASKS(CALL)                                      \
+  _Pragma("omp for schedule(dynamic, 1)")                \
+  for (int64_t t = 0; t < B * Hkv; ++t) {                \
+    CALL;                                                \
+    if (out16) task_to_bf16(out16, out, t, Hkv, Hq, D);  \
+  }
+#define RUN(DIM)                                                                                 \
+  TASKS(task(t / Hkv, t % Hkv, out, q, k_cache, v_cache, is_bf16, tables, lens, Hq, Hkv, NB, BS, \
+             DIM, MB, scale))
 #ifdef HAVE_TASK_BF16
   if (is_bf16 && D % 32 == 0) {
 #define RUN16(DIM, GG)                                                                       \
-  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                 \
-  for (int64_t t = 0; t < B * Hkv; ++t)                                                     \
-    task_bf16(t / Hkv, t % Hkv, out, q, (const uint16_t *)k_cache, (const uint16_t *)v_cache, \
-              tables, lens, Hq, Hkv, NB, BS, DIM, MB, scale, GG);
+  TASKS(task_bf16(t / Hkv, t % Hkv, out, q, (const uint16_t *)k_cache, (const uint16_t *)v_cache, \
+                  tables, lens, Hq, Hkv, NB, BS, DIM, MB, scale, GG))
     /* Constant head sizes and group sizes keep the accumulators in registers. */
     const int64_t G = Hq / Hkv;
     if (D == 64 && G == 3) {
@@ -279,5 +295,19 @@ int paged_decode_attention(float *out, const float *q, const void *k_cache, cons
     RUN(D)
   }
 #undef RUN
+#undef TASKS
+  return 0;
+}
+
+/* q, out: [B, Hq, D] float32; k_cache, v_cache: [Hkv, NB, BS, D] float32 or bfloat16;
+ * tables: [B, MB] int64; lens: [B] int64. All contiguous. Returns 0, or -1 on bad shapes. */
+int paged_decode_attention(float *out, const float *q, const void *k_cache, const void *v_cache,
+                           int is_bf16, const int64_t *tables, const int64_t *lens, int64_t B,
+                           int64_t Hq, int64_t Hkv, int64_t NB, int64_t BS, int64_t D, int64_t MB,
+                           float scale, int num_threads) {
+  if (!paged_decode_attention_supported(Hq, Hkv, BS, D)) return -1;
+#pragma omp parallel num_threads(num_threads)
+  paged_decode_attention_team(out, NULL, q, k_cache, v_cache, is_bf16, tables, lens, B, Hq, Hkv,
+                              NB, BS, D, MB, scale);
   return 0;
 }
