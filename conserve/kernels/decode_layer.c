@@ -51,9 +51,9 @@ struct layer_dims {
  * One parallel region for the whole layer: its threads go through the layer's parts together,
  * each taking its share of every part (output blocks of a linear layer, rows, attention tasks)
  * and waiting for the others at a barrier between parts. Started once per part instead, a team
- * costs a wake-up and a join each time, ten times a layer: one region took 0.95-0.98x the
- * step time at 4-32 rows, the same at 1-2 (benchmarks/results/decode-layer-team-20261205.md).
- * Asking each thread's next weight share into L2 before the barriers did not pay (0.98-1.08x).
+ * costs a wake-up and a join each time, ten times a layer: one region took 0.94-0.98x the
+ * step time at 2-128 rows, 0.99x at one (benchmarks/results/decode-layer-team-20261205.md).
+ * Asking each thread's next weight share into L2 before the barriers did not pay (0.98-1.06x).
  * The times are thread 0's, barriers included. */
 int decode_layer_bf16(uint16_t *h, int64_t M, const struct layer_dims *dm,
                       const uint16_t *in_norm, const uint16_t *post_norm, const uint16_t *qkv_w,
