@@ -12,7 +12,13 @@ import torch
 from conftest import native_kernels
 
 from conserve.kernels import _SOURCES, CpuKernels, build, pack_linear_weight
-from conserve.kernels.linear import ONEDNN_ROWS, SMALL_ROWS, FastLinear, onednn_bf16
+from conserve.kernels.linear import (
+    FEW_KERNEL_ROWS,
+    ONEDNN_ROWS,
+    FastLinear,
+    kernel_rows,
+    onednn_bf16,
+)
 
 SHAPES = [(576, 1728), (64, 32), (1536, 576), (577, 33), (3, 100), (130, 47), (1, 1)]
 
@@ -70,15 +76,24 @@ def test_largest_shape_and_full_vocabulary_projection():
     _check(kernels.linear_bf16(x, pack_linear_weight(w), 576, 49152), _reference(x, w, None))
 
 
-@pytest.mark.parametrize("rows", [1, SMALL_ROWS, SMALL_ROWS + 1, 64, ONEDNN_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, FEW_KERNEL_ROWS, FEW_KERNEL_ROWS + 1, 64, ONEDNN_ROWS + 1])
 def test_fast_linear_paths_match_the_reference(rows):
     kernels = native_kernels()
     w = torch.randn(200, 72).to(torch.bfloat16)
     bias = torch.randn(72).to(torch.bfloat16)
     x = torch.randn(rows, 200).to(torch.bfloat16)
-    for k, onednn in ((kernels, onednn_bf16()), (None, False)):
-        fast = FastLinear(w, bias, k, onednn)
+    # the kernel for every row count (AVX512-BF16 without AMX), for few rows (elsewhere), and
+    # no kernel: each path this step size can take
+    seen = set()
+    for k, onednn, most in (
+        (kernels, onednn_bf16(), None),
+        (kernels, onednn_bf16(), FEW_KERNEL_ROWS),
+        (None, False, None),
+    ):
+        fast = FastLinear(w, bias, k, onednn, most)
+        seen.add(fast.path(rows))
         _check(fast(x), _reference(x, w, bias))
+    assert "kernel" in seen or rows > kernel_rows()
 
 
 def test_the_default_bf16_engine_runs_the_native_linear_and_attention_paths():
@@ -88,9 +103,11 @@ def test_the_default_bf16_engine_runs_the_native_linear_and_attention_paths():
     llm = LLM("default", dtype="bfloat16", num_blocks=64)
     model = llm.engine.runner.model
     layer = model.layers[0]
+    mid = "onednn" if onednn_bf16() else "torch"  # where the kernel takes few rows
     for mod in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, model.lm_head):
         assert mod.fast is not None and mod.fast.packed is not None
-        assert mod.fast.path == ("onednn" if onednn_bf16() else "torch")
+        assert mod.fast.path(1) == "kernel"
+        assert mod.fast.path(64) == ("kernel" if kernel_rows() >= 64 else mid)
     assert llm.engine.runner.kernels is not None  # decode attention too
     # and a float32 engine keeps torch's matmuls (parity with the reference implementation)
     fp32 = LLM("default", dtype="float32", num_blocks=64).engine.runner.model

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conserve.kernels import CpuKernels
-from conserve.kernels.linear import SMALL_ROWS, FastLinear, onednn_bf16
+from conserve.kernels.linear import ONEDNN_ROWS, FastLinear, kernel_rows, onednn_bf16
 from conserve.model.config import ModelConfig, RopeScaling
 
 # attention(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> out [N, Hq * D]
@@ -192,8 +192,9 @@ class LlamaModel(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
     def use_fast_layers(self, kernels: CpuKernels | None) -> str:
-        """Run the bf16 layers on prepacked weights (kernels/linear.py): the compiled kernel for
-        steps of few rows when `kernels` is given, oneDNN up to 256 rows when torch has it; and
+        """Run the bf16 layers on prepacked weights (kernels/linear.py): the compiled kernel when
+        `kernels` is given (for every step on CPUs where it beats oneDNN, else for steps of few
+        rows), oneDNN up to 256 rows when torch has it; and
         with `kernels`, RMSNorm, RoPE and SiLU(gate) * up as compiled ops (ops_bf16.c).
         Nothing changes for other dtypes or devices. Returns what runs, for the log."""
         first = self.lm_head.weight_t
@@ -205,8 +206,10 @@ class LlamaModel(nn.Module):
                 mod.fast = FastLinear(mod.weight_t.detach(), mod.bias, kernels, onednn)
             elif isinstance(mod, RMSNorm | DecoderLayer):
                 mod.ops = kernels
-        small = f"compiled kernel up to {SMALL_ROWS} rows, " if kernels is not None else ""
         ops = ", compiled RMSNorm/RoPE/SiLU" if kernels is not None else ""
+        if kernels is not None and kernel_rows() >= ONEDNN_ROWS:
+            return "compiled kernel" + ops
+        small = f"compiled kernel up to {kernel_rows()} rows, " if kernels is not None else ""
         return small + ("oneDNN prepacked" if onednn else "torch") + ops
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
