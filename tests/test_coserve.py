@@ -303,13 +303,13 @@ def test_an_open_door_stops_offline_work_until_it_closes(
     # offline); the same step would be by an online arrival, and one without online work is
     from conserve.engine.engine import _Step
 
-    eng._current = _Step(101, time.monotonic(), 10.0, online=5.0)  # half of it online work
+    eng._current = step = _Step(101, time.monotonic(), 10.0, online=5.0)  # half online work
     eng.door(True)
-    assert eng._stop_seq != 101
-    assert eng.request_stop(16) is True and eng._stop_seq == 101
-    eng._current = _Step(102, time.monotonic(), 10.0)
+    assert not step.stop()
+    assert eng.request_stop(16) is True and step.stop()
+    eng._current = step = _Step(102, time.monotonic(), 10.0)
     eng.door(True)
-    assert eng._stop_seq == 102
+    assert step.stop()
     eng._current = None
     eng.door(True)  # an online request classified: the server leaves the door to it ...
     assert eng.online_pending()

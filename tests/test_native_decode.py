@@ -4,13 +4,16 @@ between layers and a resume, and the torch path for steps it does not take."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from conftest import native_kernels
 
 from conserve import LLM
 from conserve.bench.common import StepClock
-from conserve.engine.batch import IterationPreempted
+from conserve.engine.batch import IterationPreempted, StopFlag
 from conserve.kernels import decode_layer
 from conserve.kernels.decode_layer import AMX_NATIVE_ROWS, NATIVE_ROWS, native_rows
 from conserve.kernels.linear import FEW_KERNEL_ROWS
@@ -119,6 +122,70 @@ def test_native_step_stopped_between_layers_resumes_to_the_same_logits(llm):
     p = runner._layers(stopped.value.continuation, None)
     resumed, _ = runner._logits(p)
     assert torch.equal(resumed, whole)
+
+
+def test_native_layers_in_one_call_stop_at_the_flag_and_resume(llm, monkeypatch):
+    """The compiled loop over layers reads the step's stop flag before each safepoint layer:
+    set before the call, a step stops before its first layer, a resumed one after running one
+    layer (or up to the next multiple of safepoint_every); the layers left give the same
+    logits as a step never stopped."""
+    ids, batch = _decode_batch(llm, ["The capital of France is", "def f(x):"])
+    runner = llm.engine.runner
+    assert runner.native_loop
+    whole, _ = runner.forward(batch)
+    flag = StopFlag()
+    flag.set()
+    with pytest.raises(IterationPreempted) as stopped:
+        runner.execute(batch, flag)
+    assert stopped.value.layer == 0
+    p = stopped.value.continuation
+    with pytest.raises(IterationPreempted) as stopped:
+        runner._layers(p, flag)  # resumed: one layer runs whatever the flag says
+    assert stopped.value.layer == 1
+    monkeypatch.setattr(runner, "safepoint_every", 4)
+    with pytest.raises(IterationPreempted) as stopped:
+        runner._layers(p, flag)
+    assert stopped.value.layer == 4
+    resumed, _ = runner._logits(runner._layers(p, StopFlag()))
+    assert torch.equal(resumed, whole)
+
+
+def test_native_layers_stop_when_another_thread_sets_the_flag(llm):
+    """While the compiled layers run (the GIL released), another thread sees the step's
+    progress move and sets the flag: the step stops at a later layer, not at its end."""
+    ids, batch = _decode_batch(llm, ["The capital of France is", "def f(x):"])
+    runner = llm.engine.runner
+    whole, _ = runner.forward(batch)
+    n = len(runner.model.layers)
+    stops = []
+    for _ in range(10):  # a thread the OS runs too late sees no progress: try again
+        flag, seen = StopFlag(), []
+
+        def watch(flag=flag, seen=seen) -> None:
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                done = runner.progress
+                if 0 < done < 0.5:
+                    seen.append(done)
+                    flag.set()
+                    return
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        time.sleep(0.005)  # the watcher is running
+        try:
+            p = runner._layers(runner._start(batch), flag, resumed=False)
+        except IterationPreempted as e:
+            p = e.continuation
+            stops.append((seen[0], e.layer))
+            resumed, _ = runner._logits(runner._layers(p, None))
+            assert torch.equal(resumed, whole)
+        watcher.join()
+        if stops:
+            break
+    assert stops, "no run was stopped while its layers ran"
+    seen_at, layer = stops[0]
+    assert 0 < seen_at * n < layer < n
 
 
 def test_native_rows_default_and_override(monkeypatch):

@@ -1,11 +1,11 @@
-"""Two builds of the compiled decode layer (decode_layer_bf16), alternated step by step in one
+"""Two builds of the compiled decode layers (decode_layers_bf16), alternated step by step in one
 engine, on pure decode steps of several batch sizes.
 
     python benchmarks/diagnostics/decode_layer_ab.py OLD.so [--batches 1,2,4,8,16,32] [--steps 40]
 
-OLD.so: a kernel library built from an earlier tree (for instance the cached build
-~/.cache/conserve/kernels/conserve-kernels-<key>.so of that tree); NEW: the one this tree
-builds. Every other part of the step (LM head, sampling, host work) is the same code, so the
+OLD.so: a kernel library built from an earlier tree with the same entry point (for instance the
+cached build ~/.cache/conserve/kernels/conserve-kernels-<key>.so of that tree; builds before
+session 37 had a per-layer decode_layer_bf16 instead); NEW: the one this tree builds. Every other part of the step (LM head, sampling, host work) is the same code, so the
 difference is the layers'. Prints per batch size the median step time of each build (ms), the
 ratio new / old, and the largest difference of the logits of one step run by each.
 """
@@ -36,7 +36,7 @@ def main() -> None:
     nd = eng.runner.native
     assert nd is not None, "the engine does not run compiled decode layers here"
     new_fn = nd.fn
-    old_fn = ctypes.CDLL(args.old).decode_layer_bf16
+    old_fn = ctypes.CDLL(args.old).decode_layers_bf16
     old_fn.argtypes, old_fn.restype = new_fn.argtypes, new_fn.restype
     builds = {"old": old_fn, "new": new_fn}
     rng = random.Random(0)

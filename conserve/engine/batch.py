@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +57,22 @@ class ScheduledBatch:
 class StepResult:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     elapsed_s: float = 0.0
+
+
+class StopFlag:
+    """A running step's stop request: set from another thread, read at every safepoint (by
+    calling it), and by the compiled decode layers through `flag`, a C int, between layers."""
+
+    __slots__ = ("flag",)
+
+    def __init__(self) -> None:
+        self.flag = ctypes.c_int(0)
+
+    def set(self) -> None:
+        self.flag.value = 1
+
+    def __call__(self) -> bool:
+        return self.flag.value != 0
 
 
 class IterationPreempted(Exception):

@@ -13,7 +13,7 @@ import torch
 
 from conserve.config import DEFAULT_KV_CACHE_GB, EngineConfig
 from conserve.engine.attainment import HarvestCounter, ObjectiveCounter
-from conserve.engine.batch import IterationPreempted, ScheduledBatch, StepResult
+from conserve.engine.batch import IterationPreempted, ScheduledBatch, StepResult, StopFlag
 from conserve.engine.latency import BatchShape, LatencyModel
 from conserve.engine.output import RequestOutput, SequenceState, stop_status
 from conserve.engine.policy import Policy, Slo, make_policy, policy_class
@@ -82,6 +82,7 @@ class _Step:
     online: float = 0.0  # predicted seconds of its online work alone
     first: float = 0.0  # fraction of the layers done before it started (a resumed step)
     stop_requested_at: float = 0.0
+    stop: StopFlag = field(default_factory=StopFlag)  # what the runner reads at safepoints
 
 
 @dataclass
@@ -154,7 +155,6 @@ class Engine:
         self.latency: LatencyModel | None = None
         # layer-wise preemption: the step that may be stopped, and which one to stop
         self._current: _Step | None = None
-        self._stop_seq = -1
         self._step_seq = 0
         self.num_layer_preemptions = 0
         # Online arrivals the monitor was told about (`announce_online`) and those the loop
@@ -517,7 +517,7 @@ class Engine:
             for obs in self._observers:
                 obs.on_step_start(batch)
             return self.runner.execute(batch)
-        self._step_seq += 1  # also counts stopped steps, so a stale stop request never matches
+        self._step_seq += 1  # also counts stopped steps
         layers = self.model_config.num_layers if self.model_config else 0
         first = stopped.layer / layers if stopped is not None and layers else 0.0
         step = _Step(
@@ -539,10 +539,9 @@ class Engine:
                     self._request_stop_locked(None, door=True)
         for obs in self._observers:
             obs.on_step_start(batch)
-        stop = lambda: self._stop_seq == step.seq  # noqa: E731 - read at every safepoint
         if stopped is not None:
-            return self.runner.resume(stopped.continuation, stop)
-        return self.runner.execute(batch, stop)
+            return self.runner.resume(stopped.continuation, step.stop)
+        return self.runner.execute(batch, step.stop)
 
     def _observe(self, batch: ScheduledBatch, seconds: float) -> None:
         self.latency.observe(batch.shape, seconds)  # refits itself on a schedule
@@ -634,7 +633,7 @@ class Engine:
         if remaining <= stop_limit(self.slo, own, online_left):
             return False
         step.stop_requested_at = now
-        self._stop_seq = step.seq
+        step.stop.set()
         return True
 
     def _apply(

@@ -6,6 +6,7 @@ later work can stop between layers. It reads nothing but the batch it is given.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -116,9 +117,13 @@ class ModelRunner:
         if feed_forward_slice_rows is None:
             feed_forward_slice_rows = feed_forward_slices(device)
         self.feed_forward_slice_rows = max(0, feed_forward_slice_rows)
-        # fraction of the running step's layers finished (0 between steps); read by the
-        # preemption monitor from another thread to estimate the step's remaining time
-        self.progress = 0.0
+        self._progress = 0.0  # see `progress`
+        # the layer compiled decode layers are at (written by them while they run)
+        self._native_at = ctypes.c_int64(0)
+        self._native_running = False
+        # compiled decode layers run a step's layers in one call when its stop has a flag they
+        # can read (engine steps), else one call per layer
+        self.native_loop = True
         # where each step's time goes, when set (the roofline benchmark; see step_parts.py)
         self.parts: StepParts | None = None
         # decode steps of at most `native.max_rows` rows (decode_layer.native_rows) run whole
@@ -129,6 +134,14 @@ class ModelRunner:
             if kernels is not None and NativeDecode.usable(model, kv.k)
             else None
         )
+
+    @property
+    def progress(self) -> float:
+        """The fraction of the running step's layers finished (0 between steps); read by the
+        preemption monitor from another thread to estimate the step's remaining time."""
+        if self._native_running:
+            return self._native_at.value / len(self.model.layers)
+        return self._progress
 
     def _part(self, name: str) -> AbstractContextManager:
         return nullcontext() if self.parts is None else self.parts.part(name)
@@ -198,12 +211,18 @@ class ModelRunner:
         try:
             while p.layer < n:
                 layer = layers[p.layer]
-                self.progress = p.layer / n
+                self._progress = p.layer / n
                 if p.native is not None:
-                    if stop is not None and not fresh and p.layer % every == 0 and stop():
+                    flag = None if stop is None else getattr(stop, "flag", None)
+                    loop = self.native_loop and (stop is None or flag is not None)
+                    last = n if loop else p.layer + 1
+                    safepoint = stop is not None and not fresh and p.layer % every == 0
+                    if not loop and safepoint and stop():
                         raise IterationPreempted(p.layer, p)
-                    self._native_layer(p)
-                    p.layer, fresh = p.layer + 1, False
+                    at = self._native_layers(p, last, flag, every, fresh)
+                    if at < last:
+                        raise IterationPreempted(at, p)
+                    fresh = False
                     continue
                 if not p.attended and p.call is None:
                     if stop is not None and not fresh and p.layer % every == 0 and stop():
@@ -237,18 +256,29 @@ class ModelRunner:
                 p.ff_row = 0
                 p.layer, p.attended, fresh = p.layer + 1, False, False
         finally:
-            self.progress = 0.0
+            self._progress = 0.0
         p.fresh = fresh
         return p
 
-    def _native_layer(self, p: _Pass) -> None:
+    def _native_layers(
+        self, p: _Pass, last: int, flag: ctypes.c_int | None, every: int, fresh: bool
+    ) -> int:
+        """Layers p.layer to `last` in one compiled call, which stops early before a safepoint
+        layer when `flag` is set. Returns (and p.layer is then) the layer it stopped before."""
         timed = self.parts is not None
-        p.native.run_layer(p.layer, p.h, timed)
-        if timed:  # the layer's own split: linear layers, attention, the rest
+        self._native_at.value = p.layer
+        self._native_running = True
+        try:
+            at = p.native.run(p.h, p.layer, last, timed, flag, self._native_at, every, fresh)
+        finally:
+            self._native_running = False
+        p.layer = at
+        if timed:  # the layers' own split: linear layers, attention, the rest
             t = p.native.times
             self.parts.seconds["linear"] += t[0]
             self.parts.seconds["attention"] += t[1]
             t[0] = t[1] = t[2] = 0.0
+        return at
 
     def _logits(
         self, p: _Pass, lo: int = 0, hi: int | None = None

@@ -1,9 +1,9 @@
 """Optional compiled CPU kernels, built on first use with the system C compiler and cached.
 
 The engine works without them (pure PyTorch paths); with them, decode attention reads the paged
-KV cache in place instead of gathering it, and bf16 models run their small steps' linear
-layers on prepacked weights (`linear.py`), their per-layer small ops compiled, and whole layers
-of 1-2 row decode steps in one call (`decode_layer.py`). The kernels are plain C (no PyTorch
+KV cache in place instead of gathering it, and bf16 models run their linear layers on prepacked
+weights (`linear.py`), their per-layer small ops compiled, and the layers of decode steps in one
+call (`decode_layer.py`). The kernels are plain C (no PyTorch
 headers, they build in a few seconds) called through ctypes. Set CONSERVE_KERNELS=0 to disable.
 """
 
@@ -67,10 +67,19 @@ class CpuKernels:
         self._linear = lib.linear_bf16
         self._linear.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_int]
         self._linear.restype = None
-        # decode_layer.c: one call per decoder layer (kernels/decode_layer.py holds the args)
-        self.decode_layer = lib.decode_layer_bf16
-        self.decode_layer.argtypes = [ptr, i64, ptr] + [ptr] * 16 + [ctypes.c_int, ptr]
-        self.decode_layer.restype = ctypes.c_int
+        # decode_layer.c: a decode step's layers in one call (kernels/decode_layer.py holds the
+        # args): h, rows, dims, weights, first, last, cos, sin, slots, tables, lens, work, fwork,
+        # threads, times, stop, done, every, fresh
+        self.decode_layers = lib.decode_layers_bf16
+        self.decode_layers.argtypes = (
+            [ptr, i64, ptr, ptr, i64, i64]
+            + [ptr] * 7
+            + [ctypes.c_int]
+            + [ptr] * 3
+            + [i64]
+            + [ctypes.c_int]
+        )
+        self.decode_layers.restype = i64
         # ops_bf16.c
         f32, cint = ctypes.c_float, ctypes.c_int
         self._rms_norm = lib.rms_norm_bf16

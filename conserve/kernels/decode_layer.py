@@ -1,4 +1,4 @@
-"""Whole decoder layers of a bf16 decode step in one compiled call each (decode_layer.c).
+"""The decoder layers of a bf16 decode step in one compiled call (decode_layer.c).
 
 Used for steps whose rows are all decodes and at most `native_rows()` of them, when the model's
 linear layers have their weights packed for the compiled kernel (`LlamaModel.use_fast_layers`)
@@ -54,8 +54,23 @@ class LayerDims(ctypes.Structure):
     ] + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+class LayerWeights(ctypes.Structure):
+    """A layer's packed weights and K/V cache, as decode_layer.c's `struct layer_weights`."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in (
+            "in_norm",
+            "post_norm",
+            "qkv",
+            "qkv_b",
+            "o",
+            "gate_up",
+            "down",
+            "k_cache",
+            "v_cache",
+        )
+    ]
 
 
 class NativeDecode:
@@ -63,25 +78,22 @@ class NativeDecode:
 
     def __init__(self, kernels: CpuKernels, model, k_cache: torch.Tensor, v_cache: torch.Tensor):
         cfg = model.config
-        self.fn = kernels.decode_layer
+        self.fn = kernels.decode_layers
         self.cfg = cfg
         self.k, self.v = k_cache, v_cache  # [L, Hkv, NB, BS, D]
         self.keep: list[torch.Tensor] = []  # tensors whose pointers are held
-        self.layers = []
-        for layer in model.layers:
+        layers = []
+        for layer, k, v in zip(model.layers, k_cache, v_cache, strict=True):
             norms = [
                 self._hold(n.weight.detach().contiguous())
                 for n in (layer.input_norm, layer.post_attention_norm)
             ]
             fast = [m.fast for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
-            bias = None if fast[0].bias is None else self._hold(fast[0].bias)
+            bias = None if fast[0].bias is None else self._hold(fast[0].bias).data_ptr()
             qkv, o, gate_up, down = (f.packed.data_ptr() for f in fast)
-            # in the order decode_layer_bf16 takes them
-            self.layers.append(
-                (norms[0].data_ptr(), norms[1].data_ptr(), qkv, _ptr(bias), o, gate_up, down)
-            )
-        # each layer's K and V cache
-        self.caches = [(k.data_ptr(), v.data_ptr()) for k, v in zip(k_cache, v_cache, strict=True)]
+            ptrs = (norms[0].data_ptr(), norms[1].data_ptr(), qkv, bias, o, gate_up, down)
+            layers.append(LayerWeights(*ptrs, k.data_ptr(), v.data_ptr()))
+        self.layers = (LayerWeights * len(layers))(*layers)
         self.eps, self.scale = cfg.rms_norm_eps, cfg.head_dim**-0.5
         # scratch for the largest step so far (a smaller step uses its front part)
         self.work = torch.empty(0, dtype=torch.bfloat16)
@@ -144,31 +156,51 @@ class NativeStep:
         )
         self.tables = meta.decode_block_ids.view(rows, meta.decode_max_blocks)
         self.times = (ctypes.c_double * 3)()
-        # arguments the same for every layer of the step (not the scratch: a step run while
-        # this one is stopped may replace it with a larger one)
-        self.meta_ptrs = (
+        # the arguments after `first, last`, the same for every call of the step (not the
+        # scratch: a step run while this one is stopped may replace it with a larger one)
+        self.args = (
+            self.cos.data_ptr(),
+            self.sin.data_ptr(),
             meta.slot_mapping.data_ptr(),
             self.tables.data_ptr(),
             meta.decode_lens.data_ptr(),
         )
         self.threads = torch.get_num_threads()
-        self.head = (rows, ctypes.addressof(dims))
-        self.rope = (self.cos.data_ptr(), self.sin.data_ptr())
 
-    def run_layer(self, i: int, h: torch.Tensor, timed: bool = False) -> None:
-        """Layer `i` on h [rows, hidden] bf16 (contiguous), in place."""
+    def run(
+        self,
+        h: torch.Tensor,
+        first: int,
+        last: int,
+        timed: bool = False,
+        stop: ctypes.c_int | None = None,
+        done: ctypes.c_int64 | None = None,
+        every: int = 1,
+        fresh: bool = True,
+    ) -> int:
+        """Layers [first, last) on h [rows, hidden] bf16 (contiguous), in place. With `stop`,
+        a flag another thread may set while this runs, the call stops before the first layer
+        from there on that is a multiple of `every` (not `first` when `fresh`) and finds it
+        set; `done` is kept at the layer running. Returns the layer it stopped before (`last`
+        when all ran)."""
         nd = self.nd
-        rc = nd.fn(
+        at = nd.fn(
             h.data_ptr(),
-            *self.head,
-            *nd.layers[i],
-            *self.rope,
-            *nd.caches[i],
-            *self.meta_ptrs,
+            self.rows,
+            ctypes.byref(self.dims),
+            nd.layers,
+            first,
+            last,
+            *self.args,
             nd.work.data_ptr(),
             nd.fwork.data_ptr(),
             self.threads,
             self.times if timed else None,
+            None if stop is None else ctypes.byref(stop),
+            None if done is None else ctypes.byref(done),
+            every,
+            int(fresh),
         )
-        if rc != 0:
-            raise ValueError("decode_layer_bf16: unsupported shapes")
+        if at < 0:
+            raise ValueError("decode_layers_bf16: unsupported shapes")
+        return at
