@@ -20,3 +20,19 @@ def test_decode_step_time_is_measured_on_pure_decode_steps():
     assert sum(sum(ids.values()) for ids in carried[:-4]) >= 3 * 40
     assert carried[-4:] == [{f"decode-3-{i}": 1 for i in range(3)}] * 4
     assert not llm.engine.has_unfinished() and llm.engine.stats().kv.request_tables == 0
+
+
+def test_engine_reset_prefix_cache_makes_a_repeated_prompt_compute_again():
+    from conserve.sampling.params import SamplingParams
+
+    llm = LLM("default", dtype="float32", num_blocks=64)
+    eng = llm.engine
+    prompt = list(range(300, 340))  # two full blocks and a part
+    p = SamplingParams(temperature=0, max_tokens=1)
+    llm.generate([prompt], p, use_tqdm=False)
+    again = llm.generate([prompt], p, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 32
+    eng.reset_prefix_cache()
+    fresh = llm.generate([prompt], p, use_tqdm=False)[0]
+    assert fresh.num_cached_tokens == 0
+    eng.check_integrity()

@@ -476,6 +476,11 @@ class Engine:
         for obs in self._observers:
             obs.on_step_end(record)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached contents of the KV blocks no request holds (the next prompts are
+        computed in full; a benchmark's later rounds gain nothing from its earlier ones)."""
+        self.scheduler.kv.pool.reset_prefix_cache()
+
     def stats(self) -> EngineStats:
         """A snapshot of queues, KV use (device and host tier) and cumulative counters."""
         sched, kv = self.scheduler, self.scheduler.kv
