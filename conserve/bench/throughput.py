@@ -118,10 +118,9 @@ def _rounds_summary(results: dict) -> None:
     if len(rounds) < 2:
         return
     for key in ("conserve", "vllm"):
-        runs = [r[key] for r in rounds if "tokens_per_s" in r.get(key, {})]
+        runs = [r[key]["tokens_per_s"] for r in rounds if "tokens_per_s" in r.get(key, {})]
         if runs:
-            mid = sorted(runs, key=lambda x: x["tokens_per_s"])[len(runs) // 2]
-            results[key] = dict(mid)
+            results[key] = {"tokens_per_s": statistics.median(runs), "median_of": len(runs)}
 
 
 def _decode_table(llm: LLM, args: argparse.Namespace, results: dict) -> list[list]:
