@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {
         "config",
         "engine_args",
+        "hugepages",
         "kernels",
         "kv",
         "model",

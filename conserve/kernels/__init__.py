@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from conserve.hugepages import Arena
 from conserve.platform import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -323,12 +324,21 @@ def cpu_kernels() -> CpuKernels | None:
 BLOCK = 32  # output columns per packed block (linear_bf16.c)
 
 
-def pack_linear_weight(weight_t: torch.Tensor) -> torch.Tensor:
+def packed_shape(k: int, n: int) -> tuple[int, int, int, int]:
+    """The shape `pack_linear_weight` gives a [k, n] weight."""
+    return (-(-n // BLOCK), (k + 1) // 2, BLOCK, 2)
+
+
+def pack_linear_weight(weight_t: torch.Tensor, arena: Arena | None = None) -> torch.Tensor:
     """W [K, N] in the layout linear_bf16.c streams: blocks of 32 output columns, each
     contiguous, pairs of inputs interleaved; K padded to even and N to a whole block with
-    zeros."""
+    zeros. With `arena` (CPU weights), the result is placed there (huge pages, see
+    conserve/hugepages.py)."""
     k, n = weight_t.shape
     kp, np_ = k + k % 2, -(-n // BLOCK) * BLOCK
     w = torch.zeros(kp, np_, dtype=weight_t.dtype, device=weight_t.device)
     w[:k, :n] = weight_t
-    return w.view(kp // 2, 2, np_ // BLOCK, BLOCK).permute(2, 0, 3, 1).contiguous()
+    packed = w.view(kp // 2, 2, np_ // BLOCK, BLOCK).permute(2, 0, 3, 1)
+    if arena is None:
+        return packed.contiguous()
+    return arena.take(packed_shape(k, n), weight_t.dtype).copy_(packed)

@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from conserve.hugepages import Arena
 from conserve.kernels import CpuKernels, pack_linear_weight
 from conserve.platform import cpu_flags
 
@@ -69,13 +70,14 @@ class FastLinear:
         kernels: CpuKernels | None,
         onednn: bool,
         max_kernel_rows: int | None = None,
+        arena: Arena | None = None,
     ) -> None:
         assert weight_t.dtype == torch.bfloat16 and weight_t.device.type == "cpu"
         self.k, self.n = weight_t.shape
         self.weight_t = weight_t
         self.bias = None if bias is None else bias.detach().contiguous()
         self.kernels = kernels
-        self.packed = pack_linear_weight(weight_t) if kernels is not None else None
+        self.packed = pack_linear_weight(weight_t, arena) if kernels is not None else None
         self.kernel_rows = kernel_rows() if max_kernel_rows is None else max_kernel_rows
         # oneDNN's own copy of the weight, unless the kernel takes every step oneDNN would
         self.onednn = (

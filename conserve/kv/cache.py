@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from conserve import hugepages
 from conserve.model.config import ModelConfig
 
 
@@ -25,8 +26,11 @@ class KVTensors:
         device: torch.device,
     ) -> None:
         shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if torch.device(device).type == "cpu":  # huge pages where allowed: blocks are scattered
+            self.k, self.v = hugepages.zeros(shape, dtype), hugepages.zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conserve.kernels import CpuKernels
+from conserve.hugepages import Arena
+from conserve.kernels import CpuKernels, packed_shape
 from conserve.kernels.linear import ONEDNN_ROWS, FastLinear, kernel_rows, onednn_bf16
 from conserve.model.config import ModelConfig, RopeScaling
 
@@ -201,10 +202,17 @@ class LlamaModel(nn.Module):
         if first.dtype != torch.bfloat16 or first.device.type != "cpu":
             return "torch"
         onednn = onednn_bf16()
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        # the packed weights side by side on huge pages: a decode step streams all of them
+        arena = None
+        if kernels is not None:
+            arena = Arena(
+                sum(Arena.room(packed_shape(*m.weight_t.shape), first.dtype) for m in linears)
+            )
+        for mod in linears:
+            mod.fast = FastLinear(mod.weight_t.detach(), mod.bias, kernels, onednn, arena=arena)
         for mod in self.modules():
-            if isinstance(mod, Linear):
-                mod.fast = FastLinear(mod.weight_t.detach(), mod.bias, kernels, onednn)
-            elif isinstance(mod, RMSNorm | DecoderLayer):
+            if isinstance(mod, RMSNorm | DecoderLayer):
                 mod.ops = kernels
         ops = ", compiled RMSNorm/RoPE/SiLU" if kernels is not None else ""
         if kernels is not None and kernel_rows() >= ONEDNN_ROWS:
