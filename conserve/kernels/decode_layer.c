@@ -123,9 +123,10 @@ static void layer_share(uint16_t *h, int64_t M, const struct layer_dims *dm,
 }
 
 /* Layers [first, last) of a decode step in one parallel region (the `layers` array is indexed
- * by layer). Before layer l, thread 0 stores l in *done and, when l is a safepoint (a multiple
- * of `every`, and not the first layer of a `fresh` call), reads *stop (set from another thread
- * while this runs): if it is set, the team stops there. Returns the layer it stopped before,
+ * by layer). Before layer l, one thread of the team stores l in *done and, when l is a
+ * safepoint (a multiple of `every`, and not the first layer of a `fresh` call), reads *stop (set
+ * from another thread while this runs): if it is set, the team stops there. stop and done may
+ * be NULL (never stop; no progress kept). Returns the layer it stopped before,
  * `last` when all ran, or -1 on shapes the kernels do not take. h, work, fwork, cos, sin,
  * slots, tables, lens and times as above.
  *
@@ -151,7 +152,7 @@ int64_t decode_layers_bf16(uint16_t *h, int64_t M, const struct layer_dims *dm,
     for (int64_t l = first; l < last; ++l) {
 #pragma omp single
       {
-        *done = l;
+        if (done) *done = l;
         halt = stop && !(fresh && l == first) && l % every == 0 && *stop;
         if (halt) at = l;
       } /* the single's barrier: every thread sees halt, and the last layer's h is whole */
