@@ -53,11 +53,14 @@ def test_engine_tokens_are_the_same_with_and_without(monkeypatch):
     out = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("CONSERVE_HUGEPAGES", flag)
+        assert hugepages.enabled() == (flag == "1")  # Linux: anonymous mappings, madvise
         llm = LLM("default", dtype="bfloat16", num_blocks=64)
-        fast = llm.engine.runner.model.lm_head.fast
-        if flag == "1" and hugepages.enabled():
-            # the packed weights share one mapping: the LM head's is a view into it
-            assert fast.packed._base is not None
+        runner = llm.engine.runner
+        packed = runner.model.lm_head.fast.packed
+        # on: the packed weights share one mapping (the LM head's is a view into it) and the
+        # KV cache starts on a huge page; off: torch's own tensors
+        assert (packed._base is not None) == (flag == "1")
+        assert (runner.kv.k.data_ptr() % hugepages.HUGE == 0) or flag == "0"
         out[flag] = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
         llm.engine.check_integrity()
     assert out["1"] == out["0"]

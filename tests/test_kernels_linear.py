@@ -145,3 +145,19 @@ def test_without_a_working_compiler_the_engine_runs_on_the_torch_paths(tmp_path)
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
     assert "compiled CPU kernels unavailable" in proc.stderr
+
+
+def test_kernel_rows_default_and_override(monkeypatch):
+    import sys
+
+    from conserve.kernels import linear
+
+    monkeypatch.delenv("CONSERVE_KERNEL_ROWS", raising=False)
+    monkeypatch.setattr(linear, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert kernel_rows() == sys.maxsize  # every step on the kernel
+    monkeypatch.setattr(linear, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    assert kernel_rows() == FEW_KERNEL_ROWS  # oneDNN's AMX matmuls from 4 rows
+    monkeypatch.setattr(linear, "cpu_flags", lambda: frozenset())
+    assert kernel_rows() == FEW_KERNEL_ROWS  # the portable loop is no GEMM
+    monkeypatch.setenv("CONSERVE_KERNEL_ROWS", "7")
+    assert kernel_rows() == 7
