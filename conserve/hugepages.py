@@ -50,8 +50,7 @@ def _mapping(nbytes: int) -> torch.Tensor | None:
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed CPU tensor of this shape on huge pages where possible (torch.zeros else)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    buf = _mapping(nbytes)
+    buf = _mapping(math.prod(shape) * dtype.itemsize)
     if buf is None:
         return torch.zeros(shape, dtype=dtype)
     # Touched now, as torch.zeros would: the memory is the process's from the start, and a
@@ -72,8 +71,7 @@ class Arena:
     @staticmethod
     def room(shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes a tensor of this shape takes in an arena."""
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        return -(-n // _ALIGN) * _ALIGN
+        return -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized tensor from the arena, or from torch when the arena has no room
@@ -81,7 +79,6 @@ class Arena:
         n = self.room(shape, dtype)
         if self.buf is None or self.used + n > self.buf.numel():
             return torch.empty(shape, dtype=dtype)
-        t = self.buf[self.used : self.used + n]
+        t = self.buf[self.used : self.used + math.prod(shape) * dtype.itemsize]
         self.used += n
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        return t[:size].view(dtype).view(shape)
+        return t.view(dtype).view(shape)

@@ -303,11 +303,11 @@ def test_an_open_door_stops_offline_work_until_it_closes(
     # offline); the same step would be by an online arrival, and one without online work is
     from conserve.engine.engine import _Step
 
-    eng._current = step = _Step(101, time.monotonic(), 10.0, online=5.0)  # half online work
+    eng._current = step = _Step(time.monotonic(), 10.0, online=5.0)  # half online work
     eng.door(True)
     assert not step.stop()
     assert eng.request_stop(16) is True and step.stop()
-    eng._current = step = _Step(102, time.monotonic(), 10.0)
+    eng._current = step = _Step(time.monotonic(), 10.0)
     eng.door(True)
     assert step.stop()
     eng._current = None
@@ -339,10 +339,10 @@ def test_request_stop_stops_a_step_past_its_predicted_end(tiny_llama_dir, linear
     eng.latency.coef[:] = 0
     eng.latency.coef[FEATURES.index("const")] = 1.0  # the arrival's own prefill: 1 s
     now = time.monotonic()
-    eng._current = _Step(1, now - 0.3, 0.2)  # predicted to end 0.1 s ago
+    eng._current = _Step(now - 0.3, 0.2)  # predicted to end 0.1 s ago
     assert eng.request_stop(16) is True
-    eng._current = _Step(2, now, 10.0)  # 10 s left by the prediction
+    eng._current = _Step(now, 10.0)  # 10 s left by the prediction
     assert eng.request_stop(16) is True
-    eng._current = _Step(3, time.monotonic(), 0.1)  # within the slack (20% of 1 s)
+    eng._current = _Step(time.monotonic(), 0.1)  # within the slack (20% of 1 s)
     assert eng.request_stop(16) is False
     eng._current = None

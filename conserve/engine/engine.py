@@ -76,7 +76,6 @@ class ContextLengthError(ValueError):
 class _Step:
     """A running preemptible step, as the preemption monitor sees it."""
 
-    seq: int
     start: float
     predicted: float
     online: float = 0.0  # predicted seconds of its online work alone
@@ -155,7 +154,6 @@ class Engine:
         self.latency: LatencyModel | None = None
         # layer-wise preemption: the step that may be stopped, and which one to stop
         self._current: _Step | None = None
-        self._step_seq = 0
         self.num_layer_preemptions = 0
         # Online arrivals the monitor was told about (`announce_online`) and those the loop
         # has taken in (`online_received`); any gap is a request no plan has seen yet, which
@@ -522,11 +520,9 @@ class Engine:
             for obs in self._observers:
                 obs.on_step_start(batch)
             return self.runner.execute(batch)
-        self._step_seq += 1  # also counts stopped steps
         layers = self.model_config.num_layers if self.model_config else 0
         first = stopped.layer / layers if stopped is not None and layers else 0.0
         step = _Step(
-            self._step_seq,
             time.monotonic(),
             (batch.predicted_s or 0.0) * (1 - first),
             batch.online_predicted_s or 0.0,

@@ -341,4 +341,4 @@ def pack_linear_weight(weight_t: torch.Tensor, arena: Arena | None = None) -> to
     packed = w.view(kp // 2, 2, np_ // BLOCK, BLOCK).permute(2, 0, 3, 1)
     if arena is None:
         return packed.contiguous()
-    return arena.take(packed_shape(k, n), weight_t.dtype).copy_(packed)
+    return arena.take(tuple(packed.shape), weight_t.dtype).copy_(packed)
